@@ -1,0 +1,160 @@
+"""Every location arthur-cluster reads or writes, derived from the environment in one place.
+
+Precedence rules follow the tools that own each directory (huggingface_hub, LM Studio, exo);
+see docs in the README. Functions, not constants: tests and the demo change the environment.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+ENV_LMSTUDIO_HOME = "ARTHUR_LMSTUDIO_HOME"
+ENV_LMSTUDIO_MODELS = "ARTHUR_LMSTUDIO_MODELS"
+ENV_STATE_DIR = "ARTHUR_CLUSTER_HOME"
+ENV_CATALOG = "ARTHUR_CLUSTER_MODELS"
+
+_TRUE = {"1", "on", "yes", "true"}
+
+
+def home() -> Path:
+    return Path(os.environ.get("HOME") or Path.home())
+
+
+# --- Hugging Face hub cache ---------------------------------------------------------------
+
+
+def hf_cache() -> Path:
+    """Same precedence as huggingface_hub: HF_HUB_CACHE, HUGGINGFACE_HUB_CACHE, HF_HOME/hub, XDG."""
+    env = os.environ
+    for key in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"):
+        if env.get(key):
+            return Path(env[key]).expanduser()
+    if env.get("HF_HOME"):
+        return Path(env["HF_HOME"]).expanduser() / "hub"
+    if env.get("XDG_CACHE_HOME"):
+        return Path(env["XDG_CACHE_HOME"]).expanduser() / "huggingface" / "hub"
+    return home() / ".cache" / "huggingface" / "hub"
+
+
+def hf_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in _TRUE
+
+
+def hf_repo_folder(repo_id: str) -> str:
+    """models--org--name, the folder name huggingface_hub uses for a model repo."""
+    return "models--" + repo_id.replace("/", "--")
+
+
+# --- LM Studio ------------------------------------------------------------------------------
+
+
+def lmstudio_home() -> Path:
+    """LM Studio's home: our override, then ~/.lmstudio-home-pointer, ~/.cache/lm-studio, ~/.lmstudio."""
+    if os.environ.get(ENV_LMSTUDIO_HOME):
+        return Path(os.environ[ENV_LMSTUDIO_HOME]).expanduser()
+    pointer = home() / ".lmstudio-home-pointer"
+    try:
+        text = pointer.read_text(encoding="utf-8").strip()
+    except OSError:
+        text = ""
+    if text:
+        return Path(text).expanduser()
+    legacy = home() / ".cache" / "lm-studio"
+    if legacy.is_dir():
+        return legacy
+    return home() / ".lmstudio"
+
+
+def lmstudio_models(lms_home: Path | None = None) -> Path:
+    """The models folder: our override, then settings.json "downloadsFolder", then <home>/models."""
+    if os.environ.get(ENV_LMSTUDIO_MODELS):
+        return Path(os.environ[ENV_LMSTUDIO_MODELS]).expanduser()
+    base = lms_home or lmstudio_home()
+    try:
+        settings = json.loads((base / "settings.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        settings = {}
+    folder = settings.get("downloadsFolder") if isinstance(settings, dict) else None
+    if isinstance(folder, str) and folder.strip():
+        return Path(folder).expanduser()
+    return base / "models"
+
+
+# --- exo --------------------------------------------------------------------------------------
+
+
+def exo_home() -> Path:
+    """EXO_HOME is joined to $HOME by exo; absolute values therefore stay absolute."""
+    sub = os.environ.get("EXO_HOME")
+    if sub:
+        return home() / sub
+    if sys.platform == "darwin":
+        return home() / ".exo"
+    return home() / ".local" / "share" / "exo"
+
+
+def exo_default_models_dir() -> Path:
+    if os.environ.get("EXO_DEFAULT_MODELS_DIR"):
+        return Path(os.environ["EXO_DEFAULT_MODELS_DIR"]).expanduser()
+    if os.environ.get("EXO_HOME") or sys.platform != "darwin":
+        return exo_home() / "models"
+    return home() / ".exo" / "models"
+
+
+def _split(var: str) -> list[Path]:
+    return [Path(p).expanduser() for p in os.environ.get(var, "").split(":") if p.strip()]
+
+
+def exo_read_only_dirs() -> list[Path]:
+    return _split("EXO_MODELS_READ_ONLY_DIRS")
+
+
+def exo_models_dirs() -> list[Path]:
+    """Every directory exo searches, read-only ones first (exo's own order)."""
+    dirs = exo_read_only_dirs() + _split("EXO_MODELS_DIRS") + [exo_default_models_dir()]
+    seen: list[Path] = []
+    for d in dirs:
+        if d not in seen:
+            seen.append(d)
+    return seen
+
+
+def exo_custom_cards_dir() -> Path:
+    return exo_home() / "custom_model_cards"
+
+
+def exo_model_dirname(repo_id: str) -> str:
+    return repo_id.replace("/", "--")
+
+
+# --- arthur-cluster's own state ----------------------------------------------------------------
+
+
+def state_dir() -> Path:
+    """Where arthur-cluster keeps its own files (exo link dir, hash cache, deployments, jobs)."""
+    if os.environ.get(ENV_STATE_DIR):
+        return Path(os.environ[ENV_STATE_DIR]).expanduser()
+    if sys.platform == "darwin":
+        return home() / "Library" / "Application Support" / "arthur-cluster"
+    xdg = os.environ.get("XDG_DATA_HOME")
+    return (Path(xdg) if xdg else home() / ".local" / "share") / "arthur-cluster"
+
+
+def exo_links_dir() -> Path:
+    """The read-only directory the linker fills; the user adds it to EXO_MODELS_READ_ONLY_DIRS."""
+    return state_dir() / "exo-models"
+
+
+def deployment_file() -> Path:
+    return state_dir() / "deployment.json"
+
+
+def jobs_dir() -> Path:
+    return state_dir() / "jobs"
+
+
+def prompt_cache_dir() -> Path:
+    return state_dir() / "prompt-cache"
