@@ -18,6 +18,10 @@ ENV_CATALOG = "ARTHUR_CLUSTER_MODELS"
 
 _TRUE = {"1", "on", "yes", "true"}
 
+# The record the linker leaves in every HF-cache repo folder and exo link it made: what it linked,
+# from where, with each file's size and mtime. Only entries carrying it are ever changed or removed.
+LINK_MARKER = ".arthur-cluster.json"
+
 
 def home() -> Path:
     return Path(os.environ.get("HOME") or Path.home())
@@ -128,6 +132,11 @@ def exo_custom_cards_dir() -> Path:
 
 def exo_model_dirname(repo_id: str) -> str:
     return repo_id.replace("/", "--")
+
+
+def exo_api() -> str:
+    """exo's HTTP API: EXO_API, else exo's default port on this machine."""
+    return (os.environ.get("EXO_API") or "http://localhost:52415").strip().rstrip("/")
 
 
 # --- arthur-cluster's own state ----------------------------------------------------------------

@@ -1,0 +1,117 @@
+"""Discovery: the model folders LM Studio, the Hugging Face cache and exo's model directories hold.
+
+Listing is cheap (directory walks, no file contents); `modelfiles.inspect` does the reading.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import paths
+
+ALL_SOURCES = ("lmstudio", "hf-cache", "exo")
+
+
+@dataclass(frozen=True)
+class Found:
+    """One model folder and where it was found."""
+
+    repo_id: str
+    path: Path
+    source: str  # lmstudio | hf-cache | exo
+    linked: bool = False  # a link made by the linker (HF cache entry or exo link), not a real copy
+
+
+def _is_model_dir(folder: Path) -> bool:
+    try:
+        return any(
+            e.name == "config.json" or e.name.endswith((".safetensors", ".gguf")) for e in os.scandir(folder)
+        )
+    except OSError:
+        return False
+
+
+def lmstudio(models_dir: Path | None = None) -> list[Found]:
+    """<models>/<publisher>/<repo>/ — exactly two levels, as LM Studio stores them."""
+    root = models_dir or paths.lmstudio_models()
+    out: list[Found] = []
+    for pub in _subdirs(root):
+        for repo in _subdirs(pub):
+            if _is_model_dir(repo):
+                out.append(Found(f"{pub.name}/{repo.name}", repo, "lmstudio"))
+    return out
+
+
+def hf_cache(cache_dir: Path | None = None) -> list[Found]:
+    """models--org--name/snapshots/<refs/main> entries (the revision mlx-lm and the hub resolve)."""
+    root = cache_dir or paths.hf_cache()
+    out: list[Found] = []
+    for repo in _subdirs(root):
+        if not repo.name.startswith("models--") or "--" not in repo.name[len("models--"):]:
+            continue
+        repo_id = repo.name[len("models--"):].replace("--", "/", 1)
+        try:
+            commit = (repo / "refs" / "main").read_text(encoding="utf-8")
+        except OSError:
+            continue
+        snap = repo / "snapshots" / commit
+        if snap.is_dir():
+            out.append(Found(repo_id, snap, "hf-cache", linked=_linked_by_us(repo)))
+    return out
+
+
+def exo(dirs: list[Path] | None = None) -> list[Found]:
+    """<dir>/<org>--<name>/ in every directory exo searches."""
+    out: list[Found] = []
+    for root in dirs if dirs is not None else paths.exo_models_dirs():
+        for entry in _subdirs(root):
+            if "--" in entry.name and _is_model_dir(entry):
+                out.append(Found(entry.name.replace("--", "/", 1), entry, "exo", linked=entry.is_symlink()))
+    return out
+
+
+def discover(sources: tuple[str, ...] = ALL_SOURCES, *, lmstudio_dir: Path | None = None,
+             hf_cache_dir: Path | None = None, exo_dirs: list[Path] | None = None) -> list[Found]:
+    found: list[Found] = []
+    if "lmstudio" in sources:
+        found += lmstudio(lmstudio_dir)
+    if "hf-cache" in sources:
+        found += hf_cache(hf_cache_dir)
+    if "exo" in sources:
+        found += exo(exo_dirs)
+    return found
+
+
+def resolve(name: str, found: list[Found]) -> list[Found]:
+    """Entries matching a repo id, a case-insensitive id, a unique name suffix, or a folder path."""
+    p = Path(name).expanduser()
+    if p.is_dir() and _is_model_dir(p):
+        return [Found(_guess_repo_id(p), p.resolve(), "path")]
+    exact = [f for f in found if f.repo_id == name]
+    if exact:
+        return exact
+    lower = name.lower()
+    ci = [f for f in found if f.repo_id.lower() == lower]
+    if ci:
+        return ci
+    return [f for f in found if f.repo_id.lower().split("/", 1)[-1] == lower]
+
+
+def _guess_repo_id(folder: Path) -> str:
+    return f"{folder.parent.name}/{folder.name}"
+
+
+def _linked_by_us(repo: Path) -> bool:
+    return (repo / paths.LINK_MARKER).is_file()
+
+
+def _subdirs(folder: Path) -> list[Path]:
+    try:
+        return sorted(
+            (Path(e.path) for e in os.scandir(folder) if not e.name.startswith(".") and e.is_dir()),
+            key=lambda p: p.name,
+        )
+    except OSError:
+        return []
