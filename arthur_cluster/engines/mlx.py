@@ -1,0 +1,202 @@
+"""MlxEngine: a model run by mlx-lm in this process, or split across rank processes (pipeline or tensor).
+
+Single mode loads in-process (`.model`, `.tokenizer` are there for prompt-cache work). Distributed mode starts
+the ranks for every `stream()` call: on this machine over loopback (`hosts=None`, `n` ranks) or on `hosts` via
+`mlx.launch` with a generated hostfile (ring with IPs, jaccl with the RDMA device matrix, nccl on GPUs). Each
+rank loads its share and answers one request; rank 0's lines become Events. A rank's death, Ctrl-C or close()
+stops the whole process group.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+from ..hostfile import (BackendUnavailable, HostfileError, check_backend, hosts_from, loopback_ring, rank_env,
+                        write_hostfile, free_ports)
+from ..parallel.ranks import RankFailed, RankProcesses
+from ..parallel.registry import supported, tensor_blockers
+from .base import EngineError, Event, Message, Stats
+
+MODES = ("single", "pipeline", "tensor")
+
+
+def resolve_model(model: str | Path) -> Path:
+    """A local MLX folder, or a Hugging Face repo id already in the local cache."""
+    p = Path(model).expanduser()
+    if p.is_dir():
+        if not (p / "config.json").is_file():
+            raise EngineError(f"{p}: no config.json; pass an MLX model folder or a cached repo id")
+        return p
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(str(model), local_files_only=True))
+    except Exception as e:
+        raise EngineError(f"model {model!r} is neither a folder nor in the local Hugging Face cache "
+                          f"({type(e).__name__}); link or download it first") from None
+
+
+class MlxEngine:
+    name = "mlx"
+
+    def __init__(self, model: str | Path, *, mode: str = "single", hosts: list | None = None,
+                 backend: str = "ring", n: int = 1, prefill_step: int = 2048, timeout: float = 3600.0,
+                 python: str | None = None):
+        if mode not in MODES:
+            raise EngineError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+        self.path = resolve_model(model)
+        self.model_id = str(model)
+        self.mode, self.backend, self.prefill_step, self.timeout = mode, backend, prefill_step, timeout
+        self.hosts = hosts_from(hosts) if hosts else None
+        self.n = len(self.hosts) if self.hosts else n
+        self.python = python or sys.executable
+        self.model = self.tokenizer = None
+        self._procs: RankProcesses | None = None
+        self.last_done: dict | None = None  # distributed: rank 0's final line (per-rank memory and weights)
+        if mode == "single":
+            if self.n != 1 or self.hosts:
+                raise EngineError("single mode runs one process; choose mode 'pipeline' or 'tensor' for several")
+            self._load_local()
+        else:
+            self._check_distributed()
+
+    # --- setup -----------------------------------------------------------------------------------------
+
+    def _load_local(self) -> None:
+        from mlx_lm import load
+
+        try:
+            self.model, self.tokenizer = load(str(self.path))
+        except Exception as e:
+            raise EngineError(f"could not load {self.path}: {type(e).__name__}: {e}") from None
+
+    def _check_distributed(self) -> None:
+        config = json.loads((self.path / "config.json").read_text())
+        mtype = config.get("model_type", "?")
+        if self.n < 2:
+            raise EngineError(f"{self.mode} mode needs at least 2 ranks, got n={self.n}")
+        if not supported(mtype)[self.mode]:
+            raise EngineError(f"no {self.mode} split for model type {mtype!r}")
+        if self.mode == "tensor" and (why := tensor_blockers(config, self.n)):
+            raise EngineError(f"cannot split {mtype} {self.n} ways: " + "; ".join(why)
+                              + ". Use a rank count that divides these, or mode='pipeline'.")
+        if self.hosts is None:  # ranks run here, so this mlx build must have the backend
+            try:
+                check_backend(self.backend)
+            except BackendUnavailable as e:
+                raise EngineError(str(e)) from None
+
+    # --- streaming -------------------------------------------------------------------------------------
+
+    def stream(self, messages: list[Message], *, max_tokens: int = 256, temperature: float = 0.0,
+               enable_thinking: bool | None = None) -> Iterator[Event]:
+        if self.mode == "single":
+            return self._stream_local(messages, max_tokens, temperature, enable_thinking)
+        return self._stream_ranks(messages, max_tokens, temperature, enable_thinking)
+
+    def _prompt(self, messages: list[Message], enable_thinking: bool | None) -> list[int]:
+        kw = {} if enable_thinking is None else {"enable_thinking": enable_thinking}
+        ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, **kw)
+        if hasattr(ids, "keys"):
+            ids = ids["input_ids"]
+        return list(ids)
+
+    def _stream_local(self, messages, max_tokens, temperature, enable_thinking) -> Iterator[Event]:
+        import mlx.core as mx
+        from mlx_lm import stream_generate
+        from mlx_lm.sample_utils import make_sampler
+
+        if self.model is None:
+            raise EngineError("the engine is closed")
+        prompt = self._prompt(messages, enable_thinking)
+        progress: list[tuple[int, int]] = []
+        mx.reset_peak_memory()
+        last = None
+        for resp in stream_generate(self.model, self.tokenizer, prompt, max_tokens=max_tokens,
+                                    sampler=make_sampler(temp=temperature), prefill_step_size=self.prefill_step,
+                                    prompt_progress_callback=lambda d, t: progress.append((d, t))):
+            for d, t in progress:
+                yield Event("prefill", done=d, total=t)
+            progress.clear()
+            if resp.text:
+                yield Event("token", text=resp.text)
+            last = resp
+        stats = Stats(finish_reason="length")
+        if last is not None:
+            stats = Stats(prompt_tokens=last.prompt_tokens, generation_tokens=last.generation_tokens,
+                          prompt_tps=last.prompt_tps, generation_tps=last.generation_tps,
+                          peak_memory_bytes=int(mx.get_peak_memory()), finish_reason=last.finish_reason)
+        yield Event("done", stats=stats)
+
+    def _commands(self, request: Path, max_tokens: int, temperature: float, tmp: Path):
+        worker = ["-m", "arthur_cluster.parallel.worker", "--model", str(self.path), "--mode", self.mode,
+                  "--backend", self.backend, "--request", str(request), "--max-tokens", str(max_tokens),
+                  "--prefill-step", str(self.prefill_step), "--temperature", str(temperature)]
+        if self.hosts is None:  # ranks on this machine, joined by hand
+            ring = loopback_ring(self.n) if self.backend == "ring" else None
+            port = free_ports(1)[0] if self.backend == "nccl" else None
+            envs = [rank_env(self.backend, r, self.n, files=tmp, ring=ring, nccl_port=port)
+                    for r in range(self.n)]
+            return [[self.python, *worker]] * self.n, envs
+        launcher = shutil.which("mlx.launch") or str(Path(self.python).parent / "mlx.launch")
+        try:
+            hostfile = write_hostfile(tmp / "hosts.json", self.backend, self.hosts)
+        except HostfileError as e:
+            raise EngineError(str(e)) from None
+        # --python: the same interpreter path on every host (venvs at the same place on every Mac).
+        cmd = [launcher, "--backend", self.backend, "--hostfile", str(hostfile), "--python", self.python,
+               "--cwd", os.getcwd(), "--", *worker]
+        return [cmd], None
+
+    def _stream_ranks(self, messages, max_tokens, temperature, enable_thinking) -> Iterator[Event]:
+        tmp = Path(tempfile.mkdtemp(prefix="arthur-mlx-"))
+        request = tmp / "request.json"
+        request.write_text(json.dumps({"messages": messages, "enable_thinking": enable_thinking}))
+        commands, envs = self._commands(request, max_tokens, temperature, tmp)
+        self._procs = procs = RankProcesses(commands, envs)
+        try:
+            for ev in procs.events(timeout=self.timeout):
+                kind = ev.get("event")
+                if kind == "prefill":
+                    yield Event("prefill", done=int(ev["done"]), total=int(ev["total"]))
+                elif kind == "token" and ev.get("text"):
+                    yield Event("token", text=ev["text"])
+                elif kind == "done":
+                    peaks = ev.get("peak_memory_bytes") or [None]
+                    self.last_done = ev
+                    yield Event("done", stats=Stats(
+                        prompt_tokens=ev["prompt_tokens"], generation_tokens=ev["generation_tokens"],
+                        prompt_tps=ev["prompt_tps"], generation_tps=ev["generation_tps"],
+                        peak_memory_bytes=max(p for p in peaks if p is not None) if peaks[0] is not None else None,
+                        finish_reason=ev.get("finish_reason")))
+        except RankFailed as e:
+            raise EngineError(f"{self.mode} run of {self.model_id} over {self.n} ranks failed: {e}") from None
+        finally:
+            procs.kill()
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    @property
+    def rank_pids(self) -> list[int]:
+        """Process ids of the running job's processes (ranks, or the launcher)."""
+        return self._procs.pids if self._procs else []
+
+    def close(self) -> None:
+        if self._procs is not None:
+            self._procs.kill()
+            self._procs = None
+        self.model = self.tokenizer = None
+
+    def __enter__(self) -> "MlxEngine":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+__all__ = ["MlxEngine", "resolve_model"]

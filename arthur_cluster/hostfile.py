@@ -1,0 +1,183 @@
+"""Hostfiles for `mlx.launch` and the environment each rank needs, per backend (ring, jaccl, nccl).
+
+- ring:  [{"ssh": host, "ips": [ip, ...]}, ...]; a rank started by hand gets MLX_RANK and MLX_HOSTFILE
+         (the path of a JSON list with one list of "ip:port" per rank).
+- jaccl: the same hosts with "rdma": host i's RDMA device towards host j (null for itself); ranks get
+         MLX_JACCL_COORDINATOR (rank 0's ip:port) and MLX_IBV_DEVICES (the path of the device matrix). macOS 26.2+ only.
+- nccl:  rank 0's ip as NCCL_HOST_IP with NCCL_PORT, MLX_WORLD_SIZE, and one GPU per rank.
+
+Pure values: nothing here imports mlx except `check_backend`.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import socket
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+BACKENDS = ("ring", "jaccl", "nccl")
+
+
+class HostfileError(ValueError):
+    pass
+
+
+class BackendUnavailable(RuntimeError):
+    """The mlx build on this machine cannot run the asked backend; the message says what it needs."""
+
+
+@dataclass
+class Host:
+    ssh: str
+    ips: list[str] = field(default_factory=list)
+    rdma: list[str | None] = field(default_factory=list)
+
+    def as_json(self, with_rdma: bool = False) -> dict:
+        d: dict = {"ssh": self.ssh, "ips": list(self.ips)}
+        if with_rdma:
+            d["rdma"] = list(self.rdma)
+        return d
+
+
+def _is_ip(value: str) -> bool:
+    try:
+        ipaddress.ip_address(value)
+        return True
+    except ValueError:
+        return False
+
+
+def hosts_from(spec: list[str | dict | Host]) -> list[Host]:
+    """Hosts from strings ("10.0.0.2" or "mac1=10.0.0.2"), dicts ({"ssh", "ips", "rdma"}) or Host values."""
+    out = []
+    for i, h in enumerate(spec):
+        if isinstance(h, Host):
+            out.append(h)
+        elif isinstance(h, dict):
+            if "ssh" not in h:
+                raise HostfileError(f"host {i} ({h}) has no 'ssh' name")
+            out.append(Host(str(h["ssh"]), [str(x) for x in h.get("ips", [])], list(h.get("rdma", []))))
+        elif isinstance(h, str) and h:
+            name, _, ip = h.partition("=")
+            ip = ip or (name if _is_ip(name) else "")
+            out.append(Host(name, [ip] if ip else []))
+        else:
+            raise HostfileError(f"host {i}: {h!r} is not a host name, 'name=ip', or a mapping")
+    return out
+
+
+def ring_hostfile(hosts: list[Host]) -> list[dict]:
+    """mlx.launch's hostfile for the ring backend: every host needs an IP the others can reach."""
+    missing = [h.ssh for h in hosts if not h.ips or not all(_is_ip(ip) for ip in h.ips)]
+    if missing:
+        raise HostfileError(f"the ring backend needs IP addresses; give them for {', '.join(missing)} "
+                            "(as 'name=10.0.0.2' or {'ssh': name, 'ips': [...]})")
+    return [h.as_json() for h in hosts]
+
+
+def jaccl_hostfile(hosts: list[Host]) -> list[dict]:
+    """mlx.launch's hostfile for jaccl: an RDMA device from every host to every other, null for itself."""
+    n = len(hosts)
+    if not hosts or not hosts[0].ips:
+        raise HostfileError("jaccl needs rank 0's IP address (the coordinator)")
+    for i, h in enumerate(hosts):
+        if len(h.rdma) != n:
+            raise HostfileError(f"host {h.ssh}: its rdma list has {len(h.rdma)} entries for {n} hosts "
+                                "(one device per peer, null for itself; see `ibv_devices` on each Mac)")
+        if h.rdma[i] is not None:
+            raise HostfileError(f"host {h.ssh}: its own rdma entry (position {i}) must be null")
+        gaps = [hosts[j].ssh for j in range(n) if j != i and not h.rdma[j]]
+        if gaps:
+            raise HostfileError(f"host {h.ssh} lists no RDMA device towards {', '.join(gaps)}")
+    return [h.as_json(with_rdma=True) for h in hosts]
+
+
+def write_hostfile(path: Path, backend: str, hosts: list[Host]) -> Path:
+    if backend == "jaccl":
+        data = jaccl_hostfile(hosts)
+    elif backend == "ring":
+        data = ring_hostfile(hosts)
+    elif backend == "nccl":
+        if not hosts or not hosts[0].ips:
+            raise HostfileError("nccl needs rank 0's IP address")
+        data = [h.as_json() for h in hosts]
+    else:
+        raise HostfileError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    path = Path(path)
+    path.write_text(json.dumps(data, indent=2))
+    return path
+
+
+# --- ranks started by hand (tests, one machine) --------------------------------------------------------
+
+
+def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
+    socks = []
+    try:
+        for _ in range(n):
+            s = socket.socket()
+            s.bind((host, 0))
+            socks.append(s)
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def loopback_ring(n: int) -> list[list[str]]:
+    """An MLX_HOSTFILE value for n ring ranks on this machine, on free loopback ports."""
+    return [[f"127.0.0.1:{p}"] for p in free_ports(n)]
+
+
+def rank_env(backend: str, rank: int, n: int, *, files: Path | None = None, ring: list[list[str]] | None = None,
+             coordinator: str | None = None, rdma: list[list[str | None]] | None = None,
+             nccl_host: str = "127.0.0.1", nccl_port: int | None = None, gpus_per_host: int | None = None) -> dict[str, str]:
+    """The environment one rank needs to join the group without `mlx.launch`. MLX_HOSTFILE and MLX_IBV_DEVICES
+    name files: they are written into `files` (a folder the rank can read)."""
+    env = {"MLX_RANK": str(rank)}
+
+    def put(name: str, data) -> str:
+        if files is None:
+            raise HostfileError(f"{backend} ranks read their peers from a file: pass a folder as `files`")
+        path = Path(files) / name
+        path.write_text(json.dumps(data))
+        return str(path)
+
+    if backend == "ring":
+        if not ring or len(ring) != n:
+            raise HostfileError(f"the ring backend needs {n} address lists, got {len(ring or [])}")
+        env["MLX_HOSTFILE"] = put("ring-hosts.json", ring)
+    elif backend == "jaccl":
+        if not coordinator or not rdma:
+            raise HostfileError("jaccl needs a coordinator ip:port and the RDMA device matrix")
+        env["MLX_JACCL_COORDINATOR"] = coordinator
+        env["MLX_IBV_DEVICES"] = put("ibv-devices.json", rdma)
+    elif backend == "nccl":
+        env.update({"NCCL_HOST_IP": nccl_host, "NCCL_PORT": str(nccl_port or free_ports(1)[0]),
+                    "MLX_WORLD_SIZE": str(n), "CUDA_VISIBLE_DEVICES": str(rank % max(gpus_per_host or n, 1))})  # one GPU per rank
+    else:
+        raise HostfileError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    return env
+
+
+def check_backend(backend: str) -> None:
+    """Refuse clearly when this machine's mlx cannot run `backend`."""
+    import mlx.core as mx
+
+    if backend not in BACKENDS:
+        raise BackendUnavailable(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    if mx.distributed.is_available(backend):
+        return
+    if backend == "jaccl":
+        where = "this Linux machine" if sys.platform.startswith("linux") else "this machine"
+        raise BackendUnavailable(
+            f"jaccl (RDMA over Thunderbolt) is not available on {where}: it needs macOS 26.2 or later on "
+            "Macs joined by Thunderbolt 5, with RDMA enabled (`rdma_ctl enable` in recovery mode). Use the ring "
+            "backend over TCP instead.")
+    if backend == "nccl":
+        raise BackendUnavailable("nccl is not available in this mlx build: it needs NVIDIA GPUs and the "
+                                 "CUDA build of mlx (pip install 'mlx[cuda13]'). Use the ring backend instead.")
+    raise BackendUnavailable(f"the {backend} backend is not available in this mlx build")
