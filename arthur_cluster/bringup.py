@@ -1,0 +1,477 @@
+"""Bring a model up, or its fallback, and leave a record of what runs where.
+
+`up` walks the path a user walks by hand: find the cluster (exo, else MLX on models.toml's [cluster] or this
+machine), pick a model and route (fallback.pick), make the weights visible (link locally; other nodes get the
+exact command, or it runs over ssh when models.toml names a host), register exo's custom card, place or load,
+wait with progress (bounded), and ask a short question. Any failure is recorded with its reason and the next
+candidate is tried. The Deployment record (paths.deployment_file()) is what `doc` and `down` read.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import subprocess
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable, Literal
+
+from pydantic import BaseModel, Field, ValidationError
+
+from . import fallback, paths
+from .catalog import Catalog
+from .cluster import ClusterError, ClusterInfo, Discovery, discover
+from .engines.base import ChatResult, Engine, EngineError, collect
+from .fallback import Choice, NoChoice, Rejection, Route
+
+SMOKE_PROMPT = "What is 2+2?"
+SMOKE_MAX_TOKENS = 50
+DEFAULT_TIMEOUT = 600.0  # seconds for one placement to become ready (a 31 GB load from disk fits in it)
+SSH_ENV = "ARTHUR_CLUSTER_SSH"  # the command that reaches a node by its [cluster] ssh name
+SSH_DEFAULT = "ssh -o BatchMode=yes -o ConnectTimeout=5"
+REMOTE_TIMEOUT = 120.0
+
+
+class BringUpError(RuntimeError):
+    """Nothing came up; the message lists every candidate tried and why it failed."""
+
+    def __init__(self, message: str, rejections: list[Rejection] | None = None):
+        super().__init__(message)
+        self.rejections = rejections or []
+
+
+class DeploymentError(RuntimeError):
+    """The deployment record is missing, unreadable, or names something that is gone."""
+
+
+class AttemptFailed(RuntimeError):
+    """One (model, route) could not be brought up. scope: "model" excludes the model, "route" only the route."""
+
+    def __init__(self, reason: str, scope: Literal["model", "route"] = "route"):
+        super().__init__(reason)
+        self.scope = scope
+
+
+class Smoke(BaseModel):
+    question: str
+    answer: str
+    prompt_tokens: int = 0
+    generation_tokens: int = 0
+    prompt_tps: float = 0.0
+    generation_tps: float = 0.0
+    finish_reason: str | None = None
+
+
+class Deployment(BaseModel):
+    model: str  # the catalogue's id
+    served_id: str  # the id the engine answers to (exo: its card's model_id)
+    engine: Literal["exo", "mlx"]
+    route: Route
+    nodes: list[str] = Field(default_factory=list)
+    endpoint: str | None = None  # exo's API; None for MLX in-process
+    instance_id: str | None = None
+    model_path: Path | None = None
+    hosts: list[dict] = Field(default_factory=list)  # MLX across nodes: what mlx.launch gets, in rank order
+    context: int = fallback.DEFAULT_CONTEXT
+    fallback_reason: str | None = None
+    rejections: list[Rejection] = Field(default_factory=list)
+    smoke: Smoke
+    notes: list[str] = Field(default_factory=list)
+    created_at: str = ""
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.smoke.generation_tps
+
+
+class DownResult(BaseModel):
+    had_deployment: bool
+    model: str | None = None
+    engine: str | None = None
+    instance_id: str | None = None
+    actions: list[str] = Field(default_factory=list)
+
+
+@dataclass
+class Hooks:
+    """Where `up` reports: one line per step, and progress of long waits (label, done, total)."""
+
+    say: Callable[[str], None] = field(default=lambda text: None)
+    progress: Callable[[str, int, int], None] = field(default=lambda label, done, total: None)
+
+
+# --- the record -------------------------------------------------------------------------------------------
+
+
+def write_record(dep: Deployment, path: Path | None = None) -> Path:
+    path = path or paths.deployment_file()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(dep.model_dump_json(indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, path)  # readers see the old record or the new one, never half of one
+    return path
+
+
+def read_record(path: Path | None = None) -> Deployment | None:
+    path = path or paths.deployment_file()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise DeploymentError(f"{path}: cannot read the deployment record ({exc.strerror})") from None
+    try:
+        return Deployment.model_validate_json(text)
+    except ValidationError as exc:
+        raise DeploymentError(f"{path}: not a deployment record ({exc.errors()[0]['msg']}); delete it and run "
+                              "`arthur-cluster up` again") from None
+
+
+# --- engines ---------------------------------------------------------------------------------------------------
+
+
+def mlx_hosts(cluster: ClusterInfo, route: Route) -> list[dict]:
+    """The hosts `mlx.launch` gets for a route, in rank order, from models.toml's [cluster] nodes."""
+    nodes = fallback.route_nodes(cluster, route)
+    if route.backend == "ring":
+        no_ip = [n.name for n in nodes if not n.ips]
+        if no_ip:
+            raise AttemptFailed(f"the ring backend needs each node's IP address: add ips to {', '.join(no_ip)} "
+                                "in models.toml [[cluster.nodes]]")
+    return [{"ssh": n.ssh or n.name, "ips": list(n.ips), "rdma": [d or None for d in n.rdma_devices]} for n in nodes]
+
+
+def open_mlx(path: Path, model_id: str, route: Route, hosts: list[dict] | None = None) -> Engine:
+    """The MLX engine for a route: the model in this process, or ranks on `hosts` through mlx.launch.
+    Raises EngineError (the engine's own message) when it cannot start."""
+    from .engines.mlx import MlxEngine
+
+    if route.nodes == 1:
+        engine = MlxEngine(path, mode="single")
+    else:
+        engine = MlxEngine(path, mode=route.sharding, hosts=hosts, backend=route.backend or "ring")
+    engine.model_id = model_id
+    return engine
+
+
+def engine_for(dep: Deployment) -> Engine:
+    """An engine speaking to what a deployment record describes (what `doc` runs its jobs on)."""
+    if dep.engine == "exo":
+        from .engines.exo import ExoEngine
+        from .exo_client import ExoClient
+
+        return ExoEngine(ExoClient(dep.endpoint), dep.served_id)
+    if dep.model_path is None:
+        raise DeploymentError(f"{paths.deployment_file()}: an MLX deployment without model_path; run `up` again")
+    return open_mlx(dep.model_path, dep.served_id, dep.route, dep.hosts or None)
+
+
+def smoke_test(engine: Engine, prompt: str = SMOKE_PROMPT, max_tokens: int = SMOKE_MAX_TOKENS) -> Smoke:
+    """Ask one short question; a model that produces no token has not answered."""
+    result: ChatResult = collect(engine.stream([{"role": "user", "content": prompt}], max_tokens=max_tokens,
+                                               temperature=0.0))
+    s = result.stats
+    if not result.text and not s.generation_tokens:
+        raise EngineError(f"{engine.model_id} answered nothing to {prompt!r} (finish reason {s.finish_reason})")
+    return Smoke(question=prompt, answer=result.text, prompt_tokens=s.prompt_tokens,
+                 generation_tokens=s.generation_tokens, prompt_tps=s.prompt_tps, generation_tps=s.generation_tps,
+                 finish_reason=s.finish_reason)
+
+
+# --- weights on every node ------------------------------------------------------------------------------------
+
+
+def _link_locally(choice: Choice, hooks: Hooks) -> tuple[list[str], Path | None]:
+    """Link the local folder for exo (and the HF cache); returns notes and the custom card's path."""
+    from . import linker, modelfiles
+
+    info = modelfiles.inspect(choice.available.path, repo_id=choice.available.served_id,
+                              source=choice.available.source)
+    try:
+        res = linker.link(info)
+    except (linker.LinkError, modelfiles.ModelFileError) as exc:
+        raise AttemptFailed(f"cannot link {choice.available.path} for exo: {exc}", scope="model") from None
+    hooks.say(f"linked {res.repo_id} -> {res.exo_link}")
+    notes = []
+    if res.env_line:
+        notes.append(f"exo on this machine must run with {res.env_line} to find the linked weights")
+    return notes, res.card
+
+
+def _ssh_command() -> list[str]:
+    return shlex.split(os.environ.get(SSH_ENV) or SSH_DEFAULT)
+
+
+def _remote_nodes(choice: Choice, cat: Catalog) -> list[tuple[str, str | None]]:
+    """(node name, ssh host or None) for each node of the route that is not this machine."""
+    ssh = {n.name: n.ssh for n in (cat.cluster.nodes if cat.cluster else [])}
+    out = []
+    for node in fallback.route_nodes(choice.cluster, choice.route):
+        if node.local:
+            continue
+        host = node.ssh or ssh.get(node.name) or (ssh.get(node.label) if node.label else None)
+        out.append((node.display, host))
+    return out
+
+
+def weights_elsewhere(choice: Choice, cat: Catalog, hooks: Hooks) -> list[str]:
+    """Make the weights exist on the route's other nodes: run the link over ssh where models.toml names a host,
+    else say exactly what to run there. Every node loads from its own disk (exo and MLX alike)."""
+    if choice.available.source in ("exo-download", "hf-download"):
+        return []  # the engine fetches them on each node itself
+    notes = []
+    cmd = ["arthur-cluster", "link", choice.available.served_id]
+    for name, host in _remote_nodes(choice, cat):
+        if not host:
+            notes.append(f"on node {name}: the weights must be there too; run `{shlex.join(cmd)}` on it (with "
+                         f"the model in its LM Studio folder) and start its exo with the env line `link` prints")
+            continue
+        hooks.say(f"linking on {name} over ssh ({host})")
+        try:
+            done = subprocess.run([*_ssh_command(), host, *cmd, "--json"], capture_output=True, text=True,
+                                  timeout=REMOTE_TIMEOUT)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            raise AttemptFailed(f"could not run the link on {name} over ssh ({host}): {exc}") from None
+        if done.returncode != 0:
+            tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
+            raise AttemptFailed(f"`{shlex.join(cmd)}` failed on {name} ({host}): {tail[0]}")
+        notes.append(f"on node {name}: linked over ssh ({host})")
+    return notes
+
+
+# --- exo --------------------------------------------------------------------------------------------------
+
+
+def _register_card(client, served: str, card: Path | None, hooks: Hooks) -> None:
+    """exo must know a card for the id: built-in, read from the custom cards folder, or added now."""
+    from .exo_client import ExoError
+
+    try:
+        if served in {m.id for m in client.models()}:
+            return
+        hooks.say(f"registering a card for {served} with exo")
+        client.add_model(served)
+    except ExoError as exc:
+        detail = getattr(exc, "exo_message", "") or str(exc)
+        where = f" (the card written for it: {card})" if card else ""
+        raise AttemptFailed(f"exo at {client.url} rejects a card for {served}: {detail}{where}. Restart exo so it "
+                            f"reads {paths.exo_custom_cards_dir()}, or check the card's fields", scope="model") from None
+
+
+def _route_of(instance, engine: str = "exo") -> Route:
+    n = len(instance.shards)
+    if n <= 1:
+        return Route(engine=engine, sharding="single", nodes=1)
+    return Route(engine=engine, sharding="tensor" if instance.sharding == "Tensor" else "pipeline",
+                 backend="jaccl" if instance.meta == "MlxJaccl" else "ring", nodes=n)
+
+
+def _place(client, choice: Choice, timeout: float, hooks: Hooks):
+    """A ready instance of the model: the one already running, or a new one placed and waited for."""
+    from .exo_client import ExoError
+
+    served = choice.available.served_id
+    label = f"loading {served}"
+    progress = lambda done, total: hooks.progress(label, done, total)  # noqa: E731
+    try:
+        state = client.state()
+        running = state.instances_of(served)
+        ready = [i for i in running if state.is_ready(i)]
+        if ready:
+            hooks.say(f"{served} is already running on exo (instance {ready[0].instance_id}); reusing it")
+            return ready[0], False
+        if running:  # a placement from an earlier run still loading
+            hooks.say(f"waiting for the instance of {served} already loading")
+            return client.wait_ready(served, timeout=timeout, on_progress=progress), False
+        sharding, meta, n = choice.route.exo_placement()
+        hooks.say(f"placing {served} on exo: {sharding}/{meta}, at least {n} node(s)")
+        return client.place_and_wait(served, sharding, meta, n, timeout=timeout, on_progress=progress), True
+    except ExoError as exc:
+        raise AttemptFailed(str(exc)) from None
+
+
+def _delete_quietly(client, instance_id: str) -> None:
+    from .exo_client import ExoError
+
+    try:
+        client.delete_instance(instance_id)
+    except ExoError:
+        pass  # the failure being reported matters more; `down` retries the delete
+
+
+def _up_exo(choice: Choice, cat: Catalog, timeout: float, prompt: str, max_tokens: int, hooks: Hooks) -> Deployment:
+    from .engines.exo import ExoEngine
+    from .exo_client import ExoClient
+
+    client = ExoClient(choice.cluster.endpoint)
+    notes: list[str] = []
+    card = None
+    if choice.available.needs_link:
+        notes, card = _link_locally(choice, hooks)
+    notes += weights_elsewhere(choice, cat, hooks)
+    served = choice.available.served_id
+    _register_card(client, served, card, hooks)
+    instance, placed = _place(client, choice, timeout, hooks)
+    hooks.say(f"asking {served}: {prompt!r}")
+    try:
+        smoke = smoke_test(ExoEngine(client, served), prompt, max_tokens)
+    except EngineError as exc:
+        if placed:
+            _delete_quietly(client, instance.instance_id)
+        raise AttemptFailed(f"placed, but the test question failed: {exc}") from None
+    return Deployment(model=choice.model, served_id=served, engine="exo", route=_route_of(instance),
+                      nodes=instance.node_ids, endpoint=client.url, instance_id=instance.instance_id,
+                      model_path=choice.available.path, context=choice.context, smoke=smoke, notes=notes)
+
+
+# --- MLX --------------------------------------------------------------------------------------------------------
+
+
+def _download(model_id: str, hooks: Hooks) -> Path:
+    from huggingface_hub import snapshot_download
+
+    hooks.say(f"downloading {model_id} from Hugging Face")
+    try:
+        return Path(snapshot_download(model_id, allow_patterns=["*.json", "*.safetensors", "*.py", "*.model",
+                                                                "*.tiktoken", "*.txt", "*.jinja"]))
+    except Exception as exc:  # hub errors are many; the reason is in the text
+        raise AttemptFailed(f"download of {model_id} failed: {exc}", scope="model") from None
+
+
+def _up_mlx(choice: Choice, cat: Catalog, prompt: str, max_tokens: int, hooks: Hooks) -> Deployment:
+    served = choice.available.served_id
+    path = choice.available.path or _download(served, hooks)
+    notes = weights_elsewhere(choice, cat, hooks)
+    hooks.say(f"loading {served} with MLX ({choice.route.label})")
+    hosts = mlx_hosts(choice.cluster, choice.route) if choice.route.nodes > 1 else []
+    try:
+        engine = open_mlx(path, served, choice.route, hosts or None)
+    except EngineError as exc:
+        raise AttemptFailed(str(exc), scope="model" if choice.route.nodes == 1 else "route") from None
+    try:
+        hooks.say(f"asking {served}: {prompt!r}")
+        smoke = smoke_test(engine, prompt, max_tokens)
+    except EngineError as exc:
+        raise AttemptFailed(f"loaded, but the test question failed: {exc}") from None
+    finally:
+        engine.close()
+    notes.append("MLX runs inside the process that uses it: `doc` loads the model again from model_path"
+                 + (" and starts the ranks on the hosts recorded" if hosts else ""))
+    return Deployment(model=choice.model, served_id=served, engine="mlx", route=choice.route, nodes=choice.nodes,
+                      model_path=path, hosts=hosts, context=choice.context, smoke=smoke, notes=notes)
+
+
+# --- up / down --------------------------------------------------------------------------------------------------
+
+
+def _refresh(found: Discovery, cat: Catalog, engine: str | None, exo_url: str | None) -> Discovery:
+    """Ask exo again after a failure there: a node may have left, memory may have changed."""
+    if not any(c.engine == "exo" for c in found.clusters):
+        return found
+    try:
+        fresh = discover(cat, engine=engine, exo_url=exo_url)
+    except ClusterError as exc:
+        fresh = Discovery(clusters=[c for c in found.clusters if c.engine != "exo"],
+                          notes=[*found.notes, f"exo dropped after a failure: {exc}"])
+    fresh.notes = list(dict.fromkeys([*found.notes, *fresh.notes]))
+    return fresh
+
+
+def up(cat: Catalog, *, model: str | None = None, fallbacks: list[str] | None = None,
+       engine: Literal["exo", "mlx"] | None = None, exo_url: str | None = None,
+       context: int | None = None, timeout: float = DEFAULT_TIMEOUT, allow_download: bool = False,
+       prompt: str = SMOKE_PROMPT, max_tokens: int = SMOKE_MAX_TOKENS, probe_fn: fallback.ProbeFn | None = None,
+       hooks: Hooks | None = None, record: bool = True) -> Deployment:
+    """Bring up the first candidate that answers; raise BringUpError with every reason when none does.
+
+    engine None: exo when reachable, then MLX (models.toml [cluster], else this machine) — the embedded default.
+    The demo calls `up(catalog.for_demo(), engine="mlx")` inside its demo home.
+    """
+    hooks = hooks or Hooks()
+    target = model or cat.target
+    found = discover(cat, engine=engine, exo_url=exo_url)  # ClusterError when engine="exo" and exo fails
+    for note in found.notes:
+        hooks.say(note)
+    for c in found.clusters:
+        hooks.say(f"cluster: {c.describe()}")
+        for p in c.problems:
+            hooks.say(f"  note: {p}")
+    prior: list[Rejection] = []
+    while True:
+        if not found.clusters:
+            raise BringUpError("no cluster left to try:\n  " + "\n  ".join(found.notes + [str(r) for r in prior]),
+                               prior)
+        try:
+            choice = fallback.pick(cat, cluster=found.clusters, context=context, allow_download=allow_download,
+                                   probe_fn=probe_fn, model=model, fallbacks=fallbacks, prior=prior)
+        except NoChoice as exc:
+            notes = "".join(f"\n  {n}" for n in found.notes)
+            raise BringUpError(f"{exc}{notes}", exc.rejections) from None
+        for r in choice.rejections[len(prior):]:
+            hooks.say(f"passed over {r}")
+        hooks.say(f"trying {choice.model} ({choice.route.label})")
+        try:
+            if choice.route.engine == "exo":
+                dep = _up_exo(choice, cat, timeout, prompt, max_tokens, hooks)
+            else:
+                dep = _up_mlx(choice, cat, prompt, max_tokens, hooks)
+        except AttemptFailed as exc:
+            hooks.say(f"failed: {exc}; falling back")
+            prior = list(choice.rejections) + [Rejection(model=choice.model, stage="bringup", reason=str(exc),
+                                                         route=None if exc.scope == "model" else choice.route)]
+            if choice.route.engine == "exo":
+                found = _refresh(found, cat, engine, exo_url)
+            continue
+        dep.rejections = list(choice.rejections)
+        dep.fallback_reason = fallback.fallback_reason(target, dep.model, choice.rejections)
+        dep.notes = list(dict.fromkeys([*found.notes, *dep.notes]))
+        dep.created_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        if record:
+            _retire_previous(dep, hooks)
+            write_record(dep)
+        return dep
+
+
+def _retire_previous(dep: Deployment, hooks: Hooks) -> None:
+    """A rerun that lands on another instance stops the one the old record named, so it holds no memory."""
+    try:
+        old = read_record()
+    except DeploymentError:
+        return  # unreadable: it is replaced below
+    if old is None or old.engine != "exo" or not old.instance_id or old.instance_id == dep.instance_id:
+        return
+    from .exo_client import ExoClient
+
+    _delete_quietly(ExoClient(old.endpoint), old.instance_id)
+    dep.notes.append(f"stopped the previous deployment's instance {old.instance_id} of {old.served_id}")
+    hooks.say(dep.notes[-1])
+
+
+def down(*, record_path: Path | None = None) -> DownResult:
+    """Stop what the record says runs (exo: delete its instance), then remove the record."""
+    from .exo_client import ExoClient, ExoError, ExoHTTPError
+
+    path = record_path or paths.deployment_file()
+    dep = read_record(path)
+    if dep is None:
+        return DownResult(had_deployment=False, actions=[f"no deployment recorded at {path}"])
+    out = DownResult(had_deployment=True, model=dep.model, engine=dep.engine, instance_id=dep.instance_id)
+    if dep.engine == "exo" and dep.instance_id:
+        client = ExoClient(dep.endpoint)
+        try:
+            client.delete_instance(dep.instance_id)
+            out.actions.append(f"deleted exo instance {dep.instance_id} of {dep.served_id} at {client.url}")
+        except ExoHTTPError as exc:
+            if exc.status != 404:
+                raise DeploymentError(f"exo at {client.url} refused to delete instance {dep.instance_id}: "
+                                      f"{exc.exo_message or exc}; the record stays at {path}") from None
+            out.actions.append(f"exo instance {dep.instance_id} was already gone")
+        except ExoError as exc:
+            raise DeploymentError(f"{exc} The record stays at {path}: run `arthur-cluster down` again once exo "
+                                  "answers, or delete the instance from exo's dashboard.") from None
+    else:
+        out.actions.append("MLX ran in-process: nothing left running")
+    path.unlink(missing_ok=True)
+    out.actions.append(f"removed {path}")
+    return out

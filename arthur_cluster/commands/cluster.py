@@ -1,0 +1,178 @@
+"""`arthur-cluster pick | up | down`: choose a model and route, bring it up (or its fallback), stop it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from . import _out
+
+ENGINES = ("exo", "mlx")
+
+
+def _catalog(path: Path | None, as_json: bool):
+    from .. import catalog
+
+    try:
+        return catalog.load(path)
+    except catalog.CatalogError as exc:
+        _out.fail(str(exc), as_json=as_json)
+
+
+def _engine(value: str | None, as_json: bool) -> str | None:
+    if value is not None and value not in ENGINES:
+        _out.fail(f"--engine must be one of {', '.join(ENGINES)}, not {value!r}", code=_out.EXIT_USAGE,
+                  as_json=as_json)
+    return value
+
+
+def _fail_with(message: str, rejections: list, as_json: bool) -> None:
+    if as_json:
+        _out.print_json({"error": message, "rejections": rejections})
+        raise typer.Exit(_out.EXIT_ERROR)
+    _out.fail(message)
+
+
+def _print_choice(choice) -> None:
+    c = _out.console
+    c.print(f"[bold]{choice.model}[/]  {choice.route.label}", highlight=False)
+    c.print(f"  why: {choice.why}", highlight=False)
+    if choice.nodes:
+        c.print(f"  nodes: {', '.join(choice.nodes)}", highlight=False)
+    for r in choice.rejections:
+        c.print(f"  [yellow]rejected[/] {r}", highlight=False)
+
+
+def _print_deployment(dep, record: Path) -> None:
+    c = _out.console
+    s = dep.smoke
+    c.print(f"[bold green]up:[/] {dep.model}", highlight=False)
+    c.print(f"  route:    {dep.route.label}" + (f" ({', '.join(dep.nodes)})" if dep.nodes else ""), highlight=False)
+    if dep.endpoint:
+        c.print(f"  endpoint: {dep.endpoint}  (model id {dep.served_id})", highlight=False)
+    c.print(f"  question: {s.question}", highlight=False)
+    c.print(f"  answer:   {s.answer.strip()!r}", highlight=False)
+    c.print(f"  tokens/s: {s.generation_tps:.1f} ({s.generation_tokens} tokens; prompt {s.prompt_tps:.1f} tok/s)",
+            highlight=False)
+    if dep.fallback_reason:
+        c.print(f"  [yellow]fallback:[/] {dep.fallback_reason}", highlight=False)
+    for n in dep.notes:
+        c.print(f"  note: {n}", highlight=False)
+    c.print(f"  record:   {record}", highlight=False)
+
+
+class _Reporter:
+    """Steps as lines, waits as a rich bar on stderr (nothing on stdout under --json)."""
+
+    def __init__(self, quiet: bool):
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self.quiet = quiet
+        self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                            console=_out.err_console, transient=True, disable=quiet)
+        self.tasks: dict[str, int] = {}
+
+    def say(self, text: str) -> None:
+        if not self.quiet:
+            self.bar.console.print(f"[dim]>[/] {text}", highlight=False, soft_wrap=True)
+
+    def progress(self, label: str, done: int, total: int) -> None:
+        if label not in self.tasks:
+            self.tasks[label] = self.bar.add_task(label, total=total or None)
+        self.bar.update(self.tasks[label], completed=done, total=total or None)
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("pick")
+    def pick_cmd(
+        model: Optional[str] = typer.Argument(None, help="Try this model first (default: the catalogue's target)."),
+        engine: Optional[str] = typer.Option(None, "--engine", help="exo or mlx (default: exo when reachable, "
+                                                                     "then MLX)."),
+        exo: Optional[str] = typer.Option(None, "--exo", help="exo API URL (default: $EXO_API or localhost:52415)."),
+        context: Optional[int] = typer.Option(None, "--context", min=1, help="Tokens the job needs "
+                                                "(default 8192, capped at the model's length)."),
+        fallbacks: Optional[list[str]] = typer.Option(None, "--fallback", help="Fallback model (repeatable; "
+                                                                                "replaces the catalogue's)."),
+        allow_download: bool = typer.Option(False, "--allow-download", help="Count models exo or Hugging Face "
+                                                                             "would download."),
+        catalog_path: Optional[Path] = typer.Option(None, "--catalog", help="models.toml to use."),
+        as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+    ) -> None:
+        """Which model and route would run, and why every other candidate was turned down."""
+        from .. import cluster, fallback
+
+        cat = _catalog(catalog_path, as_json)
+        engine = _engine(engine, as_json)
+        try:
+            found = cluster.discover(cat, engine=engine, exo_url=exo)
+            choice = fallback.pick(cat, cluster=found.clusters, context=context, allow_download=allow_download,
+                                   model=model, fallbacks=fallbacks)
+        except cluster.ClusterError as exc:
+            _out.fail(str(exc), as_json=as_json)
+        except fallback.NoChoice as exc:
+            _fail_with(str(exc), exc.rejections, as_json)
+        if as_json:
+            _out.print_json({"choice": choice, "notes": found.notes,
+                             "fallback_reason": choice.fallback_reason(model or cat.target)})
+            return
+        for n in found.notes:
+            _out.console.print(f"note: {n}", highlight=False)
+        _print_choice(choice)
+
+    @app.command("up")
+    def up_cmd(
+        model: Optional[str] = typer.Argument(None, help="Bring up this model (default: the catalogue's target); "
+                                                         "falls back through the catalogue."),
+        engine: Optional[str] = typer.Option(None, "--engine", help="exo or mlx (default: exo when reachable, "
+                                                                     "else MLX on this machine)."),
+        exo: Optional[str] = typer.Option(None, "--exo", help="exo API URL (default: $EXO_API or localhost:52415)."),
+        context: Optional[int] = typer.Option(None, "--context", min=1, help="Tokens the job needs "
+                                                "(default 8192, capped at the model's length)."),
+        timeout: float = typer.Option(600.0, "--timeout", min=1.0, help="Seconds to wait for one placement."),
+        fallbacks: Optional[list[str]] = typer.Option(None, "--fallback", help="Fallback model (repeatable; "
+                                                                                "replaces the catalogue's)."),
+        allow_download: bool = typer.Option(False, "--allow-download", help="Let exo or Hugging Face download a "
+                                                                             "model that is not on disk."),
+        prompt: str = typer.Option("What is 2+2?", "--prompt", help="The test question."),
+        max_tokens: int = typer.Option(50, "--max-tokens", min=1, help="Tokens of the test answer."),
+        catalog_path: Optional[Path] = typer.Option(None, "--catalog", help="models.toml to use."),
+        as_json: bool = typer.Option(False, "--json", help="Print the deployment record as JSON."),
+    ) -> None:
+        """Bring a model up on exo or MLX, ask it a test question, and record the deployment.
+
+        Falls back to the next candidate on any failure, saying why."""
+        from .. import bringup, cluster, paths
+
+        cat = _catalog(catalog_path, as_json)
+        engine = _engine(engine, as_json)
+        rep = _Reporter(quiet=as_json)
+        try:
+            with rep.bar:
+                dep = bringup.up(cat, model=model, fallbacks=fallbacks, engine=engine, exo_url=exo, context=context,
+                                 timeout=timeout, allow_download=allow_download, prompt=prompt,
+                                 max_tokens=max_tokens, hooks=bringup.Hooks(say=rep.say, progress=rep.progress))
+        except cluster.ClusterError as exc:
+            _out.fail(str(exc), as_json=as_json)
+        except bringup.BringUpError as exc:
+            _fail_with(str(exc), exc.rejections, as_json)
+        if as_json:
+            _out.print_json(dep)
+            return
+        _print_deployment(dep, paths.deployment_file())
+
+    @app.command("down")
+    def down_cmd(as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
+        """Stop the recorded deployment (exo: delete its instance) and remove the record."""
+        from .. import bringup
+
+        try:
+            res = bringup.down()
+        except bringup.DeploymentError as exc:
+            _out.fail(str(exc), as_json=as_json)
+        if as_json:
+            _out.print_json(res)
+            return
+        for a in res.actions:
+            _out.console.print(a, highlight=False)

@@ -1,0 +1,165 @@
+"""The picker: availability, memory fit, checks per route, route order, rejections with reasons, determinism."""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+
+from arthur_cluster import cluster, fallback
+from arthur_cluster.catalog import Catalog, ModelEntry
+from arthur_cluster.cluster import ClusterInfo, ClusterNode
+from arthur_cluster.fallback import NoChoice, Rejection, Route
+from tests.fixtures_exo import SIM_LLAMA_ID, SIM_LMSTUDIO_NEMOTRON_ID
+
+GIB = 1 << 30
+TINY_NEMOTRON = "lmstudio-community/Tiny-NemotronH-MLX-8bit"  # the lmstudio_home fixture's folders
+TINY_LLAMA = "mlx-community/Tiny-Llama-MLX-4bit"
+
+
+def local(memory: int = 64 * GIB) -> ClusterInfo:
+    return ClusterInfo(source="local", engine="mlx",
+                       nodes=[ClusterNode(name="here", memory_bytes=memory, available_bytes=memory, local=True)])
+
+
+def cat(target: str = TINY_NEMOTRON, fallbacks=(TINY_LLAMA,), **models: ModelEntry) -> Catalog:
+    return Catalog(target=target, fallbacks=list(fallbacks), models=models)
+
+
+def test_target_on_this_machine_is_chosen_first(lmstudio_home):
+    choice = fallback.pick(cat(), cluster=local())
+    assert choice.model == TINY_NEMOTRON
+    assert choice.route == Route(engine="mlx", sharding="single", nodes=1)
+    assert choice.available.source == "lmstudio" and choice.available.path.is_dir()
+    assert choice.verdict.status == "ok", choice.verdict
+    assert choice.plan.fits is True
+    assert choice.context == 4096  # the default (8192) capped at the miniature's own length
+    assert choice.rejections == [] and choice.fallback_reason(TINY_NEMOTRON) is None
+
+
+def test_pick_is_deterministic(lmstudio_home):
+    c = cat(target="nobody/Missing-Model")
+    first = fallback.pick(c, cluster=local()).model_dump(mode="json")
+    again = fallback.pick(c, cluster=local()).model_dump(mode="json")
+    assert first == again
+
+
+def test_missing_target_falls_back_and_says_why(lmstudio_home):
+    choice = fallback.pick(cat(target="nobody/Missing-Model"), cluster=local())
+    assert choice.model == TINY_LLAMA
+    assert [r.stage for r in choice.rejections] == ["available"]
+    assert "nobody/Missing-Model" in choice.fallback_reason("nobody/Missing-Model")
+    assert "not on disk" in choice.rejections[0].reason
+
+
+def test_memory_too_small_rejects_every_candidate_with_numbers(lmstudio_home):
+    with pytest.raises(NoChoice) as e:
+        fallback.pick(cat(), cluster=local(memory=64 * 1024))
+    rej = e.value.rejections
+    assert [(r.model, r.stage) for r in rej] == [(TINY_NEMOTRON, "memory"), (TINY_LLAMA, "memory")]
+    assert all("does not fit" in r.reason and "KB" in r.reason for r in rej)
+    assert "no model of the catalogue can run here" in str(e.value)
+
+
+def test_context_longer_than_the_model_is_refused(lmstudio_home):
+    choice = fallback.pick(cat(), cluster=local(), context=8000)
+    assert choice.model == TINY_LLAMA  # 16384 tokens; the nemotron miniature has 4096
+    assert choice.rejections[0].stage == "catalog" and "4096" in choice.rejections[0].reason
+
+
+def test_a_failed_bring_up_excludes_its_route_or_its_model(lmstudio_home):
+    single = Route(engine="mlx", sharding="single", nodes=1)
+    prior = [Rejection(model=TINY_NEMOTRON, route=single, stage="bringup", reason="smoke test failed")]
+    choice = fallback.pick(cat(), cluster=local(), prior=prior)
+    assert choice.model == TINY_LLAMA and choice.rejections[0].reason == "smoke test failed"
+    prior = [Rejection(model=TINY_NEMOTRON, stage="bringup", reason="card rejected")]
+    assert fallback.pick(cat(), cluster=local(), prior=prior).model == TINY_LLAMA
+
+
+def test_route_order_is_tensor_jaccl_then_pipeline_ring_then_single():
+    two = ClusterInfo(source="exo", engine="exo", nodes=[ClusterNode(name="a"), ClusterNode(name="b")])
+    assert [r.label for r in fallback.routes_for(two)] == [
+        "exo tensor/jaccl on 2 nodes", "exo pipeline/ring on 2 nodes", "exo single node"]
+    assert [r.label for r in fallback.routes_for(local())] == ["mlx single node"]
+
+
+def exo_cluster(sim) -> ClusterInfo:
+    return cluster.from_exo(cluster.exo_client(sim.url))
+
+
+def test_exo_without_rdma_picks_pipeline_over_ring_and_says_why_not_jaccl(exo_sim, lmstudio_home):
+    c = cat(target=SIM_LLAMA_ID, fallbacks=())
+    choice = fallback.pick(c, cluster=exo_cluster(exo_sim))
+    assert choice.model == SIM_LLAMA_ID and choice.available.source == "exo"  # downloaded on the simulator
+    assert choice.route.label == "exo pipeline/ring on 2 nodes"
+    jaccl = choice.rejections[0]
+    assert jaccl.route.backend == "jaccl" and jaccl.stage == "checks"
+    assert "RDMA" in jaccl.reason or "rdma" in jaccl.reason
+
+
+def test_exo_with_rdma_everywhere_takes_tensor_over_jaccl_only_when_proven(exo_sim_factory, lmstudio_home,
+                                                                          tiny_models):
+    from tests.conftest import copy_model
+
+    metal = {"rdma": True, "backends": ["MlxMetal"]}
+    sim = exo_sim_factory(nodes=[metal, metal])
+    c = cat(target=SIM_LLAMA_ID, fallbacks=())
+    # Not on this disk: its config cannot be checked, so JACCL is not proven and the pipeline wins.
+    choice = fallback.pick(c, cluster=exo_cluster(sim))
+    assert choice.route.label == "exo pipeline/ring on 2 nodes"
+    assert "not proven" in choice.rejections[0].reason
+    # On disk (LM Studio): every check passes and exo previews accept it.
+    copy_model(tiny_models["llama-4bit"], lmstudio_home / "models" / SIM_LLAMA_ID)
+    choice = fallback.pick(c, cluster=exo_cluster(sim))
+    assert choice.route.label == "exo tensor/jaccl on 2 nodes", choice.rejections
+    assert choice.verdict.status == "ok" and choice.available.needs_link
+
+
+def test_exo_tensor_split_that_exo_would_accept_wrongly_is_rejected(exo_sim_factory, lmstudio_home, tiny_models):
+    # Four RDMA nodes: exo's placement would tensor-split NemotronH's 2 KV heads four ways (its card has no
+    # num_key_value_heads). The picker must turn that down and take the pipeline.
+    from tests.conftest import copy_model
+
+    copy_model(tiny_models["nemotron_h-8bit"], lmstudio_home / "models" / SIM_LMSTUDIO_NEMOTRON_ID)
+    metal = {"rdma": True, "backends": ["MlxMetal"]}
+    sim = exo_sim_factory(nodes=[metal] * 4)
+    sim.add_custom_card(SIM_LMSTUDIO_NEMOTRON_ID, tiny_models["nemotron_h-8bit"])
+    del sim.custom[SIM_LMSTUDIO_NEMOTRON_ID]["num_key_value_heads"]  # like exo's own Nemotron cards
+    choice = fallback.pick(cat(target=SIM_LMSTUDIO_NEMOTRON_ID, fallbacks=()), cluster=exo_cluster(sim))
+    assert choice.route.label == "exo pipeline/ring on 4 nodes"
+    tensor = choice.rejections[0]
+    assert tensor.route.sharding == "tensor" and "num_key_value_heads" in tensor.reason
+
+
+def test_exo_model_not_downloaded_needs_allow_download(exo_sim, lmstudio_home):
+    three_b = "mlx-community/Llama-3.2-3B-Instruct-4bit"  # exo has its card; the simulator holds no weights
+    c = cat(target=three_b, fallbacks=())
+    with pytest.raises(NoChoice) as e:
+        fallback.pick(c, cluster=exo_cluster(exo_sim))
+    assert "--allow-download" in e.value.rejections[0].reason
+    choice = fallback.pick(c, cluster=exo_cluster(exo_sim), allow_download=True)
+    assert choice.available.source == "exo-download"
+
+
+def test_no_exo_means_this_machine_with_a_note(lmstudio_home):
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    found = cluster.discover(cat(), exo_url=f"http://127.0.0.1:{port}")
+    assert [c.source for c in found.clusters] == ["local"]
+    assert "exo not used" in found.notes[0] and str(port) in found.notes[0]
+    with pytest.raises(cluster.ClusterError, match=str(port)):
+        cluster.discover(cat(), engine="exo", exo_url=f"http://127.0.0.1:{port}")
+
+
+def test_catalog_cluster_section_is_the_mlx_cluster(lmstudio_home):
+    from arthur_cluster.catalog import ClusterEntry, NodeEntry
+
+    c = cat().model_copy(update={"cluster": ClusterEntry(backend="ring", nodes=[
+        NodeEntry(name="m1", ssh="m1.local", ips=["10.0.0.1"], memory_bytes=64 * GIB),
+        NodeEntry(name="m2", ssh="m2.local", ips=["10.0.0.2"])])})
+    info = cluster.from_catalog(c)
+    assert [n.name for n in info.nodes] == ["m1", "m2"] and info.backend == "ring"
+    assert "memory_bytes missing" in info.problems[0] and "m2" in info.problems[0]
+    assert [r.label for r in fallback.routes_for(info)] == [
+        "mlx tensor/jaccl on 2 nodes", "mlx pipeline/ring on 2 nodes", "mlx single node"]
