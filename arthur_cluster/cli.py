@@ -15,7 +15,7 @@ app = typer.Typer(
 )
 
 # Each module under arthur_cluster/commands/ registers its own commands; heavy imports stay inside them.
-COMMANDS = ["models", "link", "demo", "probe", "cluster"]
+COMMANDS = ["models", "link", "demo", "doc", "probe", "cluster"]
 
 for _name in COMMANDS:
     importlib.import_module(f"arthur_cluster.commands.{_name}").register(app)

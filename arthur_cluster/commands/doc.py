@@ -1,0 +1,213 @@
+"""`arthur-cluster doc`: ask questions of a long document, summarize it, or apply a prompt to it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.progress import ProgressColumn
+
+from . import _out
+
+EXIT_INTERRUPTED = 130
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("doc")
+    def doc_cmd(
+        files: Optional[List[str]] = typer.Argument(None, help="Text, Markdown or PDF files; '-' reads stdin."),
+        ask: Optional[List[str]] = typer.Option(None, "--ask", help="A question (repeat for several)."),
+        summarize: bool = typer.Option(False, "--summarize", help="Summarize the document."),
+        prompt_file: Optional[Path] = typer.Option(None, "--prompt-file", help="A file holding the instruction."),
+        model: Optional[str] = typer.Option(None, "--model", help="Model folder or repo id (default: the deployment's)."),
+        out: Optional[Path] = typer.Option(None, "--out", help="Job directory (default: a new one under the jobs folder)."),
+        plan_only: bool = typer.Option(False, "--plan", help="Print the plan and stop."),
+        resume: bool = typer.Option(False, "--resume", help="Continue an unfinished job (--out's, else the newest)."),
+        thinking: Optional[str] = typer.Option(None, "--thinking", help="on|off: the template's enable_thinking."),
+        context: Optional[int] = typer.Option(None, "--context", min=1, help="Use at most N tokens of context."),
+        max_tokens: int = typer.Option(512, "--max-tokens", min=1, help="Output tokens reserved per answer."),
+        no_cache: bool = typer.Option(False, "--no-cache", help="Prefill the document again for every question."),
+        as_json: bool = typer.Option(False, "--json", help="Print the plan and the result as JSON."),
+    ) -> None:
+        """Ask questions of a long document, summarize it, or apply a prompt to it.
+
+        Single pass when the document fits the context, else map-reduce over chunks; one prefill shared by
+        every question; resumable (Ctrl-C, crashes) with --resume."""
+        from .. import docjob, documents
+
+        think = _thinking(thinking, as_json)
+        reporter = RichReporter(quiet=as_json)
+        try:
+            if resume:
+                if files:
+                    _out.fail("--resume continues a job from its directory: drop the FILE arguments "
+                              "(name the job with --out DIR)", as_json=as_json)
+                result = docjob.resume(out, model=model, reporter=reporter, use_cache=not no_cache)
+                return _finish(reporter, None, result, as_json)
+            prompt = _read_prompt(prompt_file, as_json)
+            tasks = docjob.make_tasks(ask, summarize, prompt)
+            doc = documents.load(list(files or []))
+            runner = docjob.open_runner(model, use_cache=not no_cache)
+            with reporter.status("planning (counting tokens, warm-up)"):
+                plan = docjob.plan_job(doc, tasks, runner, max_tokens=max_tokens, context=context, thinking=think)
+            reporter.plan(plan)
+            if plan_only or not plan.feasible:
+                if as_json:
+                    _out.print_json(plan)
+                raise typer.Exit(_out.EXIT_OK if plan.feasible else _out.EXIT_BLOCKED)
+            job = docjob.create_job(doc, tasks, runner, max_tokens=max_tokens, thinking=think, context=context,
+                                    out=out)
+            docjob.write_json(job.dir / "plan.json", plan.model_dump(mode="json"))
+            reporter.job = job
+            result = docjob.run_job(job, plan, runner, reporter=reporter)
+            _finish(reporter, plan, result, as_json)
+        except (documents.DocumentError, docjob.DocJobError) as e:
+            _out.fail(str(e), as_json=as_json)
+        except KeyboardInterrupt:
+            reporter.stop()
+            where = f" --out {reporter.job.dir}" if reporter.job else ""
+            msg = f"interrupted; finished parts are saved. Continue with: arthur-cluster doc --resume{where}"
+            if reporter.job:
+                reporter.job.set_status("interrupted")
+            _out.fail(msg, code=EXIT_INTERRUPTED, as_json=as_json)
+
+
+def _thinking(value: str | None, as_json: bool) -> bool | None:
+    if value is None:
+        return None
+    v = value.strip().lower()
+    if v not in ("on", "off"):
+        _out.fail(f"--thinking takes on or off, not {value!r}", code=_out.EXIT_USAGE, as_json=as_json)
+    return v == "on"
+
+
+def _read_prompt(path: Path | None, as_json: bool) -> str | None:
+    if path is None:
+        return None
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        _out.fail(f"{path}: cannot read the prompt file ({e})", as_json=as_json)
+
+
+def _finish(reporter: "RichReporter", plan, result: dict, as_json: bool) -> None:
+    reporter.stop()
+    if as_json:
+        _out.print_json({"plan": plan, "result": result} if plan is not None else {"result": result})
+        return
+    c = _out.console
+    for a in result["answers"]:
+        c.print(f"\n[bold]{a['task']}[/] {a['question'] or a['kind']}", highlight=False)
+        c.print(a["answer"], highlight=False, markup=False)
+    t = result["tokens"]
+    c.print(f"\n{result['model']} ({result['engine']}, {result['route']}), {result['mode']}: "
+            f"{t['prefilled']:,} tokens prefilled at {result['prefill_tps']} tok/s, {t['cached']:,} from cache, "
+            f"{t['generated']:,} generated at {result['decode_tps']} tok/s, peak "
+            f"{_out.human_bytes(result['peak_memory_bytes'])}; resumed units: {result['resumed_units']}",
+            highlight=False)
+    c.print(f"Answers: {Path(result['dir']) / 'answers.md'}", highlight=False)
+
+
+# --- progress ---------------------------------------------------------------------------------------
+
+
+class RichReporter:
+    """Prefill and generation bars (tokens, tok/s, ETA) on stderr; silent with --json."""
+
+    def __init__(self, quiet: bool = False):
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        from .. import docjob
+
+        self.quiet = quiet
+        self.job: docjob.Job | None = None
+        self._progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                  _RateColumn(), TimeRemainingColumn(), console=_out.err_console, disable=quiet,
+                                  transient=True)
+        self._pre = self._gen = None
+        self._started = False
+
+    def status(self, text: str):
+        from contextlib import nullcontext
+
+        return nullcontext() if self.quiet else _out.err_console.status(text)
+
+    def _ensure(self) -> None:
+        if not self._started:
+            self._progress.start()
+            self._started = True
+
+    def stop(self) -> None:
+        if self._started:
+            self._progress.stop()
+            self._started = False
+
+    def plan(self, plan) -> None:
+        if not self.quiet:
+            print_plan(plan)
+
+    def unit_start(self, unit: str, label: str, prompt_tokens: int, max_tokens: int) -> None:
+        self._ensure()
+        for task in (self._pre, self._gen):
+            if task is not None:
+                self._progress.remove_task(task)
+        short = label if len(label) <= 48 else label[:45] + "..."
+        self._pre = self._progress.add_task(f"prefill  {short}", total=prompt_tokens)
+        self._gen = self._progress.add_task(f"generate {short}", total=max_tokens)
+
+    def prefill(self, done: int, total: int) -> None:
+        if self._pre is not None:
+            self._progress.update(self._pre, completed=done, total=total)
+
+    def token(self, generated: int) -> None:
+        if self._gen is not None:
+            self._progress.update(self._gen, completed=generated)
+
+    def unit_done(self, answer, resumed: bool = False) -> None:
+        if self.quiet:
+            return
+        self._ensure()
+        how = "resumed" if resumed else f"{answer.generation_tokens} tokens, cache {answer.cache}"
+        self._progress.console.print(f"  done {answer.unit} ({how})", highlight=False)
+
+
+class _RateColumn(ProgressColumn):
+    def render(self, task):
+        from rich.text import Text
+
+        return Text(f"{task.speed:,.1f} tok/s" if task.speed else "", style="progress.data.speed")
+
+
+def print_plan(plan) -> None:
+    from rich.table import Table
+
+    c = _out.console
+    h = _out.human_bytes
+    fb = f"; fallback: {plan.fallback_reason}" if plan.fallback_reason else ""
+    c.print(f"[bold]Plan[/] {plan.model} ({plan.engine}, {plan.route}{fb})", highlight=False)
+    exact = "" if plan.tokens_exact else " (estimated: no local tokenizer)"
+    c.print(f"  document: {plan.document_tokens:,} tokens{exact}; context {plan.context_limit:,}"
+            f" (model {plan.model_context or 0:,}); {plan.reserve_tokens:,} reserved per answer; "
+            f"tasks: {len(plan.tasks)}", highlight=False)
+    if plan.thinking_supported:
+        c.print(f"  thinking: {'template default' if plan.thinking is None else ('on' if plan.thinking else 'off')}")
+    for line in plan.explanation:
+        c.print(f"  {line}", highlight=False)
+    if plan.memory is not None:
+        t = Table(box=None, padding=(0, 1), show_edge=False)
+        for col in ("node", "weights", "KV", "Mamba", "activations", "total", "budget", "fits"):
+            t.add_column(col)
+        for n in plan.memory.nodes:
+            fits = "?" if n.fits is None else ("yes" if n.fits else "[red]no[/]")
+            t.add_row(n.node, h(n.weights), h(n.kv_cache), h(n.mamba_state), h(n.activation), h(n.total),
+                      h(n.budget), fits)
+        c.print(f"  memory at {plan.memory.context:,} tokens ({plan.memory.split}):")
+        c.print(t)
+    if plan.cached_prefix:
+        c.print("  prefill: the document's prompt cache is on disk (no prefill)")
+    elif plan.prefill_seconds is not None:
+        c.print(f"  prefill: about {plan.prefill_seconds:,.0f} s for {plan.prefill_tokens:,} tokens "
+                f"(warm-up {plan.warmup_tps:,.0f} tok/s)", highlight=False)
+    for s in plan.suggestions:
+        c.print(f"  [yellow]would help:[/] {s}", highlight=False)

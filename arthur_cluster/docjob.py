@@ -1,0 +1,972 @@
+"""Long-document jobs: plan (fit, memory, time), run (single pass or map-reduce), cache, resume.
+
+A job asks one or more tasks (questions, a summary, a prompt file) of one document. The plan counts tokens
+with the model's own tokenizer and chat template, reserves the output tokens, and picks a single pass when the
+document fits the working context, else map-reduce over overlapping chunks with a reduce step. Every prompt is
+built as a document prefix followed by a task suffix, so the document's prompt cache is made once and reused
+for every task (see promptcache). Each finished unit (an answer, a chunk's note, a reduce step) is written to the
+job directory as it completes; a job killed at any point resumes from what is there.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import socket
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Literal
+
+from pydantic import BaseModel, Field
+
+from . import catalog, documents, memory, paths
+from .documents import Document
+from .engines.base import EngineError, Message
+from .memory import MemoryPlan, NodeMemory
+
+SYSTEM = "You answer questions about the document the user gives you, using only that document."
+SENTINEL = "\u2063ARTHUR-TASK\u2063"  # an invisible marker that no template or document produces
+DEFAULT_MAX_TOKENS = 512
+DEFAULT_STEP = 2048
+MIN_CHUNK = 64  # a chunk budget below this is not worth running
+NOTE_SEPARATOR = 8  # tokens for the "[Part i]" label and blank lines around each note in a reduce prompt
+WARMUP_TOKENS = 256
+THINK_END = "</think>"
+
+
+class DocJobError(RuntimeError):
+    """A document job cannot start or continue; the message says why and what to do."""
+
+
+# --- values -----------------------------------------------------------------------------------------
+
+
+class Task(BaseModel):
+    id: str  # q1, q2, ...
+    kind: Literal["ask", "summarize", "prompt"]
+    text: str = ""
+
+    @property
+    def label(self) -> str:
+        return {"ask": self.text, "summarize": "Summary", "prompt": self.text.splitlines()[0][:80]}[self.kind]
+
+
+def make_tasks(asks: list[str] | None = None, summarize: bool = False, prompt: str | None = None) -> list[Task]:
+    tasks = [Task(id="", kind="ask", text=q.strip()) for q in asks or [] if q.strip()]
+    if summarize:
+        tasks.append(Task(id="", kind="summarize"))
+    if prompt is not None:
+        if not prompt.strip():
+            raise DocJobError("the prompt file is empty: write the instruction into it")
+        tasks.append(Task(id="", kind="prompt", text=prompt.strip()))
+    if not tasks:
+        raise DocJobError("nothing to do: pass --ask QUESTION, --summarize or --prompt-file FILE")
+    return [t.model_copy(update={"id": f"q{i + 1}"}) for i, t in enumerate(tasks)]
+
+
+class ChunkPlan(BaseModel):
+    index: int
+    start: int
+    end: int
+    tokens: int
+
+
+class Alternative(BaseModel):
+    model: str
+    context_length: int | None = None
+    single_pass: bool = False
+    memory_fits: bool | None = None
+    note: str = ""
+
+
+class Plan(BaseModel):
+    model: str
+    engine: str
+    route: str
+    fallback_reason: str | None = None
+    context_limit: int  # the working context: the model's, or less (--context, memory)
+    model_context: int | None = None
+    document_tokens: int
+    tokens_exact: bool = True  # False: counted without the model's tokenizer (estimate)
+    prompt_overhead: int = 0  # template, system prompt and the longest task around the document
+    reserve_tokens: int  # output tokens reserved per answer
+    mode: Literal["single", "map-reduce", "cannot-run"]
+    chunk_budget: int | None = None
+    overlap: int = 0
+    chunks: list[ChunkPlan] = Field(default_factory=list)
+    reduce_group: int | None = None  # notes per reduce step
+    tasks: list[Task] = Field(default_factory=list)
+    thinking: bool | None = None
+    thinking_supported: bool = False
+    prefill_tokens: int = 0
+    warmup_tps: float | None = None
+    prefill_seconds: float | None = None
+    cached_prefix: bool = False  # the document's prompt cache is on disk already
+    nodes: list[NodeMemory] = Field(default_factory=list)
+    memory: MemoryPlan | None = None
+    explanation: list[str] = Field(default_factory=list)
+    suggestions: list[str] = Field(default_factory=list)
+    alternatives: list[Alternative] = Field(default_factory=list)
+
+    @property
+    def feasible(self) -> bool:
+        return self.mode != "cannot-run"
+
+
+class Answer(BaseModel):
+    """One generated text (a final answer, a chunk's note, or a reduce step) and how it was made."""
+
+    unit: str
+    text: str
+    token_ids: list[int] | None = None
+    prompt_tokens: int = 0
+    cached_tokens: int = 0  # prompt tokens taken from a prompt cache instead of being prefilled
+    generation_tokens: int = 0
+    prefill_seconds: float = 0.0
+    decode_seconds: float = 0.0
+    ttft: float = 0.0
+    peak_memory_bytes: int | None = None
+    finish_reason: str | None = None
+    cache: str | None = None  # memory | disk | prefill | none
+
+    @property
+    def answer(self) -> str:
+        """The text after a thinking block, when there is one."""
+        return self.text.split(THINK_END, 1)[1].strip() if THINK_END in self.text else self.text.strip()
+
+
+# --- prompts ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class Prompt:
+    """A chat prompt as a document prefix and a task suffix (token ids), plus the same as messages."""
+
+    head: str  # user text before the task
+    tail: str  # the task
+    prefix: list[int] = field(default_factory=list)
+    suffix: list[int] = field(default_factory=list)
+    cacheable: bool = True  # worth keeping the prefix (a document or a chunk), not a one-off reduce prompt
+    thinking: bool | None = None  # the template's enable_thinking (None: the template's default)
+
+    @property
+    def tokens(self) -> int:
+        return len(self.prefix) + len(self.suffix)
+
+    def messages(self) -> list[Message]:
+        return [{"role": "system", "content": SYSTEM}, {"role": "user", "content": self.head + self.tail}]
+
+
+class Prompter:
+    """Renders prompts with the model's chat template and cuts them where the task begins.
+
+    The prefix and the suffix are tokenized separately and joined, so every question's token sequence starts
+    with exactly the same prefix tokens (tokenizing the whole text could merge tokens across the cut).
+    """
+
+    def __init__(self, tokenizer: Any | None, thinking: bool | None = None):
+        self.tok = tokenizer
+        template = getattr(tokenizer, "chat_template", None) or ""
+        self.thinking_supported = "enable_thinking" in str(template)
+        self.thinking = thinking if self.thinking_supported else None
+
+    @property
+    def exact(self) -> bool:
+        return self.tok is not None
+
+    def count(self, text: str) -> int:
+        if self.tok is None:
+            return max(1, round(len(text) / 3.5))  # no tokenizer (a remote model): a conservative guess
+        return len(self.tok.encode(text, add_special_tokens=False))
+
+    def _render(self, head: str) -> str:
+        kw = {} if self.thinking is None else {"enable_thinking": self.thinking}
+        msgs = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": head + SENTINEL}]
+        try:
+            return self.tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True, **kw)
+        except Exception:  # noqa: BLE001 - templates without a system role: fold it into the user turn
+            msgs = [{"role": "user", "content": f"{SYSTEM}\n\n{head}{SENTINEL}"}]
+            return self.tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True, **kw)
+
+    def build(self, head: str, tail: str, cacheable: bool = True) -> Prompt:
+        p = Prompt(head, tail, cacheable=cacheable, thinking=self.thinking)
+        if self.tok is None:
+            p.prefix = [0] * self.count(SYSTEM + head)
+            p.suffix = [0] * (self.count(tail) + 16)
+            return p
+        text = self._render(head)
+        if SENTINEL not in text:
+            raise DocJobError("the model's chat template drops the user's text; this model cannot run document jobs")
+        before, after = text.split(SENTINEL, 1)
+        bos = getattr(self.tok, "bos_token", None)
+        p.prefix = self.tok.encode(before, add_special_tokens=not (bos and before.startswith(bos)))
+        p.suffix = self.tok.encode(tail + after, add_special_tokens=False)
+        return p
+
+
+def task_tail(task: Task, stage: Literal["single", "map", "reduce"]) -> str:
+    if task.kind == "ask":
+        return {"single": f"Question: {task.text}",
+                "map": f"Question: {task.text}\nAnswer from this part only; if it does not say, answer briefly "
+                       "that this part does not say.",
+                "reduce": f"Question: {task.text}\nCombine the notes into one answer."}[stage]
+    if task.kind == "summarize":
+        return {"single": "Summarize the document.", "map": "Summarize this part.",
+                "reduce": "Combine the notes into one summary of the whole document."}[stage]
+    return {"single": task.text, "map": f"{task.text}\n(Apply this to this part only.)",
+            "reduce": f"{task.text}\nCombine the notes into one answer."}[stage]
+
+
+def single_head(doc_text: str) -> str:
+    return f"Document:\n\n{doc_text}\n\n"
+
+
+def map_head(chunk_text: str, i: int, n: int) -> str:
+    return f"Part {i + 1} of {n} of a document:\n\n{chunk_text}\n\n"
+
+
+def reduce_head(notes: list[str], first: int, total: int) -> str:
+    body = "\n\n".join(f"[Part {first + i + 1}]\n{note}" for i, note in enumerate(notes))
+    return f"Notes on parts {first + 1} to {first + len(notes)} of {total} of one document, in order:\n\n{body}\n\n"
+
+
+# --- runners: where the tokens come from --------------------------------------------------------------
+
+
+class Reporter:
+    """Progress callbacks; the command line draws bars, tests and the library use this silent one."""
+
+    def plan(self, plan: Plan) -> None: ...
+    def unit_start(self, unit: str, label: str, prompt_tokens: int, max_tokens: int) -> None: ...
+    def prefill(self, done: int, total: int) -> None: ...
+    def token(self, generated: int) -> None: ...
+    def unit_done(self, answer: Answer, resumed: bool = False) -> None: ...
+
+
+class LocalRunner:
+    """mlx-lm in this process: token-level prompts and the document prompt cache (memory and disk)."""
+
+    engine = "mlx"
+
+    def __init__(self, model: Any, tokenizer: Any, *, model_id: str, path: Path | None = None,
+                 info: Any = None, route: str = "local", fallback_reason: str | None = None,
+                 use_cache: bool = True, disk_cache: bool = True, step: int = DEFAULT_STEP):
+        from . import promptcache
+
+        self.model, self.tokenizer = model, tokenizer
+        self.model_id, self.path, self.info = model_id, path, info
+        self.route, self.fallback_reason = route, fallback_reason
+        self.use_cache, self.disk_cache, self.step = use_cache, disk_cache, step
+        self.identity = promptcache.model_identity(path) if path else model_id
+        self._doc = None  # the current DocumentCache
+        self.cache_hits = {"memory": 0, "disk": 0, "prefill": 0}
+
+    @property
+    def context_length(self) -> int | None:
+        return getattr(self.info, "context_length", None)
+
+    def cached_on_disk(self, prompt: Prompt) -> bool:
+        from . import promptcache
+
+        key = promptcache.prefix_key(self.identity, prompt.prefix)
+        return self.use_cache and self.disk_cache and promptcache.cache_file(key).is_file()
+
+    def warmup(self, tokens: list[int], n: int = WARMUP_TOKENS) -> float | None:
+        """Prefill tokens/s from a short run on a throwaway cache (after a tiny untimed one that compiles)."""
+        import mlx.core as mx
+        from mlx_lm.models.cache import make_prompt_cache
+
+        from . import promptcache
+
+        n = min(n, len(tokens))
+        if n < 8:
+            return None
+        promptcache.prefill(self.model, tokens[:8], make_prompt_cache(self.model), step=self.step)
+        t0 = time.perf_counter()
+        promptcache.prefill(self.model, tokens[:n], make_prompt_cache(self.model), step=self.step)
+        dt = time.perf_counter() - t0
+        mx.clear_cache()
+        return n / dt if dt > 0 else None
+
+    def _prefix_cache(self, prompt: Prompt, reporter: Reporter) -> tuple[list[Any], str, int]:
+        """(cache positioned after the prefix, how it was obtained, prefix tokens taken from a cache)."""
+        from mlx_lm.models.cache import make_prompt_cache
+
+        from . import promptcache
+
+        if not prompt.prefix:
+            return make_prompt_cache(self.model), "none", 0
+        if not (self.use_cache and prompt.cacheable):
+            cache = make_prompt_cache(self.model)
+            promptcache.prefill(self.model, prompt.prefix, cache, step=self.step, progress=reporter.prefill)
+            return cache, "none", 0
+        key = promptcache.prefix_key(self.identity, prompt.prefix)
+        if self._doc is not None and self._doc.key == key:
+            return self._doc.ready(), "memory", len(prompt.prefix)
+        self._doc = None  # free the previous document's cache before building the next
+        self._doc = promptcache.obtain(
+            self.model, self.identity, prompt.prefix, step=self.step, disk=self.disk_cache,
+            progress=reporter.prefill, metadata={"model_id": self.model_id})
+        how = self._doc.source
+        return self._doc.ready(), how, len(prompt.prefix) if how == "disk" else 0
+
+    def answer(self, unit: str, prompt: Prompt, *, max_tokens: int, temperature: float,
+               reporter: Reporter) -> Answer:
+        import mlx.core as mx
+        from mlx_lm import stream_generate
+        from mlx_lm.sample_utils import make_sampler
+
+        t0 = time.perf_counter()
+        cache, how, cached = self._prefix_cache(prompt, reporter)
+        self.cache_hits[how] = self.cache_hits.get(how, 0) + 1
+        text, ids, last, first_at = [], [], None, None
+        n_prefix = len(prompt.prefix)
+
+        def suffix_progress(done: int, total: int) -> None:
+            reporter.prefill(n_prefix + done, n_prefix + total)
+
+        for r in stream_generate(self.model, self.tokenizer, prompt.suffix, max_tokens=max_tokens,
+                                 sampler=make_sampler(temp=temperature), prompt_cache=cache,
+                                 prefill_step_size=self.step, prompt_progress_callback=suffix_progress):
+            if first_at is None:
+                first_at = time.perf_counter()
+            text.append(r.text)
+            if r.finish_reason is None or r.finish_reason == "length":
+                ids.append(r.token)
+            last = r
+            reporter.token(r.generation_tokens)
+        end = time.perf_counter()
+        first_at = first_at or end
+        return Answer(
+            unit=unit, text="".join(text), token_ids=ids, prompt_tokens=prompt.tokens, cached_tokens=cached,
+            generation_tokens=last.generation_tokens if last else 0, prefill_seconds=first_at - t0,
+            decode_seconds=end - first_at, ttft=first_at - t0, peak_memory_bytes=int(mx.get_peak_memory()),
+            finish_reason=last.finish_reason if last else None, cache=how)
+
+    def close(self) -> None:
+        self._doc = None
+
+
+class EngineRunner:
+    """Any Engine (exo, MLX ranks) spoken to with messages: no control over its prompt cache."""
+
+    def __init__(self, engine: Any, *, tokenizer: Any | None = None, info: Any = None, route: str = "",
+                 fallback_reason: str | None = None, context_length: int | None = None):
+        self.eng = engine
+        self.engine = getattr(engine, "name", "engine")
+        self.model_id = engine.model_id
+        self.tokenizer, self.info = tokenizer, info
+        self.route, self.fallback_reason = route or self.engine, fallback_reason
+        self._context = context_length
+        self.cache_hits: dict[str, int] = {}
+
+    @property
+    def context_length(self) -> int | None:
+        return self._context or getattr(self.info, "context_length", None)
+
+    def cached_on_disk(self, prompt: Prompt) -> bool:
+        return False
+
+    def warmup(self, tokens: list[int], n: int = WARMUP_TOKENS) -> float | None:
+        return None  # measured from the first unit's own prefill instead (the engine reports prompt tok/s)
+
+    def answer(self, unit: str, prompt: Prompt, *, max_tokens: int, temperature: float,
+               reporter: Reporter) -> Answer:
+        t0 = time.perf_counter()
+        parts: list[str] = []
+        first_at, stats, n = None, None, 0
+        for ev in self.eng.stream(prompt.messages(), max_tokens=max_tokens, temperature=temperature,
+                                  enable_thinking=prompt.thinking):
+            if ev.kind == "prefill":
+                reporter.prefill(ev.done, ev.total or prompt.tokens)
+            elif ev.kind == "token":
+                first_at = first_at or time.perf_counter()
+                parts.append(ev.text)
+                n += 1
+                reporter.token(n)
+            elif ev.kind == "done":
+                stats = ev.stats
+                if stats is not None and stats.generation_tokens:
+                    reporter.token(stats.generation_tokens)  # deltas may carry several tokens each
+        end = time.perf_counter()
+        first_at = first_at or end
+        return Answer(
+            unit=unit, text="".join(parts), prompt_tokens=(stats.prompt_tokens if stats else 0) or prompt.tokens,
+            generation_tokens=(stats.generation_tokens if stats else 0) or n, prefill_seconds=first_at - t0,
+            decode_seconds=end - first_at, ttft=first_at - t0,
+            peak_memory_bytes=stats.peak_memory_bytes if stats else None,
+            finish_reason=stats.finish_reason if stats else None, cache="none")
+
+    def close(self) -> None:
+        self.eng.close()
+
+
+# --- opening a model ---------------------------------------------------------------------------------
+
+
+def read_deployment() -> Any:
+    """The bring-up record (bringup.Deployment), or None when nothing is up."""
+    from . import bringup
+
+    try:
+        return bringup.read_record()
+    except bringup.DeploymentError as e:
+        raise DocJobError(str(e)) from None
+
+
+def resolve_model(name: str) -> tuple[str, Path]:
+    """A folder path or a repo id found by discovery -> (repo id, folder)."""
+    from . import sources
+
+    p = Path(name).expanduser()
+    if p.is_dir():
+        if not (p / "config.json").is_file():
+            raise DocJobError(f"{p}: no config.json; pass a model folder (LM Studio or Hugging Face layout)")
+        return f"{p.parent.name}/{p.name}", p.resolve()
+    found = sources.resolve(name, sources.discover())
+    if not found:
+        raise DocJobError(f"model {name!r} not found in LM Studio, the Hugging Face cache or exo's folders; "
+                          "pass the model folder's path or list models with `arthur-cluster models`")
+    return found[0].repo_id, found[0].path
+
+
+def load_local(folder: Path, model_id: str, *, route: str = "local", fallback_reason: str | None = None,
+               use_cache: bool = True, step: int = DEFAULT_STEP) -> LocalRunner:
+    """Load the model in this process (the MLX engine's single mode) for token-level prompts and caching."""
+    from . import modelfiles
+
+    info = modelfiles.require_ok(modelfiles.inspect(folder))
+    model, tokenizer = _mlx_load(folder)
+    return LocalRunner(model, tokenizer, model_id=model_id, path=folder, info=info, route=route,
+                       fallback_reason=fallback_reason, use_cache=use_cache, step=step)
+
+
+def _mlx_load(folder: Path) -> tuple[Any, Any]:
+    """The MLX engine's single-process load; its model and tokenizer are driven token by token here."""
+    import mlx.core as mx
+
+    from .engines.mlx import MlxEngine
+
+    try:
+        eng = MlxEngine(folder, mode="single")
+    except EngineError as e:
+        raise DocJobError(str(e)) from None
+    model, tokenizer = eng.model, eng.tokenizer
+    if mx.default_device() == mx.cpu and _has_float_experts(model):
+        model.set_dtype(mx.float32)  # CPU gather_mm supports float32 only (unquantized MoE experts)
+    return model, tokenizer
+
+
+def _has_float_experts(model: Any) -> bool:
+    from mlx.utils import tree_flatten
+
+    import mlx.core as mx
+
+    return any("switch_mlp" in k and k.endswith(".weight") and v.dtype in (mx.bfloat16, mx.float16)
+               for k, v in tree_flatten(model.parameters()))
+
+
+def open_runner(model: str | None = None, *, use_cache: bool = True, step: int = DEFAULT_STEP) -> Any:
+    """The deployment's engine when one is up (and no other model was asked for), else mlx-lm locally."""
+    dep = read_deployment()
+    if dep is not None and (model is None or model in (dep.model, dep.served_id, str(dep.model_path))):
+        return _from_deployment(dep, use_cache=use_cache, step=step)
+    if model is None:
+        raise DocJobError("no model: pass --model PATH|REPO_ID, or bring a cluster up first "
+                          "(`arthur-cluster up`) so the job runs on its deployment")
+    repo_id, folder = resolve_model(model)
+    return load_local(folder, repo_id, use_cache=use_cache, step=step)
+
+
+def _from_deployment(dep: Any, *, use_cache: bool, step: int) -> Any:
+    """A runner on what bring-up deployed: mlx-lm in this process for one node (so the prompt cache is ours),
+    otherwise the deployment's own engine (exo's API, or MLX ranks through mlx.launch)."""
+    from . import bringup
+
+    route, reason = dep.route.label, dep.fallback_reason
+    if dep.engine == "mlx" and dep.route.nodes <= 1 and dep.model_path is not None:
+        return load_local(dep.model_path, dep.model, route=route, fallback_reason=reason,
+                          use_cache=use_cache, step=step)
+    try:
+        eng = bringup.engine_for(dep)
+    except (EngineError, bringup.DeploymentError) as e:
+        raise DocJobError(f"{paths.deployment_file()}: {e}") from None
+    tok, info = _tokenizer_and_info(dep.model_path)
+    return EngineRunner(eng, tokenizer=tok, info=info, route=route, fallback_reason=reason)
+
+
+def _tokenizer_and_info(folder: Path | None) -> tuple[Any, Any]:
+    """The model's tokenizer and header facts when its files are on this machine, else (None, None)."""
+    if folder is None or not folder.is_dir():
+        return None, None
+    from mlx_lm.utils import load_tokenizer
+
+    from . import modelfiles
+
+    return load_tokenizer(folder), modelfiles.inspect(folder)
+
+
+# --- planning ----------------------------------------------------------------------------------------
+
+
+def this_machine() -> memory.NodeMemory:
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        total = None
+    return memory.NodeMemory(name=socket.gethostname() or "this machine", memory_bytes=total)
+
+
+def deployment_nodes(dep: Any) -> list[memory.NodeMemory]:
+    """Node memory for the deployment's nodes, from models.toml's cluster section by name (or this machine)."""
+    if dep is None or not dep.nodes:
+        return [this_machine()]
+    known: dict[str, int | None] = {}
+    try:
+        cat = catalog.load()
+        known = {n.name: n.memory_bytes for n in (cat.cluster.nodes if cat.cluster else [])}
+    except catalog.CatalogError:
+        pass
+    return [memory.NodeMemory(name=name, memory_bytes=known.get(name)) for name in dep.nodes]
+
+
+def split_of(route: str, n_nodes: int) -> memory.Split:
+    if n_nodes <= 1:
+        return "single"
+    return "tensor" if "tensor" in route else "pipeline"
+
+
+def _memory_plan(runner: Any, context: int, nodes: list[memory.NodeMemory], split: memory.Split,
+                 step: int) -> memory.MemoryPlan | None:
+    try:
+        if runner.info is not None:
+            return memory.plan(runner.info, context=context, nodes=nodes, split=split, prefill_step=step)
+        entry = catalog.load().entry(runner.model_id)
+        return memory.plan(entry, context=context, nodes=nodes, split=split, prefill_step=step,
+                           name=runner.model_id)
+    except (memory.PlanError, catalog.CatalogError):
+        return None
+
+
+def _max_fitting_context(runner: Any, hi: int, nodes: list[memory.NodeMemory], split: memory.Split,
+                         step: int) -> int:
+    """The largest context (a multiple of 256) whose memory plan fits every node; 0 when none does."""
+    lo, best = 1, 0
+    hi_steps = hi // memory.KV_STEP
+    while lo <= hi_steps:
+        mid = (lo + hi_steps) // 2
+        mp = _memory_plan(runner, mid * memory.KV_STEP, nodes, split, step)
+        if mp is None or mp.fits is not False:
+            best, lo = mid, mid + 1
+        else:
+            hi_steps = mid - 1
+    return best * memory.KV_STEP
+
+
+def _nodes_needed(runner: Any, context: int, node: memory.NodeMemory, step: int, upto: int = 16) -> int | None:
+    for k in range(2, upto + 1):
+        nodes = [node.model_copy(update={"name": f"node{i}"}) for i in range(k)]
+        mp = _memory_plan(runner, context, nodes, "pipeline", step)
+        if mp is not None and mp.fits:
+            return k
+    return None
+
+
+def _alternatives(runner: Any, need: int, nodes: list[memory.NodeMemory], split: memory.Split,
+                  step: int) -> list[Alternative]:
+    """The catalogue's other models: does the whole document fit their context, and their memory here?"""
+    try:
+        cat = catalog.load()
+    except catalog.CatalogError:
+        return []
+    out = []
+    for rid in cat.candidates():
+        if rid == runner.model_id:
+            continue
+        e = cat.entry(rid)
+        fits_ctx = e.context_length is not None and e.context_length >= need
+        mem_fits = None
+        if fits_ctx and e.storage_bytes:
+            try:
+                mem_fits = memory.plan(e, context=need, nodes=nodes, split=split, prefill_step=step).fits
+            except memory.PlanError:
+                mem_fits = None
+        out.append(Alternative(model=rid, context_length=e.context_length, single_pass=fits_ctx,
+                               memory_fits=mem_fits))
+    return out
+
+
+def plan_job(doc: Document, tasks: list[Task], runner: Any, *, max_tokens: int = DEFAULT_MAX_TOKENS,
+             context: int | None = None, thinking: bool | None = None, nodes: list[memory.NodeMemory] | None = None,
+             warmup: bool = True, overlap: float = 0.1) -> Plan:
+    """Decide single pass or map-reduce, chunk the document, check memory on every node, estimate time."""
+    prompter = Prompter(runner.tokenizer, thinking)
+    # mlx-lm in this process runs on this machine; any other engine runs where the deployment put it.
+    nodes = nodes or deployment_nodes(read_deployment() if isinstance(runner, EngineRunner) else None)
+    split = split_of(runner.route, len(nodes))
+    step = getattr(runner, "step", DEFAULT_STEP)
+    model_ctx = runner.context_length
+    limit = min(x for x in (model_ctx, context) if x) if (model_ctx or context) else None
+    if limit is None:
+        raise DocJobError(f"{runner.model_id}: its context length is unknown; pass --context N")
+    doc_tokens = prompter.count(doc.text)
+    singles = [prompter.build(single_head(doc.text), task_tail(t, "single")) for t in tasks]
+    need = max(p.tokens for p in singles) + max_tokens
+    plan = Plan(model=runner.model_id, engine=runner.engine, route=runner.route,
+                fallback_reason=runner.fallback_reason, context_limit=limit, model_context=model_ctx,
+                document_tokens=doc_tokens, tokens_exact=prompter.exact, prompt_overhead=need - max_tokens - doc_tokens,
+                reserve_tokens=max_tokens, mode="single", tasks=tasks, thinking=prompter.thinking,
+                thinking_supported=prompter.thinking_supported, nodes=nodes)
+    mem_limit = limit
+    mp = _memory_plan(runner, min(need, limit), nodes, split, step)
+    if mp is not None and mp.fits is False:
+        mem_limit = _max_fitting_context(runner, min(need, limit), nodes, split, step)
+        plan.explanation.append(
+            f"memory: {_node_shortfall(mp)}; the nodes hold at most {mem_limit:,} tokens of context")
+        if mem_limit:
+            mp = _memory_plan(runner, mem_limit, nodes, split, step)
+    plan.memory = mp
+    work = min(limit, mem_limit)
+    if need <= work:
+        plan.explanation.insert(0, f"single pass: {need:,} tokens (document {doc_tokens:,} + prompt "
+                                   f"{plan.prompt_overhead:,} + {max_tokens:,} reserved for the answer) fit the "
+                                   f"{work:,}-token context")
+        plan.prefill_tokens = singles[0].tokens + sum(len(p.suffix) for p in singles[1:])
+        plan.cached_prefix = runner.cached_on_disk(singles[0])
+    else:
+        _plan_map_reduce(plan, doc, tasks, prompter, work, need, max_tokens, overlap)
+        plan.alternatives = _alternatives(runner, need, nodes, split, step)
+        _suggest(plan, runner, need, nodes, split, step, mem_limit < limit)
+    if plan.feasible and warmup:
+        _estimate_time(plan, runner, singles[0])
+    return plan
+
+
+def _node_shortfall(mp: memory.MemoryPlan) -> str:
+    from .commands._out import human_bytes
+
+    worst = [n for n in mp.nodes if n.fits is False]
+    return "; ".join(f"{n.node} needs {human_bytes(n.total)} of {human_bytes(n.budget)}" for n in worst)
+
+
+def _plan_map_reduce(plan: Plan, doc: Document, tasks: list[Task], prompter: Prompter, work: int, need: int,
+                     max_tokens: int, overlap: float) -> None:
+    empty = max(prompter.build(map_head("", 99, 99), task_tail(t, "map")).tokens for t in tasks)
+    budget = work - empty - max_tokens - 4  # 4: the part numbers may take more digits than "99"
+    reduce_empty = max(prompter.build(reduce_head([], 99, 99), task_tail(t, "reduce")).tokens for t in tasks)
+    group = (work - reduce_empty - max_tokens) // (max_tokens + NOTE_SEPARATOR)
+    why = (f"the document needs {need:,} tokens (document {plan.document_tokens:,} + prompt "
+           f"{plan.prompt_overhead:,} + {max_tokens:,} reserved) but the working context is {work:,}")
+    if budget < MIN_CHUNK or group < 2:
+        plan.mode = "cannot-run"
+        plan.explanation.insert(0, why + (f"; map-reduce needs room for a chunk of at least {MIN_CHUNK} tokens and "
+                                          f"two notes of {max_tokens} tokens in one context, and {work:,} is too small"))
+        return
+    chunks = documents.chunk(doc.text, prompter.count, budget, overlap=int(budget * overlap))
+    plan.mode, plan.chunk_budget, plan.overlap, plan.reduce_group = "map-reduce", budget, int(budget * overlap), group
+    plan.chunks = [ChunkPlan(index=c.index, start=c.start, end=c.end, tokens=c.tokens) for c in chunks]
+    plan.explanation.insert(0, why + f": map-reduce over {len(chunks)} chunks of up to {budget:,} tokens "
+                                     f"({plan.overlap:,} overlapping), then reduce {group} notes at a time")
+    per_chunk = empty + max_tokens
+    plan.prefill_tokens = sum(c.tokens for c in chunks) + len(chunks) * per_chunk + len(tasks) * len(chunks) * (
+        max_tokens + NOTE_SEPARATOR)
+
+
+def _suggest(plan: Plan, runner: Any, need: int, nodes: list[memory.NodeMemory], split: memory.Split, step: int,
+             memory_bound: bool) -> None:
+    ctx_ok = [a for a in plan.alternatives if a.single_pass and a.memory_fits is not False]
+    if ctx_ok:
+        plan.suggestions.append("for a single pass use a model whose context holds the whole document: "
+                                + ", ".join(f"{a.model} ({a.context_length:,} tokens)" for a in ctx_ok))
+    elif plan.model_context is not None and need > plan.model_context:
+        longest = max([plan.model_context] + [a.context_length or 0 for a in plan.alternatives])
+        plan.explanation.append(f"no candidate model holds the whole document in one pass: it needs {need:,} tokens, "
+                                f"the longest context among them is {longest:,}")
+    if memory_bound and nodes and nodes[0].budget:
+        k = _nodes_needed(runner, min(need, plan.context_limit), max(nodes, key=lambda n: n.budget or 0), step)
+        if k:
+            plan.suggestions.append(f"more nodes: {k} nodes like {nodes[0].name} hold the full context "
+                                    "(pipeline split)")
+    if plan.model_context and need <= plan.model_context and plan.context_limit < need and not memory_bound:
+        plan.suggestions.append(f"--context {need} (or none: the model allows {plan.model_context:,}) runs it in "
+                                "one pass")
+    if plan.mode == "cannot-run":
+        plan.suggestions.append("a smaller --max-tokens leaves more room for the document in each chunk")
+        if plan.context_limit < (plan.model_context or 0):
+            plan.suggestions.append(f"a longer --context (the model allows {plan.model_context:,})")
+
+
+def _estimate_time(plan: Plan, runner: Any, first: Prompt) -> None:
+    if plan.cached_prefix and plan.mode == "single":
+        plan.prefill_seconds = 0.0
+        return
+    tps = runner.warmup(first.prefix)
+    if tps:
+        plan.warmup_tps = tps
+        plan.prefill_seconds = plan.prefill_tokens / tps
+
+
+# --- the job directory ---------------------------------------------------------------------------------
+
+
+def write_atomic(path: Path, data: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(data, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def write_json(path: Path, obj: Any) -> None:
+    write_atomic(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
+
+
+def job_key(doc: Document, tasks: list[Task], model_id: str, max_tokens: int, thinking: bool | None,
+            context: int | None) -> str:
+    h = hashlib.sha256(json.dumps([doc.sha256, [t.model_dump() for t in tasks], model_id, max_tokens, thinking,
+                                   context]).encode())
+    return h.hexdigest()[:12]
+
+
+class Job:
+    """A job directory: job.json, document.txt, units/<unit>.json as each finishes, then the outputs."""
+
+    def __init__(self, folder: Path):
+        self.dir = Path(folder)
+
+    @property
+    def meta_file(self) -> Path:
+        return self.dir / "job.json"
+
+    def meta(self) -> dict:
+        try:
+            return json.loads(self.meta_file.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise DocJobError(f"{self.dir}: not a job directory (no job.json)") from None
+        except (OSError, ValueError) as e:
+            raise DocJobError(f"{self.meta_file}: unreadable ({e})") from None
+
+    def set_status(self, status: str) -> None:
+        meta = self.meta()
+        meta["status"] = status
+        write_json(self.meta_file, meta)
+
+    def unit_file(self, unit: str) -> Path:
+        return self.dir / "units" / f"{unit}.json"
+
+    def done(self, unit: str) -> Answer | None:
+        f = self.unit_file(unit)
+        if not f.is_file():
+            return None
+        try:
+            return Answer.model_validate_json(f.read_text(encoding="utf-8"))
+        except ValueError:
+            return None  # a damaged unit is simply run again
+
+    def save(self, answer: Answer) -> None:
+        write_atomic(self.unit_file(answer.unit), answer.model_dump_json(indent=2))
+
+    def document(self) -> Document:
+        meta = self.meta()
+        text = (self.dir / "document.txt").read_text(encoding="utf-8")
+        doc = Document(text, [documents.Source(n, "", "text") for n in meta["document"]["files"]])
+        if doc.sha256 != meta["document"]["sha256"]:
+            raise DocJobError(f"{self.dir / 'document.txt'} was changed since the job started; start a new job")
+        return doc
+
+
+def create_job(doc: Document, tasks: list[Task], runner: Any, *, max_tokens: int, thinking: bool | None,
+               context: int | None, out: Path | None = None) -> Job:
+    key = job_key(doc, tasks, runner.model_id, max_tokens, thinking, context)
+    job_id = time.strftime("%Y%m%d-%H%M%S") + "-" + key[:6]
+    folder = Path(out) if out else paths.jobs_dir() / job_id
+    if (folder / "job.json").exists():
+        raise DocJobError(f"{folder} already holds a job; continue it with --resume or choose another --out")
+    folder.mkdir(parents=True, exist_ok=True)
+    write_atomic(folder / "document.txt", doc.text)
+    write_json(folder / "job.json", {
+        "id": folder.name, "key": key, "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "status": "planned",
+        "model": runner.model_id, "model_path": str(getattr(runner, "path", None) or "") or None,
+        "engine": runner.engine, "route": runner.route,
+        "fallback_reason": runner.fallback_reason,
+        "options": {"max_tokens": max_tokens, "thinking": thinking, "context": context},
+        "tasks": [t.model_dump() for t in tasks],
+        "document": {"sha256": doc.sha256, "files": doc.names, "chars": len(doc.text)},
+    })
+    return Job(folder)
+
+
+def find_job(out: Path | None, key: str | None = None) -> Job:
+    """The job to resume: --out's, else the newest unfinished one (matching the inputs when given)."""
+    if out is not None:
+        job = Job(out)
+        job.meta()
+        return job
+    root = paths.jobs_dir()
+    for folder in sorted(root.glob("*/job.json"), key=lambda p: p.stat().st_mtime, reverse=True):
+        meta = Job(folder.parent).meta()
+        if meta.get("status") != "done" and (key is None or meta.get("key") == key):
+            return Job(folder.parent)
+    raise DocJobError(f"no unfinished job to resume under {root}; pass --out DIR to name one, or start a new job")
+
+
+# --- running -----------------------------------------------------------------------------------------
+
+
+@dataclass
+class RunState:
+    answers: dict[str, Answer] = field(default_factory=dict)  # task id -> final answer
+    units: list[Answer] = field(default_factory=list)  # every unit of this job, resumed ones included
+    resumed: int = 0
+    started: float = field(default_factory=time.perf_counter)
+
+
+def _unit(job: Job, runner: Any, state: RunState, reporter: Reporter, unit: str, label: str, prompt: Prompt,
+          max_tokens: int, temperature: float) -> Answer:
+    prev = job.done(unit)
+    if prev is not None:
+        state.resumed += 1
+        state.units.append(prev)
+        reporter.unit_done(prev, resumed=True)
+        return prev
+    reporter.unit_start(unit, label, prompt.tokens, max_tokens)
+    ans = runner.answer(unit, prompt, max_tokens=max_tokens, temperature=temperature, reporter=reporter)
+    job.save(ans)
+    state.units.append(ans)
+    reporter.unit_done(ans)
+    return ans
+
+
+def run_job(job: Job, plan: Plan, runner: Any, *, reporter: Reporter | None = None, temperature: float = 0.0) -> dict:
+    """Run (or continue) every unit the plan calls for, then write answers.md and result.json."""
+    if not plan.feasible:
+        raise DocJobError("the plan cannot run: " + "; ".join(plan.explanation + plan.suggestions))
+    reporter = reporter or Reporter()
+    meta = job.meta()
+    max_tokens = meta["options"]["max_tokens"]
+    doc = job.document()
+    prompter = Prompter(runner.tokenizer, meta["options"]["thinking"])
+    state = RunState()
+    job.set_status("running")
+    if isinstance(runner, LocalRunner):
+        import mlx.core as mx
+
+        mx.reset_peak_memory()
+    if plan.mode == "single":
+        for t in plan.tasks:
+            p = prompter.build(single_head(doc.text), task_tail(t, "single"))
+            state.answers[t.id] = _unit(job, runner, state, reporter, f"answer-{t.id}", t.label, p, max_tokens,
+                                        temperature)
+    else:
+        _map_reduce(job, plan, doc, prompter, runner, state, reporter, max_tokens, temperature)
+    result = _result(job, plan, runner, state)
+    write_atomic(job.dir / "answers.md", answers_markdown(meta, plan, state))
+    write_json(job.dir / "result.json", result)
+    job.set_status("done")
+    return result
+
+
+def _map_reduce(job: Job, plan: Plan, doc: Document, prompter: Prompter, runner: Any, state: RunState,
+                reporter: Reporter, max_tokens: int, temperature: float) -> None:
+    n = len(plan.chunks)
+    notes: dict[str, list[str]] = {t.id: [] for t in plan.tasks}
+    for c in plan.chunks:  # chunk-major: each chunk's prefix is prefilled once for every task
+        text = doc.text[c.start:c.end]
+        for t in plan.tasks:
+            p = prompter.build(map_head(text, c.index, n), task_tail(t, "map"))
+            ans = _unit(job, runner, state, reporter, f"map-c{c.index:04d}-{t.id}",
+                        f"part {c.index + 1}/{n}: {t.label}", p, max_tokens, temperature)
+            notes[t.id].append(ans.answer)
+    group = plan.reduce_group or 2
+    for t in plan.tasks:
+        level, items = 1, notes[t.id]
+        while True:
+            groups = [items[i:i + group] for i in range(0, len(items), group)]
+            outs = []
+            for g, batch in enumerate(groups):
+                p = prompter.build(reduce_head(batch, g * group, len(items)), task_tail(t, "reduce"), cacheable=False)
+                label = f"reduce {g + 1}/{len(groups)}: {t.label}"
+                outs.append(_unit(job, runner, state, reporter, f"reduce-{t.id}-l{level}-g{g:04d}", label, p,
+                                  max_tokens, temperature))
+            if len(outs) == 1:
+                state.answers[t.id] = outs[0]
+                break
+            items, level = [o.answer for o in outs], level + 1
+
+
+def _rate(tokens: int, seconds: float) -> float:
+    return round(tokens / seconds, 2) if seconds > 0 else 0.0
+
+
+def _result(job: Job, plan: Plan, runner: Any, state: RunState) -> dict:
+    fresh = [u for u in state.units if u.cache is not None]
+    prefilled = sum(u.prompt_tokens - u.cached_tokens for u in fresh)
+    peak = max((u.peak_memory_bytes or 0 for u in state.units), default=0) or None
+    hits = {"memory": sum(u.cache == "memory" for u in state.units), "disk": sum(u.cache == "disk" for u in state.units),
+            "prefill": sum(u.cache == "prefill" for u in state.units), "none": sum(u.cache == "none" for u in state.units)}
+    return {
+        "job": job.dir.name, "dir": str(job.dir), "model": plan.model, "engine": plan.engine, "route": plan.route,
+        "fallback_reason": plan.fallback_reason, "mode": plan.mode, "chunks": len(plan.chunks),
+        "tokens": {"document": plan.document_tokens, "prompt": sum(u.prompt_tokens for u in state.units),
+                   "cached": sum(u.cached_tokens for u in state.units), "prefilled": prefilled,
+                   "generated": sum(u.generation_tokens for u in state.units)},
+        "prefill_tps": _rate(prefilled, sum(u.prefill_seconds for u in fresh)),
+        "decode_tps": _rate(sum(u.generation_tokens for u in state.units), sum(u.decode_seconds for u in state.units)),
+        "ttft_seconds": [round(state.answers[t.id].ttft, 4) for t in plan.tasks if t.id in state.answers],
+        "peak_memory_bytes": peak, "cache_hits": hits, "units": len(state.units), "resumed_units": state.resumed,
+        "answers": [{"task": t.id, "kind": t.kind, "question": t.text, "answer": state.answers[t.id].answer,
+                     "finish_reason": state.answers[t.id].finish_reason} for t in plan.tasks],
+    }
+
+
+def answers_markdown(meta: dict, plan: Plan, state: RunState) -> str:
+    files = ", ".join(meta["document"]["files"]) or "stdin"
+    lines = [f"# Answers: {files}", "", f"Model: {plan.model} ({plan.engine}, {plan.route}); "
+             f"{plan.mode}, {plan.document_tokens:,} document tokens.", ""]
+    for t in plan.tasks:
+        title = {"ask": f"{t.id}: {t.text}", "summarize": f"{t.id}: Summary", "prompt": f"{t.id}: {t.label}"}[t.kind]
+        lines += [f"## {title}", "", state.answers[t.id].answer, ""]
+    return "\n".join(lines)
+
+
+def run(files: list[str], *, asks: list[str] | None = None, summarize: bool = False, prompt: str | None = None,
+        model: str | None = None, out: Path | None = None, max_tokens: int = DEFAULT_MAX_TOKENS,
+        context: int | None = None, thinking: bool | None = None, use_cache: bool = True,
+        reporter: Reporter | None = None, runner: Any = None) -> dict:
+    """The whole job in one call (the demo and scripts): plan, then run; returns result.json's content."""
+    doc = documents.load(files)
+    tasks = make_tasks(asks, summarize, prompt)
+    runner = runner or open_runner(model, use_cache=use_cache)
+    plan = plan_job(doc, tasks, runner, max_tokens=max_tokens, context=context, thinking=thinking)
+    (reporter or Reporter()).plan(plan)
+    job = create_job(doc, tasks, runner, max_tokens=max_tokens, thinking=thinking, context=context, out=out)
+    write_json(job.dir / "plan.json", plan.model_dump(mode="json"))
+    return run_job(job, plan, runner, reporter=reporter)
+
+
+def iter_units(plan: Plan) -> Iterator[str]:
+    """Unit ids of the map and answer stages (reduce ids depend on the notes and are found as they run)."""
+    if plan.mode == "single":
+        yield from (f"answer-{t.id}" for t in plan.tasks)
+    else:
+        for c in plan.chunks:
+            yield from (f"map-c{c.index:04d}-{t.id}" for t in plan.tasks)
+
+
+
+def resume(out: Path | None = None, *, model: str | None = None, reporter: Reporter | None = None,
+           runner: Any = None, use_cache: bool = True) -> dict:
+    """Continue an unfinished job (--out's, else the newest) from the units already written."""
+    job = find_job(out)
+    meta = job.meta()
+    try:
+        plan = Plan.model_validate_json((job.dir / "plan.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        raise DocJobError(f"{job.dir}: no readable plan.json; the job never started, start it again") from None
+    runner = runner or open_runner(model or meta.get("model_path") or meta["model"], use_cache=use_cache)
+    if runner.model_id != meta["model"] and not (model and meta.get("model_path")):
+        raise DocJobError(f"{job.dir} was started with {meta['model']}, not {runner.model_id}; "
+                          f"resume it with --model {meta.get('model_path') or meta['model']}")
+    (reporter or Reporter()).plan(plan)
+    return run_job(job, plan, runner, reporter=reporter)

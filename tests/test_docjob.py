@@ -1,0 +1,237 @@
+"""Document jobs on the tiny models: plans, single pass, map-reduce, the prompt cache, resume, PDF and several
+files, refusals that say what would fit, and exo streaming through the contract simulator."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from arthur_cluster import bringup, docjob, documents, memory, paths
+from arthur_cluster.fallback import Route
+from tests.test_documents import write_pdf
+
+QUESTIONS = ["What is two plus two?", "Which node holds part 3?"]
+
+
+def make_doc(n: int = 20) -> str:
+    return "\n\n".join(f"## Section {i}\n\nThe cluster runs the model across several machines. Node {i} holds "
+                       f"part {i} of the weights, and the answer for section {i} is {i * 7}." for i in range(n))
+
+
+@pytest.fixture(scope="module")
+def runner(tiny_models):
+    r = docjob.load_local(tiny_models["nemotron_h-8bit"], "tiny/nemotron-8bit")
+    yield r
+    r.close()
+
+
+def run_api(runner, tmp_path, text: str, *, name="job", asks=QUESTIONS, **kw):
+    f = tmp_path / f"{name}.md"
+    f.write_text(text)
+    doc = documents.load([str(f)])
+    tasks = docjob.make_tasks(asks)
+    plan = docjob.plan_job(doc, tasks, runner, max_tokens=kw.get("max_tokens", 12), context=kw.get("context"),
+                           warmup=False)
+    job = docjob.create_job(doc, tasks, runner, max_tokens=kw.get("max_tokens", 12), thinking=None,
+                            context=kw.get("context"), out=tmp_path / name)
+    docjob.write_json(job.dir / "plan.json", plan.model_dump(mode="json"))
+    return plan, job, docjob.run_job(job, plan, runner)
+
+
+def unit_ids(job) -> dict[str, list[int]]:
+    return {f.stem: json.loads(f.read_text())["token_ids"] for f in sorted((job.dir / "units").glob("*.json"))}
+
+
+def test_single_pass_shares_one_prefill_and_matches_no_cache(runner, tmp_path):
+    runner.use_cache = True
+    plan, job, result = run_api(runner, tmp_path, make_doc(), name="cached")
+    assert plan.mode == "single" and plan.tokens_exact and plan.memory is not None and plan.memory.fits
+    assert result["cache_hits"]["prefill"] == 1 and result["cache_hits"]["memory"] == 1
+    assert result["tokens"]["cached"] > plan.document_tokens  # the second question reused the prefix
+    assert [a["task"] for a in result["answers"]] == ["q1", "q2"] and result["peak_memory_bytes"] > 0
+    assert (job.dir / "answers.md").read_text().count("## q") == 2
+    assert json.loads((job.dir / "job.json").read_text())["status"] == "done"
+    runner.use_cache = False
+    try:
+        _, job2, result2 = run_api(runner, tmp_path, make_doc(), name="uncached")
+    finally:
+        runner.use_cache = True
+    assert result2["cache_hits"]["none"] == 2 and result2["tokens"]["cached"] == 0
+    assert unit_ids(job2) == unit_ids(job) and result2["answers"] == result["answers"]
+
+
+def test_map_reduce_when_the_document_exceeds_the_context(runner, tmp_path):
+    plan, job, result = run_api(runner, tmp_path, make_doc(), name="mr", context=400, max_tokens=16)
+    assert plan.mode == "map-reduce" and len(plan.chunks) > 2
+    assert all(c.tokens <= plan.chunk_budget for c in plan.chunks)
+    assert any(b.start < a.end for a, b in zip(plan.chunks, plan.chunks[1:]))  # chunks overlap
+    assert "map-reduce" in plan.explanation[0]
+    names = set(unit_ids(job))
+    assert {f"map-c{c.index:04d}-{t}" for c in plan.chunks for t in ("q1", "q2")} <= names
+    assert any(n.startswith("reduce-q1-") for n in names) and any(n.startswith("reduce-q2-") for n in names)
+    assert result["mode"] == "map-reduce" and result["cache_hits"]["memory"] == len(plan.chunks)
+    # Every prompt, the reduce steps included, stayed inside the working context.
+    for f in (job.dir / "units").glob("*.json"):
+        u = json.loads(f.read_text())
+        assert u["prompt_tokens"] + 16 <= 400
+
+
+def test_pdf_and_several_files_make_one_job(runner, tmp_path):
+    pdf = tmp_path / "spec.pdf"
+    write_pdf(pdf, ["The cluster has two nodes.", "Each node holds half of the layers."])
+    notes = tmp_path / "notes.txt"
+    notes.write_text("Node 1 is the coordinator.")
+    result = docjob.run([str(pdf), str(notes)], asks=["How many nodes?"], max_tokens=8, runner=runner,
+                        out=tmp_path / "multi")
+    doc = (tmp_path / "multi" / "document.txt").read_text()
+    assert documents.marker(str(pdf)) in doc and documents.marker(str(notes)) in doc and "coordinator" in doc
+    assert result["answers"][0]["task"] == "q1" and result["tokens"]["document"] > 10
+
+
+def catalogue(tmp_path, monkeypatch, contexts: dict[str, int]) -> None:
+    lines = [f'target = "{next(iter(contexts))}"', f"fallbacks = {json.dumps(list(contexts)[1:])}"]
+    for rid, ctx in contexts.items():
+        lines += [f'[models."{rid}"]', f"context_length = {ctx}", "storage_bytes = 1000000",
+                  "kv_bytes_per_token = 1024"]
+    f = tmp_path / "models.toml"
+    f.write_text("\n".join(lines) + "\n")
+    monkeypatch.setenv("ARTHUR_CLUSTER_MODELS", str(f))
+
+
+def test_too_large_for_every_candidate_explains_and_maps(runner, tmp_path, monkeypatch):
+    catalogue(tmp_path, monkeypatch, {"tiny/nemotron-8bit": 4096, "tiny/llama-4bit": 2048})
+    doc = documents.Document(make_doc(120))
+    plan = docjob.plan_job(doc, docjob.make_tasks(QUESTIONS), runner, max_tokens=32, warmup=False)
+    assert plan.document_tokens > 4096 and plan.mode == "map-reduce"
+    assert any("no candidate model holds the whole document" in e for e in plan.explanation)
+    assert [a.model for a in plan.alternatives] == ["tiny/llama-4bit"] and not plan.alternatives[0].single_pass
+    # A model with a long enough context is named when the catalogue has one.
+    catalogue(tmp_path, monkeypatch, {"tiny/nemotron-8bit": 4096, "big/long-context": 262144})
+    plan = docjob.plan_job(doc, docjob.make_tasks(QUESTIONS), runner, max_tokens=32, warmup=False)
+    assert any("big/long-context (262,144 tokens)" in s for s in plan.suggestions)
+
+
+def test_memory_bound_plans_shrink_the_context_or_refuse(runner):
+    doc = documents.Document(make_doc(10))
+    tasks = docjob.make_tasks(QUESTIONS)
+    full = docjob.plan_job(doc, tasks, runner, max_tokens=16, warmup=False)
+    assert full.mode == "single"
+    small = memory.plan(runner.info, context=512, nodes=1).nodes[0].total
+    node = memory.NodeMemory(name="small-mac", memory_bytes=small + 1, usable_fraction=1.0)
+    plan = docjob.plan_job(doc, tasks, runner, max_tokens=16, warmup=False, nodes=[node])
+    assert plan.mode == "map-reduce" and plan.memory.fits and plan.memory.context <= 512
+    assert any(e.startswith("memory: small-mac needs") for e in plan.explanation)
+    # More nodes would not help here: the tiny model's memory is the prefill's activations, which a pipeline
+    # stage needs whole; the plan says so by not suggesting them.
+    assert not any(s.startswith("more nodes:") for s in plan.suggestions)
+    tiny = memory.NodeMemory(name="tiny-mac", memory_bytes=1000, usable_fraction=1.0)
+    plan = docjob.plan_job(doc, tasks, runner, max_tokens=16, warmup=False, nodes=[tiny])
+    assert plan.mode == "cannot-run" and not plan.feasible
+    with pytest.raises(docjob.DocJobError, match="cannot run"):
+        docjob.run_job(None, plan, runner)  # type: ignore[arg-type]
+
+
+# --- the command line in real processes ---------------------------------------------------------------
+
+
+def cli(*args: str, check: bool = True, **kw) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, "-m", "arthur_cluster.cli", "doc", *args], capture_output=True,
+                          text=True, timeout=600, **kw)
+    if check:
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc
+
+
+def test_cli_plan_refusal_says_what_would_fit(tiny_models, tmp_path):
+    f = tmp_path / "doc.md"
+    f.write_text(make_doc(20))
+    proc = cli(str(f), "--ask", "Q?", "--model", str(tiny_models["nemotron_h-8bit"]), "--context", "120",
+               "--max-tokens", "64", "--plan", check=False)
+    assert proc.returncode == 3
+    assert "too small" in proc.stdout and "smaller --max-tokens" in proc.stdout and "Traceback" not in proc.stderr
+    proc = cli("missing.md", "--ask", "Q?", "--model", str(tiny_models["nemotron_h-8bit"]), check=False)
+    assert proc.returncode == 1 and "missing.md: no such file" in proc.stderr
+
+
+def test_cli_disk_cache_in_a_second_process(tiny_models, tmp_path):
+    f = tmp_path / "doc.md"
+    f.write_text(make_doc(12))
+    base = [str(f), "--ask", QUESTIONS[0], "--ask", QUESTIONS[1], "--model", str(tiny_models["llama-4bit"]),
+            "--max-tokens", "10", "--json"]
+    first = json.loads(cli(*base, "--out", str(tmp_path / "a")).stdout)["result"]
+    second = json.loads(cli(*base, "--out", str(tmp_path / "b")).stdout)["result"]
+    plain = json.loads(cli(*base, "--out", str(tmp_path / "c"), "--no-cache").stdout)["result"]
+    assert first["cache_hits"] == {"memory": 1, "disk": 0, "prefill": 1, "none": 0}
+    assert second["cache_hits"]["disk"] == 1 and second["tokens"]["prefilled"] < first["tokens"]["prefilled"]
+    assert first["answers"] == second["answers"] == plain["answers"]
+    assert list(paths.prompt_cache_dir().glob("*.safetensors"))
+
+
+def test_resume_after_sigkill_matches_an_uninterrupted_run(tiny_models, tmp_path):
+    f = tmp_path / "doc.md"
+    f.write_text(make_doc(16))
+    base = [str(f), "--ask", QUESTIONS[0], "--ask", QUESTIONS[1], "--model", str(tiny_models["nemotron_h-8bit"]),
+            "--context", "400", "--max-tokens", "16", "--json"]
+    whole = json.loads(cli(*base, "--out", str(tmp_path / "whole"), "--no-cache").stdout)["result"]
+    units = tmp_path / "killed" / "units"
+    proc = subprocess.Popen([sys.executable, "-m", "arthur_cluster.cli", "doc", *base, "--out",
+                             str(tmp_path / "killed"), "--no-cache"], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and len(list(units.glob("*.json"))) < 3 and proc.poll() is None:
+        time.sleep(0.01)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done = len(list(units.glob("*.json")))
+    assert 3 <= done < whole["units"], "the job was not killed mid-way"
+    assert json.loads((tmp_path / "killed" / "job.json").read_text())["status"] == "running"
+    resumed = json.loads(cli("--resume", "--out", str(tmp_path / "killed"), "--json").stdout)["result"]
+    assert resumed["resumed_units"] >= done and resumed["units"] == whole["units"]
+    assert resumed["answers"] == whole["answers"]
+    assert (tmp_path / "killed" / "answers.md").read_text() == (tmp_path / "whole" / "answers.md").read_text()
+
+
+# --- exo --------------------------------------------------------------------------------------------------
+
+
+class Recorder(docjob.Reporter):
+    def __init__(self):
+        self.prefill_events: list[tuple[int, int]] = []
+        self.tokens = 0
+
+    def prefill(self, done: int, total: int) -> None:
+        self.prefill_events.append((done, total))
+
+    def token(self, generated: int) -> None:
+        self.tokens = generated
+
+
+def test_exo_streaming_through_the_simulator(exo_sim, tiny_models, tmp_path):
+    from arthur_cluster.exo_client import ExoClient
+    from tests.fixtures_exo import SIM_LLAMA_ID
+
+    ExoClient(exo_sim.url).place_and_wait(SIM_LLAMA_ID, timeout=60, poll=0.05)
+    dep = bringup.Deployment(
+        model=SIM_LLAMA_ID, served_id=SIM_LLAMA_ID, engine="exo",
+        route=Route(engine="exo", sharding="pipeline", backend="ring", nodes=2), endpoint=exo_sim.url,
+        nodes=[n.node_id for n in exo_sim.nodes], fallback_reason="target does not fit",
+        model_path=tiny_models["llama-4bit"], smoke=bringup.Smoke(question="q", answer="a"))
+    bringup.write_record(dep)
+    f = tmp_path / "doc.md"
+    f.write_text(make_doc(6))
+    rec = Recorder()
+    result = docjob.run([str(f)], asks=QUESTIONS, max_tokens=6, reporter=rec, out=tmp_path / "exo")
+    assert result["engine"] == "exo" and result["model"] == SIM_LLAMA_ID
+    assert result["route"] == "exo pipeline/ring on 2 nodes" and result["fallback_reason"] == "target does not fit"
+    assert rec.prefill_events and rec.prefill_events[-1][0] == rec.prefill_events[-1][1] > 0  # prefill_progress
+    assert rec.tokens == 6 and all(a["answer"] for a in result["answers"])
+    assert result["tokens"]["generated"] == 12 and result["decode_tps"] > 0
+    plan = json.loads((tmp_path / "exo" / "plan.json").read_text())
+    assert plan["tokens_exact"] and plan["nodes"][0]["name"] == exo_sim.nodes[0].node_id
