@@ -85,3 +85,28 @@ def build_library(home: DemoHome, cat: catalog.Catalog, *, on_model=None) -> lis
 def activate(home: DemoHome) -> None:
     """Point this process at the demo home (the demo runs in its own process)."""
     os.environ.update(home.environ())
+
+
+DEMO_QUESTION = "Which node holds the most memory, and how much?"
+
+_NODES = [("studio", "M2 Ultra", 192), ("mini-1", "M4 Pro", 64), ("mini-2", "M4 Pro", 64), ("air", "M3", 24)]
+
+
+def write_document(home: DemoHome, sections: int = 12) -> Path:
+    """A small operations log for the document job: plain text whose answer the log itself states."""
+    lines = ["# Cluster operations log", ""]
+    for i in range(sections):
+        name, chip, gb = _NODES[i % len(_NODES)]
+        lines += [
+            f"## Day {i + 1}: {name}",
+            "",
+            f"The node {name} ({chip}, {gb} GB of unified memory) joined the ring over Thunderbolt. "
+            f"It held layers {i * 4} to {i * 4 + 3} of the pipeline while the document jobs ran, and its "
+            f"prompt cache kept the shared prefix between questions. Throughput stayed steady; the operator "
+            f"noted {i + 2} restarts of the smaller nodes after macOS updates.",
+            "",
+        ]
+    path = home.root / "documents" / "operations-log.md"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines), encoding="utf-8")
+    return path

@@ -10,6 +10,7 @@ from typing import Any, NoReturn
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 console = Console()
 err_console = Console(stderr=True)
@@ -45,7 +46,8 @@ def fail(message: str, *, code: int = EXIT_ERROR, as_json: bool = False) -> NoRe
     if as_json:
         print_json({"error": message})
     else:
-        err_console.print(f"[bold red]error:[/] {message}", highlight=False)
+        # escaped: messages quote files and sections such as models.toml's [demo], which rich would eat as markup
+        err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False)
     raise typer.Exit(code)
 
 

@@ -19,10 +19,16 @@ def register(app: typer.Typer) -> None:
             None, "--home", help="Folder for the demo home (default: a new temporary folder, removed at the end)."
         ),
         keep: bool = typer.Option(False, "--keep", help="Keep the temporary home and print where it is."),
+        proof: bool = typer.Option(True, "--proof/--no-proof",
+                                   help="Prove the probe's routes on 2 real ranks (about 10 s on 2 cores)."),
+        question: str = typer.Option(None, "--ask", help="The document job's question (default: a demo one)."),
         as_json: bool = typer.Option(False, "--json", help="Print one JSON record of every step."),
     ) -> None:
-        """Build a demo LM Studio library (tiny NemotronH and Llama, random weights), then discover, inspect
-        and link it into a temporary Hugging Face cache and exo directory, and show the result."""
+        """The whole path on a demo library, on this machine's MLX.
+
+        Builds a demo LM Studio library (tiny NemotronH and Llama, random weights, real files); discovers,
+        inspects and links it into a temporary Hugging Face cache and exo directory; probes the target; brings
+        it up; runs a document job on the deployment."""
         from .. import catalog, demo
 
         root = home or Path(tempfile.mkdtemp(prefix="arthur-demo-"))
@@ -30,11 +36,14 @@ def register(app: typer.Typer) -> None:
         demo.activate(dhome)
         record: dict = {"home": str(dhome.root)}
         try:
-            cat = catalog.load()
+            cat = catalog.load().for_demo()
             _step_library(dhome, cat, record, as_json)
             _step_models(dhome, record, as_json)
             _step_link(dhome, cat, record, as_json)
-        except catalog.CatalogError as e:
+            _step_probe(cat, record, proof, as_json)
+            _step_up(cat, record, as_json)
+            _step_doc(dhome, question or demo.DEMO_QUESTION, record, as_json)
+        except _errors() as e:
             _out.fail(str(e), as_json=as_json)
         finally:
             if home is None and not keep:
@@ -43,6 +52,14 @@ def register(app: typer.Typer) -> None:
                 _out.console.print(f"Demo home kept at {root}")
         if as_json:
             _out.print_json(record)
+
+
+def _errors() -> tuple[type[Exception], ...]:
+    """What a step raises for a reason the user can act on (printed as one line, not a traceback)."""
+    from .. import bringup, catalog, docjob, linker, modelfiles, probe
+
+    return (catalog.CatalogError, modelfiles.ModelFileError, linker.LinkError, probe.ProbeError,
+            bringup.BringUpError, docjob.DocJobError)
 
 
 def _say(as_json: bool, text: str) -> None:
@@ -56,7 +73,7 @@ def _step_library(dhome, cat, record: dict, as_json: bool) -> None:
     from .. import demo
 
     _say(as_json, f"[bold]1. Demo library[/] in {dhome.lmstudio_models}")
-    ids = cat.for_demo().candidates()
+    ids = cat.candidates()
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), disable=as_json, transient=True) as bar:
         task = bar.add_task(f"building {len(ids)} miniature models", total=len(ids))
         built = demo.build_library(dhome, cat, on_model=lambda rid, _: bar.advance(task))
@@ -93,3 +110,62 @@ def _step_link(dhome, cat, record: dict, as_json: bool) -> None:
     record["links"] = results
     if results and results[-1].env_line:
         _say(as_json, f"   exo: add [bold]{results[-1].env_line}[/] to exo's environment")
+
+
+def _step_probe(cat, record: dict, proof: bool, as_json: bool) -> None:
+    from .. import probe
+    from .probe import print_report
+
+    how = "static checks and a proof on 2 real ranks" if proof else "static checks"
+    _say(as_json, f"[bold]4. Probe[/] {cat.target} ({how})")
+    status = _out.err_console.status("probing") if not as_json else None
+    if status:
+        status.start()
+    try:
+        report = probe.run(cat.target, nodes=2, static_only=not proof,
+                           progress=(lambda text: status.update(text)) if status else None)
+    finally:
+        if status:
+            status.stop()
+    record["probe"] = report
+    if not as_json:
+        print_report(report)
+
+
+def _step_up(cat, record: dict, as_json: bool) -> None:
+    from .. import bringup
+    from .cluster import _print_deployment, _Reporter
+
+    _say(as_json, "[bold]5. Bring up[/] on this machine's MLX (the embedded default engine)")
+    rep = _Reporter(quiet=as_json)
+    with rep.bar:
+        dep = bringup.up(cat, engine="mlx",
+                         hooks=bringup.Hooks(say=rep.say, progress=rep.progress))
+    record["deployment"] = dep
+    if not as_json:
+        from .. import paths
+
+        _print_deployment(dep, paths.deployment_file())
+
+
+def _step_doc(dhome, question: str, record: dict, as_json: bool) -> None:
+    from .. import demo, docjob
+    from .doc import RichReporter
+
+    path = demo.write_document(dhome)
+    _say(as_json, f"[bold]6. Document job[/] on the deployment: {path.name}, asking {question!r}")
+    reporter = RichReporter(quiet=as_json)
+    try:
+        result = docjob.run([str(path)], asks=[question], max_tokens=24, reporter=reporter,
+                            out=dhome.root / "jobs" / "demo")
+    finally:
+        reporter.stop()
+    record["document"] = result
+    if not as_json:
+        for a in result["answers"]:
+            _out.console.print("   answer (random weights, so noise): " + repr(a["answer"].strip()),
+                               highlight=False, markup=False)
+        t = result["tokens"]
+        _out.console.print(f"   {result['mode']} pass on {result['route']}: {t['document']:,} document tokens, "
+                           f"{t['generated']} generated, {result['decode_tps']} tok/s; answers in {result['dir']}",
+                           highlight=False)
