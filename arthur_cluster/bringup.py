@@ -291,13 +291,15 @@ def _place(client, choice: Choice, timeout: float, hooks: Hooks):
         raise AttemptFailed(str(exc)) from None
 
 
-def _delete_quietly(client, instance_id: str) -> None:
+def _delete_quietly(client, instance_id: str) -> str | None:
+    """Delete an instance; the error's text when exo would not (the failure being reported matters more)."""
     from .exo_client import ExoError
 
     try:
         client.delete_instance(instance_id)
-    except ExoError:
-        pass  # the failure being reported matters more; `down` retries the delete
+    except ExoError as exc:
+        return str(exc)
+    return None
 
 
 def _up_exo(choice: Choice, cat: Catalog, timeout: float, prompt: str, max_tokens: int, hooks: Hooks) -> Deployment:
@@ -443,8 +445,12 @@ def _retire_previous(dep: Deployment, hooks: Hooks) -> None:
         return
     from .exo_client import ExoClient
 
-    _delete_quietly(ExoClient(old.endpoint), old.instance_id)
-    dep.notes.append(f"stopped the previous deployment's instance {old.instance_id} of {old.served_id}")
+    error = _delete_quietly(ExoClient(old.endpoint), old.instance_id)
+    if error is None:
+        dep.notes.append(f"stopped the previous deployment's instance {old.instance_id} of {old.served_id}")
+    else:
+        dep.notes.append(f"could not stop the previous deployment's instance {old.instance_id} of {old.served_id} "
+                         f"({error}); it may still hold memory: delete it from exo's dashboard")
     hooks.say(dep.notes[-1])
 
 

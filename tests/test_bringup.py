@@ -282,3 +282,12 @@ def test_a_rerun_on_another_model_stops_the_previous_instance(exo_sim, library):
     second = bringup.up(catalogue(), engine="exo", exo_url=exo_sim.url, timeout=60)
     assert second.model == NEMOTRON and list(exo_sim.instances) == [second.instance_id]
     assert any(first.instance_id in n for n in second.notes)
+
+
+def test_a_previous_instance_that_cannot_be_stopped_is_said_so(exo_sim_factory, library):
+    old_sim, new_sim = exo_sim_factory(), exo_sim_factory()
+    first = bringup.up(catalogue(), model=LLAMA, engine="exo", exo_url=old_sim.url, timeout=60)
+    old_sim.stop()  # the old deployment's exo is gone: its instance cannot be deleted from here
+    second = bringup.up(catalogue(), engine="exo", exo_url=new_sim.url, timeout=60)
+    note = next(n for n in second.notes if first.instance_id in n)
+    assert note.startswith("could not stop") and "dashboard" in note
