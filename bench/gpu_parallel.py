@@ -82,9 +82,12 @@ def rank_main(args) -> None:
         mx.clear_cache()
         mx.reset_peak_memory()
         ids, tic, t_first = [], time.perf_counter(), None
-        for tid, _ in generate(model, prompt, max_tokens=args.decode, prefill_step=args.prefill_step):
+        for tid, logits in generate(model, prompt, max_tokens=args.decode, prefill_step=args.prefill_step,
+                                    keep_logits=bool(args.logits_dir)):
             if t_first is None:
                 t_first = time.perf_counter()
+                if args.logits_dir and rank == 0:  # the first token's logits, to compare beyond greedy ids
+                    mx.save(str(Path(args.logits_dir) / f"{args.mode}-{length}.npy"), logits)
             ids.append(tid)
         end = time.perf_counter()
         peaks = gather_ints([int(mx.get_peak_memory()), weight_bytes(model)], group)
@@ -114,7 +117,7 @@ def launch(mode: str, n: int, backend: str, args, config_path: Path, tmp: Path, 
 
     cmd = [sys.executable, str(Path(__file__).resolve()), "--rank", "--mode", mode, "--backend", backend,
            "--config", str(config_path), "--prompts", args.prompts, "--decode", str(args.decode),
-           "--prefill-step", str(args.prefill_step)]
+           "--prefill-step", str(args.prefill_step)] + (["--logits-dir", args.logits_dir] if args.logits_dir else [])
     if mode == "single":
         envs = [{"CUDA_VISIBLE_DEVICES": "0"} if args.gpus else {}]
     else:
@@ -135,6 +138,28 @@ def launch(mode: str, n: int, backend: str, args, config_path: Path, tmp: Path, 
     raise RuntimeError("rank 0 gave no result")
 
 
+def compare_logits(folder: Path) -> list[dict]:
+    """Each sharded configuration's first-token logits against the one-device ones: greedy ids can part on
+    near-ties (random weights give a flat distribution), so the size of the difference is the evidence."""
+    import mlx.core as mx
+
+    rows = []
+    for single in sorted(folder.glob("single-*.npy")):
+        base = mx.load(str(single)).astype(mx.float32)
+        top2 = mx.sort(base)[-2:]
+        for other in sorted(folder.glob(f"*-{single.stem.split('-', 1)[1]}.npy")):
+            if other == single:
+                continue
+            x = mx.load(str(other)).astype(mx.float32)
+            diff = mx.abs(x - base)
+            top10 = set(mx.argsort(-base)[:10].tolist()) & set(mx.argsort(-x)[:10].tolist())
+            rows.append({"compare": f"{other.stem} vs {single.stem}", "max_abs_diff": mx.max(diff).item(),
+                         "mean_abs_diff": mx.mean(diff).item(), "logit_std": mx.std(base).item(),
+                         "top1_margin": (top2[1] - top2[0]).item(), "top1_equal": mx.argmax(x).item()
+                         == mx.argmax(base).item(), "top10_overlap": len(top10)})
+    return rows
+
+
 def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--rank", action="store_true", help=argparse.SUPPRESS)
@@ -149,6 +174,7 @@ def main() -> int:
     p.add_argument("--tiny", action="store_true", help="miniature shape of the same architecture (smoke run)")
     p.add_argument("--timeout", type=float, default=1800)
     p.add_argument("--json-out", help="write all results here")
+    p.add_argument("--logits-dir", help="save each configuration's first-token logits here and compare them")
     args = p.parse_args()
     if args.rank:
         rank_main(args)
@@ -190,19 +216,25 @@ def main() -> int:
                    "load_s": round(ev["load_s"], 1), "wall_s": round(time.perf_counter() - t, 1), **run}
             results.append(row)
             print(json.dumps({k: v for k, v in row.items() if k != "ids"}), flush=True)
+        if args.json_out:  # after every configuration: a run stopped by a time limit keeps what it measured
+            Path(args.json_out).write_text(json.dumps(results, indent=1))
     base = {r["prompt"]: r for r in results if r.get("mode") == "single" and "ids" in r}
     print("\n| config | backend | prompt | prefill tok/s | decode tok/s | peak GB per rank | weights GB per rank "
-          "| ids = 1 GPU |")
+          "| leading ids = 1 GPU |")
     print("|---|---|---|---|---|---|---|---|")
     for r in results:
         if "error" in r:
             print(f"| {r['mode']} x{r['n']} | {r['backend']} | - | error: {r['error'][:80]} | | | | |")
             continue
-        same = base.get(r["prompt"], {}).get("ids") == r["ids"]
+        ref = base.get(r["prompt"], {}).get("ids") or []
+        same = next((i for i, (a, b) in enumerate(zip(ref, r["ids"])) if a != b), min(len(ref), len(r["ids"])))
         gb = lambda xs: " / ".join(f"{x / 1e9:.1f}" for x in xs)  # noqa: E731
         print(f"| {r['mode']} x{r['n']}{' (shared device)' if r['shared_device'] else ''} | {r['backend']} | "
               f"{r['prompt']} | {r['prefill_tps']:.1f} | {r['decode_tps']:.1f} | {gb(r['peak_bytes'])} | "
-              f"{gb(r['weight_bytes'])} | {'yes' if same else 'NO'} |")
+              f"{gb(r['weight_bytes'])} | {same} of {len(r['ids'])} |")
+    if args.logits_dir:
+        for row in compare_logits(Path(args.logits_dir)):
+            print(json.dumps(row), flush=True)
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(results, indent=1))
     shutil.rmtree(tmp, ignore_errors=True)
