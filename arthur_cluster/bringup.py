@@ -24,12 +24,11 @@ from .catalog import Catalog
 from .cluster import ClusterError, ClusterInfo, Discovery, discover
 from .engines.base import ChatResult, Engine, EngineError, collect
 from .fallback import Choice, NoChoice, Rejection, Route
+from .hostfile import SSH_ENV, ssh_command  # noqa: F401  (SSH_ENV: where `up` reads the ssh command)
 
 SMOKE_PROMPT = "What is 2+2?"
 SMOKE_MAX_TOKENS = 50
 DEFAULT_TIMEOUT = 600.0  # seconds for one placement to become ready (a 31 GB load from disk fits in it)
-SSH_ENV = "ARTHUR_CLUSTER_SSH"  # the command that reaches a node by its [cluster] ssh name
-SSH_DEFAULT = "ssh -o BatchMode=yes -o ConnectTimeout=5"
 REMOTE_TIMEOUT = 120.0
 
 
@@ -133,7 +132,8 @@ def read_record(path: Path | None = None) -> Deployment | None:
 
 def mlx_hosts(cluster: ClusterInfo, route: Route) -> list[dict]:
     """The hosts `mlx.launch` gets for a route, in rank order, from models.toml's [cluster] nodes."""
-    nodes = fallback.route_nodes(cluster, route)
+    # This machine first: rank 0 reads the request and streams the tokens back.
+    nodes = sorted(fallback.route_nodes(cluster, route), key=lambda n: not n.local)
     if route.backend == "ring":
         no_ip = [n.name for n in nodes if not n.ips]
         if no_ip:
@@ -142,7 +142,8 @@ def mlx_hosts(cluster: ClusterInfo, route: Route) -> list[dict]:
     return [{"ssh": n.ssh or n.name, "ips": list(n.ips), "rdma": [d or None for d in n.rdma_devices]} for n in nodes]
 
 
-def open_mlx(path: Path, model_id: str, route: Route, hosts: list[dict] | None = None) -> Engine:
+def open_mlx(path: Path, model_id: str, route: Route, hosts: list[dict] | None = None,
+             timeout: float = 3600.0) -> Engine:
     """The MLX engine for a route: the model in this process, or ranks on `hosts` through mlx.launch.
     Raises EngineError (the engine's own message) when it cannot start."""
     from .engines.mlx import MlxEngine
@@ -150,7 +151,8 @@ def open_mlx(path: Path, model_id: str, route: Route, hosts: list[dict] | None =
     if route.nodes == 1:
         engine = MlxEngine(path, mode="single")
     else:
-        engine = MlxEngine(path, mode=route.sharding, hosts=hosts, backend=route.backend or "ring")
+        engine = MlxEngine(path, mode=route.sharding, hosts=hosts, backend=route.backend or "ring",
+                           timeout=timeout)
     engine.model_id = model_id
     return engine
 
@@ -191,16 +193,13 @@ def _link_locally(choice: Choice, hooks: Hooks) -> tuple[list[str], Path | None]
     try:
         res = linker.link(info)
     except (linker.LinkError, modelfiles.ModelFileError) as exc:
-        raise AttemptFailed(f"cannot link {choice.available.path} for exo: {exc}", scope="model") from None
+        # exo's routes only: MLX on this machine reads the folder itself
+        raise AttemptFailed(f"cannot link {choice.available.path} for exo: {exc}") from None
     hooks.say(f"linked {res.repo_id} -> {res.exo_link}")
     notes = []
     if res.env_line:
         notes.append(f"exo on this machine must run with {res.env_line} to find the linked weights")
     return notes, res.card
-
-
-def _ssh_command() -> list[str]:
-    return shlex.split(os.environ.get(SSH_ENV) or SSH_DEFAULT)
 
 
 def _remote_nodes(choice: Choice, cat: Catalog) -> list[tuple[str, str | None]]:
@@ -229,7 +228,7 @@ def weights_elsewhere(choice: Choice, cat: Catalog, hooks: Hooks) -> list[str]:
             continue
         hooks.say(f"linking on {name} over ssh ({host})")
         try:
-            done = subprocess.run([*_ssh_command(), host, *cmd, "--json"], capture_output=True, text=True,
+            done = subprocess.run([*ssh_command(), host, *cmd, "--json"], capture_output=True, text=True,
                                   timeout=REMOTE_TIMEOUT)
         except (OSError, subprocess.TimeoutExpired) as exc:
             raise AttemptFailed(f"could not run the link on {name} over ssh ({host}): {exc}") from None
@@ -256,7 +255,7 @@ def _register_card(client, served: str, card: Path | None, hooks: Hooks) -> None
         detail = getattr(exc, "exo_message", "") or str(exc)
         where = f" (the card written for it: {card})" if card else ""
         raise AttemptFailed(f"exo at {client.url} rejects a card for {served}: {detail}{where}. Restart exo so it "
-                            f"reads {paths.exo_custom_cards_dir()}, or check the card's fields", scope="model") from None
+                            f"reads {paths.exo_custom_cards_dir()}, or check the card's fields") from None
 
 
 def _route_of(instance, engine: str = "exo") -> Route:
@@ -341,14 +340,15 @@ def _download(model_id: str, hooks: Hooks) -> Path:
         raise AttemptFailed(f"download of {model_id} failed: {exc}", scope="model") from None
 
 
-def _up_mlx(choice: Choice, cat: Catalog, prompt: str, max_tokens: int, hooks: Hooks) -> Deployment:
+def _up_mlx(choice: Choice, cat: Catalog, timeout: float, prompt: str, max_tokens: int,
+            hooks: Hooks) -> Deployment:
     served = choice.available.served_id
     path = choice.available.path or _download(served, hooks)
     notes = weights_elsewhere(choice, cat, hooks)
     hooks.say(f"loading {served} with MLX ({choice.route.label})")
     hosts = mlx_hosts(choice.cluster, choice.route) if choice.route.nodes > 1 else []
     try:
-        engine = open_mlx(path, served, choice.route, hosts or None)
+        engine = open_mlx(path, served, choice.route, hosts or None, timeout=timeout)
     except EngineError as exc:
         raise AttemptFailed(str(exc), scope="model" if choice.route.nodes == 1 else "route") from None
     try:
@@ -417,7 +417,7 @@ def up(cat: Catalog, *, model: str | None = None, fallbacks: list[str] | None = 
             if choice.route.engine == "exo":
                 dep = _up_exo(choice, cat, timeout, prompt, max_tokens, hooks)
             else:
-                dep = _up_mlx(choice, cat, prompt, max_tokens, hooks)
+                dep = _up_mlx(choice, cat, timeout, prompt, max_tokens, hooks)
         except AttemptFailed as exc:
             hooks.say(f"failed: {exc}; falling back")
             prior = list(choice.rejections) + [Rejection(model=choice.model, stage="bringup", reason=str(exc),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import signal
 
 import typer
 
@@ -21,7 +22,15 @@ for _name in COMMANDS:
     importlib.import_module(f"arthur_cluster.commands.{_name}").register(app)
 
 
+def _exit_on_signal(signum: int, _frame) -> None:
+    raise SystemExit(128 + signum)
+
+
 def main() -> None:
+    # SIGTERM and SIGHUP unwind like Ctrl-C, so the cleanup that stops rank processes and exo instances runs
+    # (on macOS nothing else ends ranks whose parent died).
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _exit_on_signal)
     app()
 
 

@@ -15,6 +15,7 @@ from pydantic import BaseModel, Field
 
 from . import paths
 from .catalog import Catalog
+from .hostfile import is_this_machine
 from .memory import NodeMemory
 
 Backend = Literal["ring", "jaccl", "nccl"]
@@ -125,10 +126,10 @@ def from_catalog(cat: Catalog) -> ClusterInfo | None:
     section = cat.cluster
     if section is None or not section.nodes:
         return None
-    host = socket.gethostname()
+    # A node is this machine by its host name or a loopback ssh name; any other node is reached over ssh.
     nodes = [ClusterNode(name=n.name, memory_bytes=n.memory_bytes, ssh=n.ssh, ips=list(n.ips),
                          rdma=any(d for d in n.rdma), rdma_devices=list(n.rdma),
-                         local=n.name in (host, host.split(".")[0]) or n.ssh in (None, "", "localhost"))
+                         local=is_this_machine(n.name) or is_this_machine(n.ssh))
              for n in section.nodes]
     info = ClusterInfo(source="catalog", engine="mlx", backend=section.backend, nodes=nodes)
     unknown = [n.name for n in nodes if n.memory_bytes is None]
@@ -160,7 +161,7 @@ def from_exo(client, *, expected_version: str | None = None) -> ClusterInfo:
     client.check_versions(expected_version)
     state = client.state()
     host = client.url.split("//", 1)[-1].split(":", 1)[0]
-    is_local = host in ("localhost", "127.0.0.1", "::1", socket.gethostname())
+    is_local = is_this_machine(host)
     nodes = [ClusterNode(name=n.node_id, label=n.friendly_name, memory_bytes=n.ram_total,
                          available_bytes=n.ram_available, exo_version=n.exo_version, rdma=n.rdma_enabled,
                          backends=list(n.backends), local=is_local and n.node_id == api_node)

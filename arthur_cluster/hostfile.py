@@ -13,12 +13,16 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import os
+import shlex
 import socket
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 BACKENDS = ("ring", "jaccl", "nccl")
+SSH_ENV = "ARTHUR_CLUSTER_SSH"  # the command that reaches a node by its ssh name
+SSH_DEFAULT = "ssh -o BatchMode=yes -o ConnectTimeout=5"
 
 
 class HostfileError(ValueError):
@@ -40,6 +44,18 @@ class Host:
         if with_rdma:
             d["rdma"] = list(self.rdma)
         return d
+
+
+def ssh_command() -> list[str]:
+    return shlex.split(os.environ.get(SSH_ENV) or SSH_DEFAULT)
+
+
+def is_this_machine(name: str | None) -> bool:
+    """Whether an ssh name or node name means this machine (its host name, short or full, or loopback)."""
+    if not name:
+        return False
+    host = socket.gethostname()
+    return name in ("localhost", "127.0.0.1", "::1", host, host.split(".")[0])
 
 
 def _is_ip(value: str) -> bool:

@@ -248,7 +248,7 @@ def two_node_catalog(tmp_path, ssh_script: str):
     stand_in.chmod(0o755)
     big = 64 << 30
     return catalogue().model_copy(update={"cluster": ClusterEntry(backend="ring", nodes=[
-        NodeEntry(name="here", memory_bytes=big), NodeEntry(name="studio-2", ssh="studio-2.local", memory_bytes=big)])}), stand_in
+        NodeEntry(name="here", ssh="localhost", memory_bytes=big), NodeEntry(name="studio-2", ssh="studio-2.local", memory_bytes=big)])}), stand_in
 
 
 def test_weights_on_other_nodes_are_linked_over_ssh(library, tmp_path, monkeypatch):
@@ -262,10 +262,11 @@ def test_weights_on_other_nodes_are_linked_over_ssh(library, tmp_path, monkeypat
     dep = bringup.up(cat, engine="mlx", hooks=hooks)
     assert f"studio-2.local arthur-cluster link {NEMOTRON} --json" in log.read_text()
     assert any("linking on studio-2 over ssh (studio-2.local)" in line for line in hooks.lines)
-    # This installation cannot launch MLX ranks across machines: the pipeline attempt fails and says so,
-    # and the model comes up on this machine alone.
+    # The nodes have no IP addresses, which the ring needs: the 2-node attempt fails before any launch and
+    # says why, and the model comes up on this machine alone.
     assert dep.route.label == "mlx single node" and dep.model == NEMOTRON
     assert "pipeline/ring on 2 nodes" in dep.fallback_reason
+    assert "the ring backend needs each node's IP address" in dep.fallback_reason
 
 
 def test_a_node_ssh_cannot_reach_is_named(library, tmp_path, monkeypatch):

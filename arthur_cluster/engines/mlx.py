@@ -10,15 +10,16 @@ stops the whole process group.
 from __future__ import annotations
 
 import json
-import os
+import shlex
 import shutil
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
 from typing import Iterator
 
-from ..hostfile import (BackendUnavailable, HostfileError, check_backend, hosts_from, loopback_ring, rank_env,
-                        write_hostfile, free_ports)
+from ..hostfile import (BackendUnavailable, HostfileError, check_backend, free_ports, hosts_from, is_this_machine,
+                        loopback_ring, rank_env, ssh_command, write_hostfile)
 from ..parallel.ranks import RankFailed, RankProcesses
 from ..parallel.registry import supported, tensor_blockers
 from .base import EngineError, Event, Message, Stats
@@ -40,6 +41,22 @@ def resolve_model(model: str | Path) -> Path:
     except Exception as e:
         raise EngineError(f"model {model!r} is neither a folder nor in the local Hugging Face cache "
                           f"({type(e).__name__}); link or download it first") from None
+
+
+def send_request(host, request: Path) -> None:
+    """Rank 0 reads the request: when mlx.launch puts rank 0 on another node, the file must be there too,
+    at the same path (sent over ssh, the way mlx.launch itself reaches the nodes)."""
+    if is_this_machine(host.ssh):
+        return
+    folder = shlex.quote(str(request.parent))
+    try:
+        done = subprocess.run([*ssh_command(), host.ssh, f"mkdir -p {folder} && cat > {shlex.quote(str(request))}"],
+                              input=request.read_bytes(), capture_output=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        raise EngineError(f"cannot send the request to {host.ssh} over ssh: {e}") from None
+    if done.returncode != 0:
+        tail = done.stderr.decode(errors="replace").strip().splitlines()[-1:] or ["no output"]
+        raise EngineError(f"cannot send the request to {host.ssh} over ssh: {tail[0]}")
 
 
 class MlxEngine:
@@ -144,23 +161,28 @@ class MlxEngine:
             envs = [rank_env(self.backend, r, self.n, files=tmp, ring=ring, nccl_port=port)
                     for r in range(self.n)]
             return [[self.python, *worker]] * self.n, envs
-        launcher = shutil.which("mlx.launch") or str(Path(self.python).parent / "mlx.launch")
-        try:
-            hostfile = write_hostfile(tmp / "hosts.json", self.backend, self.hosts)
-        except HostfileError as e:
-            raise EngineError(str(e)) from None
-        # --python: the same interpreter path on every host (venvs at the same place on every Mac).
+        # This interpreter's own launcher first: one on PATH may belong to another MLX.
+        own = Path(self.python).parent / "mlx.launch"
+        launcher = str(own) if own.is_file() else shutil.which("mlx.launch") or str(own)
+        hostfile = write_hostfile(tmp / "hosts.json", self.backend, self.hosts)
+        send_request(self.hosts[0], request)
+        # --python: the same interpreter path on every host (venvs at the same place on every Mac). Other
+        # nodes have the weights in their own HF cache (linked there), so the ranks get the repo id too.
         cmd = [launcher, "--backend", self.backend, "--hostfile", str(hostfile), "--python", self.python,
-               "--cwd", os.getcwd(), "--", *worker]
+               "--", *worker, "--repo-id", self.model_id]
         return [cmd], None
 
     def _stream_ranks(self, messages, max_tokens, temperature, enable_thinking) -> Iterator[Event]:
         tmp = Path(tempfile.mkdtemp(prefix="arthur-mlx-"))
-        request = tmp / "request.json"
-        request.write_text(json.dumps({"messages": messages, "enable_thinking": enable_thinking}))
-        commands, envs = self._commands(request, max_tokens, temperature, tmp)
-        self._procs = procs = RankProcesses(commands, envs)
+        procs = None
         try:
+            request = tmp / "request.json"
+            request.write_text(json.dumps({"messages": messages, "enable_thinking": enable_thinking}))
+            try:
+                commands, envs = self._commands(request, max_tokens, temperature, tmp)
+                self._procs = procs = RankProcesses(commands, envs)
+            except (HostfileError, OSError) as e:
+                raise EngineError(f"cannot start the {self.mode} ranks of {self.model_id}: {e}") from None
             for ev in procs.events(timeout=self.timeout):
                 kind = ev.get("event")
                 if kind == "prefill":
@@ -178,7 +200,8 @@ class MlxEngine:
         except RankFailed as e:
             raise EngineError(f"{self.mode} run of {self.model_id} over {self.n} ranks failed: {e}") from None
         finally:
-            procs.kill()
+            if procs is not None:
+                procs.kill()
             shutil.rmtree(tmp, ignore_errors=True)
 
     @property

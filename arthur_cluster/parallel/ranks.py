@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import queue
+import shutil
 import signal
 import subprocess
 import sys
@@ -17,6 +18,9 @@ import threading
 import time
 from pathlib import Path
 from typing import Iterator
+
+
+EXIT_GRACE = 30.0  # seconds the other ranks get to exit once rank 0 has finished
 
 
 class RankFailed(RuntimeError):
@@ -42,11 +46,12 @@ class RankProcesses:
         try:
             for i, cmd in enumerate(commands):
                 env = {**os.environ, **((envs or [{}] * len(commands))[i])}
-                err = open(self._logdir / f"{i}.err", "wb")
-                out = subprocess.PIPE if i == 0 else open(self._logdir / f"{i}.out", "wb")
                 kw = {"process_group": 0 if i == 0 else self.procs[0].pid}
-                self.procs.append(subprocess.Popen(cmd, env=env, cwd=cwd, stdout=out, stderr=err,
-                                                   stdin=subprocess.DEVNULL, preexec_fn=pre, **kw))
+                with open(self._logdir / f"{i}.err", "wb") as err, \
+                        open(self._logdir / f"{i}.out", "wb") if i else open(os.devnull, "wb") as log:
+                    out = subprocess.PIPE if i == 0 else log
+                    self.procs.append(subprocess.Popen(cmd, env=env, cwd=cwd, stdout=out, stderr=err,
+                                                       stdin=subprocess.DEVNULL, preexec_fn=pre, **kw))
         except Exception:
             self.kill()
             raise
@@ -103,8 +108,8 @@ class RankProcesses:
                     rc = self.procs[0].wait()
                     if rc != 0:
                         raise RankFailed(self._explain(0, rc) + "; all ranks were stopped")
-                    for i, p in enumerate(self.procs[1:], start=1):
-                        rc = p.wait(timeout=max(1.0, deadline - time.monotonic()))
+                    for i, p in enumerate(self.procs[1:], start=1):  # they finish with rank 0, or hang
+                        rc = p.wait(timeout=min(EXIT_GRACE, max(1.0, deadline - time.monotonic())))
                         if rc != 0:
                             raise RankFailed(self._explain(i, rc))
                     return
@@ -149,6 +154,7 @@ class RankProcesses:
                 pass
             if p.stdout:
                 p.stdout.close()
+        shutil.rmtree(self._logdir, ignore_errors=True)
 
     def _signal(self, sig: int) -> None:
         try:

@@ -38,6 +38,20 @@ def emit(obj: dict[str, Any]) -> None:
 # --- loading -------------------------------------------------------------------------------------------
 
 
+def model_folder(path: str, repo_id: str | None) -> Path:
+    """The folder as given, else the repo id in this machine's Hugging Face cache: a rank on another node
+    finds the weights where `arthur-cluster link` put them there, not at the launching machine's path."""
+    if Path(path).is_dir() or not repo_id:
+        return Path(path)
+    from ..engines.base import EngineError
+    from ..engines.mlx import resolve_model
+
+    try:
+        return resolve_model(repo_id)
+    except EngineError as e:
+        raise WorkerError(f"{path} is not on this node and {e}") from None
+
+
 def load(model_path: str | Path, mode: str = "single", group=None, ranges: list[range] | None = None):
     """(model, tokenizer, config) for this rank: lazily loaded, split, then evaluated, so a rank reads only
     the weights it keeps (whole tensors for a tensor split; their unused parts are freed)."""
@@ -175,9 +189,9 @@ def run(args: argparse.Namespace) -> int:
     elif args.mode == "pipeline" and args.memory:
         from .registry import pipeline_split
 
-        cfg = json.loads((Path(args.model) / "config.json").read_text())
+        cfg = json.loads((model_folder(args.model, args.repo_id) / "config.json").read_text())
         ranges = pipeline_split(cfg, size, [int(x) for x in args.memory.split(",")])
-    model, tokenizer, config = load(args.model, args.mode, group, ranges)
+    model, tokenizer, config = load(model_folder(args.model, args.repo_id), args.mode, group, ranges)
     if group is not None:  # everyone loaded before anyone times anything
         mx.eval(mx.distributed.all_sum(mx.array(1.0), group=group))
     load_s = time.perf_counter() - t0
@@ -238,7 +252,8 @@ def run(args: argparse.Namespace) -> int:
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m arthur_cluster.parallel.worker")
-    p.add_argument("--model", required=True)
+    p.add_argument("--model", required=True, help="the model folder")
+    p.add_argument("--repo-id", help="where the folder is missing: find this repo id in the HF cache")
     p.add_argument("--mode", choices=MODES, default="single")
     p.add_argument("--backend", default="ring")
     req = p.add_mutually_exclusive_group(required=True)
