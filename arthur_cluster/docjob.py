@@ -377,19 +377,23 @@ class EngineRunner:
         t0 = time.perf_counter()
         parts: list[str] = []
         first_at, stats, n = None, None, 0
-        for ev in self.eng.stream(prompt.messages(), max_tokens=max_tokens, temperature=temperature,
-                                  enable_thinking=prompt.thinking):
-            if ev.kind == "prefill":
-                reporter.prefill(ev.done, ev.total or prompt.tokens)
-            elif ev.kind == "token":
-                first_at = first_at or time.perf_counter()
-                parts.append(ev.text)
-                n += 1
-                reporter.token(n)
-            elif ev.kind == "done":
-                stats = ev.stats
-                if stats is not None and stats.generation_tokens:
-                    reporter.token(stats.generation_tokens)  # deltas may carry several tokens each
+        try:
+            for ev in self.eng.stream(prompt.messages(), max_tokens=max_tokens, temperature=temperature,
+                                      enable_thinking=prompt.thinking):
+                if ev.kind == "prefill":
+                    reporter.prefill(ev.done, ev.total or prompt.tokens)
+                elif ev.kind == "token":
+                    first_at = first_at or time.perf_counter()
+                    parts.append(ev.text)
+                    n += 1
+                    reporter.token(n)
+                elif ev.kind == "done":
+                    stats = ev.stats
+                    if stats is not None and stats.generation_tokens:
+                        reporter.token(stats.generation_tokens)  # deltas may carry several tokens each
+        except EngineError as e:  # finished units are saved: the job can be resumed once the engine answers
+            raise DocJobError(f"{self.engine} failed on {unit}: {e}; finished parts are kept "
+                              "(`arthur-cluster doc --resume`)") from None
         end = time.perf_counter()
         first_at = first_at or end
         return Answer(
@@ -437,7 +441,10 @@ def load_local(folder: Path, model_id: str, *, route: str = "local", fallback_re
     """Load the model in this process (the MLX engine's single mode) for token-level prompts and caching."""
     from . import modelfiles
 
-    info = modelfiles.require_ok(modelfiles.inspect(folder))
+    try:
+        info = modelfiles.require_ok(modelfiles.inspect(folder))
+    except modelfiles.ModelFileError as e:
+        raise DocJobError(str(e)) from None
     model, tokenizer = _mlx_load(folder)
     return LocalRunner(model, tokenizer, model_id=model_id, path=folder, info=info, route=route,
                        fallback_reason=fallback_reason, use_cache=use_cache, step=step)
@@ -512,11 +519,11 @@ def _tokenizer_and_info(folder: Path | None) -> tuple[Any, Any]:
 
 
 def this_machine() -> memory.NodeMemory:
-    try:
-        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):
-        total = None
-    return memory.NodeMemory(name=socket.gethostname() or "this machine", memory_bytes=total)
+    from .cluster import local_memory
+
+    total, available = local_memory()
+    return memory.NodeMemory(name=socket.gethostname() or "this machine", memory_bytes=total,
+                             available_bytes=available)
 
 
 def deployment_nodes(dep: Any) -> list[memory.NodeMemory]:
@@ -645,10 +652,9 @@ def plan_job(doc: Document, tasks: list[Task], runner: Any, *, max_tokens: int =
 
 
 def _node_shortfall(mp: memory.MemoryPlan) -> str:
-    from .commands._out import human_bytes
-
     worst = [n for n in mp.nodes if n.fits is False]
-    return "; ".join(f"{n.node} needs {human_bytes(n.total)} of {human_bytes(n.budget)}" for n in worst)
+    return "; ".join(f"{n.node} needs {memory.human_bytes(n.total)} of {memory.human_bytes(n.budget)}"
+                     for n in worst)
 
 
 def _plan_map_reduce(plan: Plan, doc: Document, tasks: list[Task], prompter: Prompter, work: int, need: int,
@@ -805,7 +811,10 @@ def find_job(out: Path | None, key: str | None = None) -> Job:
         return job
     root = paths.jobs_dir()
     for folder in sorted(root.glob("*/job.json"), key=lambda p: p.stat().st_mtime, reverse=True):
-        meta = Job(folder.parent).meta()
+        try:
+            meta = Job(folder.parent).meta()
+        except DocJobError:
+            continue  # someone else's broken folder; --out names it directly
         if meta.get("status") != "done" and (key is None or meta.get("key") == key):
             return Job(folder.parent)
     raise DocJobError(f"no unfinished job to resume under {root}; pass --out DIR to name one, or start a new job")
@@ -818,8 +827,8 @@ def find_job(out: Path | None, key: str | None = None) -> Job:
 class RunState:
     answers: dict[str, Answer] = field(default_factory=dict)  # task id -> final answer
     units: list[Answer] = field(default_factory=list)  # every unit of this job, resumed ones included
+    fresh: list[Answer] = field(default_factory=list)  # the units this process ran
     resumed: int = 0
-    started: float = field(default_factory=time.perf_counter)
 
 
 def _unit(job: Job, runner: Any, state: RunState, reporter: Reporter, unit: str, label: str, prompt: Prompt,
@@ -834,6 +843,7 @@ def _unit(job: Job, runner: Any, state: RunState, reporter: Reporter, unit: str,
     ans = runner.answer(unit, prompt, max_tokens=max_tokens, temperature=temperature, reporter=reporter)
     job.save(ans)
     state.units.append(ans)
+    state.fresh.append(ans)
     reporter.unit_done(ans)
     return ans
 
@@ -900,7 +910,7 @@ def _rate(tokens: int, seconds: float) -> float:
 
 
 def _result(job: Job, plan: Plan, runner: Any, state: RunState) -> dict:
-    fresh = [u for u in state.units if u.cache is not None]
+    fresh = state.fresh
     prefilled = sum(u.prompt_tokens - u.cached_tokens for u in fresh)
     peak = max((u.peak_memory_bytes or 0 for u in state.units), default=0) or None
     hits = {"memory": sum(u.cache == "memory" for u in state.units), "disk": sum(u.cache == "disk" for u in state.units),
@@ -955,6 +965,13 @@ def iter_units(plan: Plan) -> Iterator[str]:
 
 
 
+def _same_model(runner: Any, meta: dict) -> bool:
+    if runner.model_id == meta["model"]:
+        return True
+    here, there = getattr(runner, "path", None), meta.get("model_path")
+    return bool(here and there) and Path(here).resolve() == Path(there).resolve()
+
+
 def resume(out: Path | None = None, *, model: str | None = None, reporter: Reporter | None = None,
            runner: Any = None, use_cache: bool = True) -> dict:
     """Continue an unfinished job (--out's, else the newest) from the units already written."""
@@ -964,9 +981,12 @@ def resume(out: Path | None = None, *, model: str | None = None, reporter: Repor
         plan = Plan.model_validate_json((job.dir / "plan.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         raise DocJobError(f"{job.dir}: no readable plan.json; the job never started, start it again") from None
-    runner = runner or open_runner(model or meta.get("model_path") or meta["model"], use_cache=use_cache)
-    if runner.model_id != meta["model"] and not (model and meta.get("model_path")):
-        raise DocJobError(f"{job.dir} was started with {meta['model']}, not {runner.model_id}; "
-                          f"resume it with --model {meta.get('model_path') or meta['model']}")
+    if runner is None and model is None and meta.get("model_path") and Path(meta["model_path"]).is_dir():
+        runner = load_local(Path(meta["model_path"]), meta["model"], use_cache=use_cache)
+    runner = runner or open_runner(model or meta["model"], use_cache=use_cache)
+    if not _same_model(runner, meta):
+        raise DocJobError(f"{job.dir} was started with {meta['model']}, not {runner.model_id}: its finished "
+                          f"parts came from that model; resume it with --model "
+                          f"{meta.get('model_path') or meta['model']}")
     (reporter or Reporter()).plan(plan)
     return run_job(job, plan, runner, reporter=reporter)

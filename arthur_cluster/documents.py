@@ -59,12 +59,12 @@ class Chunk:
 
 def read_pdf(path: Path) -> Source:
     from pypdf import PdfReader
-    from pypdf.errors import PdfReadError
+    from pypdf.errors import DependencyError, PyPdfError
 
     try:
         reader = PdfReader(str(path))
         pages = [(p.extract_text() or "").strip() for p in reader.pages]
-    except (PdfReadError, OSError, ValueError, KeyError) as e:
+    except (PyPdfError, DependencyError, OSError, ValueError, KeyError) as e:  # encrypted, damaged, too large
         raise DocumentError(f"{path}: cannot read this PDF ({e}); convert it to text and pass the .txt file") from None
     if not any(pages):
         raise DocumentError(f"{path}: the PDF holds no extractable text (a scan?); run OCR on it first")

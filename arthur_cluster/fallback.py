@@ -272,22 +272,12 @@ def probe_checks(cat: Catalog, *, prove: bool = False) -> ProbeFn:
 # --- the pick -------------------------------------------------------------------------------------------------
 
 
-def human_bytes(n: int | None) -> str:
-    if n is None:
-        return "?"
-    for unit in ("B", "KB", "MB", "GB"):
-        if abs(n) < 1000:
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n:.1f} TB"
-
-
 def _fit_text(plan: memory.MemoryPlan) -> str:
     peak = plan.peak_node
     if plan.fits is None:
-        return f"memory not known on every node (needs {human_bytes(peak.total)} on {peak.node})"
-    budget = human_bytes(peak.budget)
-    return f"needs {human_bytes(peak.total)} of {budget} on {peak.node}"
+        return f"memory not known on every node (needs {memory.human_bytes(peak.total)} on {peak.node})"
+    budget = memory.human_bytes(peak.budget)
+    return f"needs {memory.human_bytes(peak.total)} of {budget} on {peak.node}"
 
 
 def _excluded(model: str, route: Route | None, prior: list[Rejection]) -> Rejection | None:

@@ -283,6 +283,18 @@ def weights_from_config(d: Dims) -> WeightMap:
     return WeightMap(sharded=[s for s, _ in pairs], replicated=[r for _, r in pairs], other=other, source="config")
 
 
+def human_bytes(n: int | float | None) -> str:
+    """Decimal units, as macOS and LM Studio show sizes; "?" when unknown."""
+    if n is None:
+        return "?"
+    n = float(n)
+    for unit in ("B", "KB", "MB", "GB"):
+        if abs(n) < 1000:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"
+
+
 # --- caches and activations -------------------------------------------------------------------------
 
 

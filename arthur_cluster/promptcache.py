@@ -166,5 +166,8 @@ def obtain(model: Any, identity: str, tokens: list[int], *, step: int = 2048, di
     if disk:
         meta = {**(metadata or {}), "tokens": str(len(tokens)), "format": FORMAT, "model": identity,
                 "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
-        save(path, cache, meta)
+        try:
+            save(path, cache, meta)
+        except (OSError, RuntimeError):
+            pass  # the disk copy only saves a later job's prefill; a full or read-only disk must not end this one
     return DocumentCache(cache, len(tokens), key, "prefill")

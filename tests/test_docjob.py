@@ -158,6 +158,11 @@ def test_cli_plan_refusal_says_what_would_fit(tiny_models, tmp_path):
     assert "too small" in proc.stdout and "smaller --max-tokens" in proc.stdout and "Traceback" not in proc.stderr
     proc = cli("missing.md", "--ask", "Q?", "--model", str(tiny_models["nemotron_h-8bit"]), check=False)
     assert proc.returncode == 1 and "missing.md: no such file" in proc.stderr
+    broken = tmp_path / "pub" / "broken"
+    broken.mkdir(parents=True)
+    (broken / "config.json").write_text((tiny_models["nemotron_h-8bit"] / "config.json").read_text())
+    proc = cli(str(f), "--ask", "Q?", "--model", str(broken), check=False)
+    assert proc.returncode == 1 and str(broken) in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_cli_disk_cache_in_a_second_process(tiny_models, tmp_path):
@@ -192,6 +197,8 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(tiny_models, tmp_path
     done = len(list(units.glob("*.json")))
     assert 3 <= done < whole["units"], "the job was not killed mid-way"
     assert json.loads((tmp_path / "killed" / "job.json").read_text())["status"] == "running"
+    other = cli("--resume", "--out", str(tmp_path / "killed"), "--model", str(tiny_models["llama-4bit"]), check=False)
+    assert other.returncode == 1 and "was started with" in other.stderr  # its parts came from another model
     resumed = json.loads(cli("--resume", "--out", str(tmp_path / "killed"), "--json").stdout)["result"]
     assert resumed["resumed_units"] >= done and resumed["units"] == whole["units"]
     assert resumed["answers"] == whole["answers"]

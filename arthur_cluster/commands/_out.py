@@ -47,16 +47,12 @@ def fail(message: str, *, code: int = EXIT_ERROR, as_json: bool = False) -> NoRe
         print_json({"error": message})
     else:
         # escaped: messages quote files and sections such as models.toml's [demo], which rich would eat as markup
-        err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False)
+        err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
 
 def human_bytes(n: int | float | None) -> str:
-    if n is None:
-        return "-"
-    n = float(n)
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n:.1f} TB"
+    """For tables: "-" when unknown."""
+    from ..memory import human_bytes as text
+
+    return "-" if n is None else text(n)

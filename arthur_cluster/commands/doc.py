@@ -43,7 +43,8 @@ def register(app: typer.Typer) -> None:
                 if files:
                     _out.fail("--resume continues a job from its directory: drop the FILE arguments "
                               "(name the job with --out DIR)", as_json=as_json)
-                result = docjob.resume(out, model=model, reporter=reporter, use_cache=not no_cache)
+                reporter.job = docjob.find_job(out)  # Ctrl-C below names this job, not the newest one
+                result = docjob.resume(reporter.job.dir, model=model, reporter=reporter, use_cache=not no_cache)
                 return _finish(reporter, None, result, as_json)
             prompt = _read_prompt(prompt_file, as_json)
             tasks = docjob.make_tasks(ask, summarize, prompt)
