@@ -428,7 +428,7 @@ def resolve_model(name: str) -> tuple[str, Path]:
     if p.is_dir():
         if not (p / "config.json").is_file():
             raise DocJobError(f"{p}: no config.json; pass a model folder (LM Studio or Hugging Face layout)")
-        return f"{p.parent.name}/{p.name}", p.resolve()
+        return sources.repo_id_of(p), p.resolve()
     found = sources.resolve(name, sources.discover())
     if not found:
         raise DocJobError(f"model {name!r} not found in LM Studio, the Hugging Face cache or exo's folders; "

@@ -253,7 +253,7 @@ def layer_pattern(config: dict) -> str | None:
     names = config.get("layers_block_type") or config.get("layer_types")
     if isinstance(names, list) and names:
         table = {"mamba": "M", "linear_attention": "M", "conv": "M", "moe": "E", "attention": "*",
-                 "full_attention": "*", "mlp": "-"}
+                 "full_attention": "*", "sliding_attention": "*", "mlp": "-"}
         return "".join(table.get(str(n), "?") for n in names)
     n = config.get("num_hidden_layers")
     if isinstance(n, int) and n > 0:

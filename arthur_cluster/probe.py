@@ -41,6 +41,7 @@ from . import memory, modelfiles, paths, remotecode, sources
 from .catalog import ClusterEntry, ModelEntry
 from .memory import MemoryPlan, NodeMemory
 from .modelfiles import ModelInfo
+from .parallel.registry import mlx_lm_dir, model_remapping  # the static half: imports no mlx
 
 PROBE_VERSION = 1
 ENGINES = ("exo", "mlx")
@@ -168,37 +169,11 @@ class ProbeReport(BaseModel):
 # --- mlx-lm, read without importing it ----------------------------------------------------------------
 
 
-@functools.lru_cache(maxsize=1)
-def mlx_lm_dir() -> Path | None:
-    spec = importlib.util.find_spec("mlx_lm")  # a top-level spec does not import the package
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    return Path(list(spec.submodule_search_locations)[0])
-
-
 def mlx_lm_version() -> str | None:
     try:
         return importlib.metadata.version("mlx-lm")
     except importlib.metadata.PackageNotFoundError:
         return None
-
-
-@functools.lru_cache(maxsize=1)
-def model_remapping() -> dict[str, str]:
-    """mlx_lm.utils.MODEL_REMAPPING (e.g. mistral -> llama), read from its source."""
-    root = mlx_lm_dir()
-    try:
-        tree = ast.parse((root / "utils.py").read_text(encoding="utf-8")) if root else None
-    except (OSError, SyntaxError):
-        return {}
-    for node in tree.body if tree else []:
-        if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "MODEL_REMAPPING" for t in node.targets):
-            try:
-                value = ast.literal_eval(node.value)
-            except ValueError:
-                return {}
-            return value if isinstance(value, dict) else {}
-    return {}
 
 
 class ArchSupport(BaseModel):
@@ -795,9 +770,15 @@ def prove(report: ProbeReport, facts: StaticFacts, *, ranks: tuple[int, ...] = (
                    fix=f"miniatures exist for {', '.join(miniature.ARCHITECTURES)}")
         _proof_open(report, "no local proof for this architecture")
         return
-    tmp = tempfile.TemporaryDirectory(prefix="probe-mini-", dir=workdir)
-    folder = Path(tmp.name) / mtype
-    cfg = facts.info.config
+    with tempfile.TemporaryDirectory(prefix="probe-mini-", dir=workdir) as tmp:
+        _prove_in(report, Path(tmp) / mtype, facts.info.config, ranks, progress, timeout)
+
+
+def _prove_in(report: ProbeReport, folder: Path, cfg: dict, ranks: tuple[int, ...], progress: Progress,
+              timeout: float) -> None:
+    from . import miniature
+
+    mtype = report.model_type
     quant = miniature.quantization_like(cfg)
     progress(f"building a miniature {mtype} and generating")
     t = time.time()
@@ -809,14 +790,10 @@ def prove(report: ProbeReport, facts: StaticFacts, *, ranks: tuple[int, ...] = (
         for r in report.routes:
             if r.engine == "mlx":
                 r.block("proof.miniature", "the architecture does not run on this machine's mlx-lm")
-        tmp.cleanup()
         return
     report.add("proof.miniature", "info", f"miniature {mtype} ({'quantized ' + str(quant['bits']) + '-bit' if quant else 'float32'}, "
                f"pattern {_mini_pattern(folder)}): forward pass finite={smoke['finite']}, greedy ids {smoke['ids']}")
-    try:
-        _prove_sharding(report, folder, ranks, progress, timeout)
-    finally:
-        tmp.cleanup()
+    _prove_sharding(report, folder, ranks, progress, timeout)
 
 
 def _mini_pattern(folder: Path) -> str:
@@ -829,8 +806,9 @@ def _mini_pattern(folder: Path) -> str:
 
 def _run_smoke(mtype: str, folder: Path, cfg: dict, quant: dict | None, timeout: float) -> dict:
     like = {k: v for k, v in cfg.items() if k in ("hybrid_override_pattern", "quantization")}
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parent.parent),
-                                                         os.environ.get("PYTHONPATH", "")])}
+    # Only non-empty parts: an empty entry would put the working directory on the child's import path.
+    parts = [str(Path(__file__).resolve().parent.parent), os.environ.get("PYTHONPATH", "")]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in parts if p)}
     try:
         out = subprocess.run([sys.executable, "-c", _SMOKE, mtype, str(folder), json.dumps(like), json.dumps(quant)],
                              capture_output=True, text=True, timeout=timeout, env=env)
@@ -877,8 +855,6 @@ def _prove_sharding(report: ProbeReport, folder: Path, ranks: tuple[int, ...], p
             t = time.time()
             try:
                 res = eq.check(folder, mode, n, backend="ring", timeout=timeout)
-            except TypeError:  # an older check() without timeout
-                res = eq.check(folder, mode, n, backend="ring")
             except Exception as e:  # noqa: BLE001 - a proof that crashes is a finding, not a probe crash
                 res = None
                 err = f"{type(e).__name__}: {e}"
@@ -914,17 +890,13 @@ def locate(model: str) -> tuple[Path | None, str]:
     """A folder path, or a repo id found by discovery; (folder or None, repo id or name)."""
     p = Path(model).expanduser()
     if p.is_dir():
-        return p.resolve(), _repo_of(p)
+        return p.resolve(), sources.repo_id_of(p)
     if p.exists() or model.startswith((".", "/", "~")):
         raise ProbeError(f"{model}: not a model folder")
     found = sources.resolve(model, sources.discover())
     if found:
         return found[0].path, found[0].repo_id
     return None, model
-
-
-def _repo_of(p: Path) -> str:
-    return f"{p.parent.name}/{p.name}"
 
 
 def run(
@@ -1045,6 +1017,6 @@ def _answer(report: ProbeReport, spec: RouteSpec | None) -> None:
 
 
 def exit_code(report: ProbeReport) -> int:
-    from .commands._out import EXIT_BLOCKED, EXIT_OK
+    from .commands._out import EXIT_BLOCKED, EXIT_OK, EXIT_UNKNOWN
 
-    return EXIT_OK if report.verdict == "ok" else EXIT_BLOCKED
+    return {"ok": EXIT_OK, "blocked": EXIT_BLOCKED}.get(report.verdict, EXIT_UNKNOWN)

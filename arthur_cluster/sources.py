@@ -88,7 +88,7 @@ def resolve(name: str, found: list[Found]) -> list[Found]:
     """Entries matching a repo id, a case-insensitive id, a unique name suffix, or a folder path."""
     p = Path(name).expanduser()
     if p.is_dir() and _is_model_dir(p):
-        return [Found(_guess_repo_id(p), p.resolve(), "path")]
+        return [Found(repo_id_of(p), p.resolve(), "path")]
     exact = [f for f in found if f.repo_id == name]
     if exact:
         return exact
@@ -99,7 +99,14 @@ def resolve(name: str, found: list[Found]) -> list[Found]:
     return [f for f in found if f.repo_id.lower().split("/", 1)[-1] == lower]
 
 
-def _guess_repo_id(folder: Path) -> str:
+def repo_id_of(folder: Path) -> str:
+    """The repo id a model folder stands for, from its layout: an HF cache snapshot
+    (models--org--name/snapshots/<commit>), exo's org--name, or LM Studio's publisher/repo."""
+    folder = Path(folder)
+    if folder.parent.name == "snapshots" and folder.parent.parent.name.startswith("models--"):
+        return folder.parent.parent.name[len("models--"):].replace("--", "/", 1)
+    if "--" in folder.name:
+        return folder.name.replace("--", "/", 1)
     return f"{folder.parent.name}/{folder.name}"
 
 

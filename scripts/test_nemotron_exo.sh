@@ -67,6 +67,7 @@ rc=$?
 case "$rc" in
   0) echo "-> probe: an exo route is ok" ;;
   3) echo "-> probe: no exo route is ok yet (above); bring-up tries, then falls back" ;;
+  4) echo "-> probe: exo's answer is not known yet (above); bring-up asks exo itself" ;;
   *) echo "-> probe could not finish (exit $rc); bring-up checks again" ;;
 esac
 

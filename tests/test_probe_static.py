@@ -206,8 +206,24 @@ def test_cli_json_and_exit_codes(shapes):
     assert data["verdict"] == "ok" and data["route"]["engine"] == "mlx" and data["memory"]["pipeline/2"]["nodes"]
     blocked = cli("--route", "exo/tensor/ring/4")
     assert blocked.returncode == 3 and json.loads(blocked.stdout)["verdict"] == "blocked"
+    unknown = cli("--route", "exo/pipeline/ring/2")  # sound statically, but no exo was asked
+    assert unknown.returncode == 4 and json.loads(unknown.stdout)["verdict"] == "unknown"
     bad = cli("--route", "exo/sideways")
     assert bad.returncode == 1 and "sharding" in json.loads(bad.stdout)["error"]
     missing = subprocess.run([sys.executable, "-m", "arthur_cluster.cli", "probe", "nobody/nothing", "--json"],
                              capture_output=True, text=True, cwd=ROOT)
     assert missing.returncode == 1 and "arthur-cluster models" in json.loads(missing.stdout)["error"]
+
+
+def test_model_types_mlx_lm_remaps_use_their_module():
+    from arthur_cluster.parallel import registry
+
+    assert registry.module_of("mistral") == "llama"  # mlx-lm loads mistral with its llama module
+    assert registry.supported("mistral") == registry.supported("llama")
+
+
+def test_sliding_window_layers_keep_a_kv_cache():
+    from arthur_cluster import modelfiles
+
+    cfg = {"layer_types": ["sliding_attention", "full_attention"] * 2, "num_hidden_layers": 4}
+    assert modelfiles.layer_pattern(cfg) == "****"

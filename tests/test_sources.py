@@ -117,3 +117,11 @@ def test_catalogue_errors_name_file_and_problem(tmp_path, text, fragment):
 def test_catalogue_missing(tmp_path):
     with pytest.raises(catalog.CatalogError, match="not found"):
         catalog.load(tmp_path / "nope.toml")
+
+
+def test_repo_id_from_each_layout(tmp_path):
+    hf = tmp_path / "hub" / "models--mlx-community--Llama-3.2-1B-Instruct-4bit" / "snapshots" / "abc123"
+    exo = tmp_path / "exo" / "models" / "mlx-community--Llama-3.2-1B-Instruct-4bit"
+    lms = tmp_path / "lmstudio" / "models" / "mlx-community" / "Llama-3.2-1B-Instruct-4bit"
+    for folder in (hf, exo, lms):
+        assert sources.repo_id_of(folder) == "mlx-community/Llama-3.2-1B-Instruct-4bit"

@@ -20,6 +20,7 @@ EXIT_OK = 0
 EXIT_ERROR = 1  # bad input, a problem found (doctor), a failed operation
 EXIT_USAGE = 2  # typer/click's own code for wrong arguments
 EXIT_BLOCKED = 3  # the probe: the asked route cannot run here
+EXIT_UNKNOWN = 4  # the probe: not known whether it runs (e.g. an exo route with no exo to ask)
 
 
 def plain(obj: Any) -> Any:

@@ -12,6 +12,8 @@ last ones; the final hidden state is shared with every rank so that all of them 
 
 from __future__ import annotations
 
+import ast
+import functools
 import importlib.util
 import re
 from pathlib import Path
@@ -28,16 +30,9 @@ class ShardingError(ValueError):
 
 
 def _pattern(config: Config) -> str:
-    """NemotronH's layer pattern as one character per layer (M mamba, E moe, * attention, - mlp)."""
-    p = config.get("hybrid_override_pattern")
-    if isinstance(p, str):
-        return p
-    if isinstance(p, list):
-        return "".join(p)
-    names = {"mamba": "M", "linear_attention": "M", "conv": "M", "moe": "E", "attention": "*",
-             "full_attention": "*", "mlp": "-"}
-    kinds = config.get("layers_block_type") or config.get("layer_types") or []
-    return "".join(names.get(k, "?") for k in kinds)
+    from ..modelfiles import layer_pattern  # header facts only: no mlx
+
+    return layer_pattern(config) or ""
 
 
 def _quant_group(config: Config) -> int | None:
@@ -187,11 +182,40 @@ def split_counts(ranges: list[range]) -> list[int]:
 OWN = {"nemotron_h": {"pipeline": True, "tensor": True}, "llama": {"pipeline": True, "tensor": False}}
 
 
-def _mlx_lm_models_dir() -> Path | None:
+@functools.lru_cache(maxsize=1)
+def mlx_lm_dir() -> Path | None:
     spec = importlib.util.find_spec("mlx_lm")  # locates the package without importing it
     if spec is None or not spec.submodule_search_locations:
         return None
-    return Path(list(spec.submodule_search_locations)[0]) / "models"
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def _mlx_lm_models_dir() -> Path | None:
+    root = mlx_lm_dir()
+    return root / "models" if root else None
+
+
+@functools.lru_cache(maxsize=1)
+def model_remapping() -> dict[str, str]:
+    """mlx_lm.utils.MODEL_REMAPPING (e.g. mistral -> llama), read from its source."""
+    root = mlx_lm_dir()
+    try:
+        tree = ast.parse((root / "utils.py").read_text(encoding="utf-8")) if root else None
+    except (OSError, SyntaxError):
+        return {}
+    for node in tree.body if tree else []:
+        if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "MODEL_REMAPPING" for t in node.targets):
+            try:
+                value = ast.literal_eval(node.value)
+            except ValueError:
+                return {}
+            return value if isinstance(value, dict) else {}
+    return {}
+
+
+def module_of(model_type: str) -> str:
+    """The mlx-lm module a model type loads with (its own name unless mlx-lm remaps it)."""
+    return model_remapping().get(model_type, model_type).replace("-", "_")
 
 
 def mlx_lm_support(model_type: str) -> dict[str, bool]:
@@ -206,8 +230,9 @@ def mlx_lm_support(model_type: str) -> dict[str, bool]:
 
 def supported(model_type: str) -> dict[str, bool]:
     """Whether a pipeline and a tensor split exist for this model type (this project's or mlx-lm's)."""
-    own = OWN.get(model_type, {})
-    lib = mlx_lm_support(model_type)
+    module = module_of(model_type)
+    own = OWN.get(module, {})
+    lib = mlx_lm_support(module)
     return {mode: bool(own.get(mode) or lib[mode]) for mode in ("pipeline", "tensor")}
 
 
@@ -270,9 +295,10 @@ SHARDING: dict[str, dict[str, Callable | None]] = _build()
 def apply(model, mode: str, group, config: Config, ranges: list[range] | None = None):
     """Split a lazily loaded model for this rank; returns the model to run."""
     mtype = config.get("model_type", "?")
-    fn = SHARDING.get(mtype, {}).get(mode)
+    module = module_of(mtype)
+    fn = SHARDING.get(module, {}).get(mode)
     if fn is None:
-        have = [m for m, f in SHARDING.get(mtype, {}).items() if f]
+        have = [m for m, f in SHARDING.get(module, {}).items() if f]
         raise ShardingError(f"no {mode} split for model type {mtype!r}"
                             + (f"; available: {', '.join(have)}" if have else "; it cannot be split"))
     if mode == "pipeline":
