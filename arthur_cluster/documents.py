@@ -133,18 +133,18 @@ _HEADING = re.compile(r"^(#{1,6} |===== file: )")
 
 
 def blocks(text: str) -> list[tuple[int, int]]:
-    """(start, end) character spans of paragraphs: cut at blank lines, page breaks, and before headings."""
+    """(start, end) character spans of paragraphs of a normalized text: cut at blank lines (a PDF's page
+    breaks become blank lines when normalized) and before headings."""
     spans: list[tuple[int, int]] = []
     start = None
     pos = 0
     for line in text.splitlines(keepends=True):
         bare = line.strip()
-        breaks = not bare or bare == PAGE_BREAK or line.startswith(PAGE_BREAK)
-        if start is not None and (breaks or _HEADING.match(line.lstrip(PAGE_BREAK))):
+        if start is not None and (not bare or _HEADING.match(line)):
             spans.append((start, pos))
             start = None
-        if bare and bare != PAGE_BREAK and start is None:
-            start = pos + (len(line) - len(line.lstrip(PAGE_BREAK)))
+        if bare and start is None:
+            start = pos
         pos += len(line)
     if start is not None:
         spans.append((start, pos))
@@ -153,7 +153,7 @@ def blocks(text: str) -> list[tuple[int, int]]:
 
 def _trim(text: str, span: tuple[int, int]) -> tuple[int, int]:
     a, b = span
-    while b > a and text[b - 1] in "\n\f":
+    while b > a and text[b - 1] == "\n":
         b -= 1
     return a, b
 
