@@ -9,7 +9,6 @@ candidate is tried. The Deployment record (paths.deployment_file()) is what `doc
 
 from __future__ import annotations
 
-import os
 import shlex
 import subprocess
 from dataclasses import dataclass, field
@@ -24,7 +23,7 @@ from .catalog import Catalog
 from .cluster import ClusterError, ClusterInfo, Discovery, discover
 from .engines.base import ChatResult, Engine, EngineError, collect
 from .fallback import Choice, NoChoice, Rejection, Route
-from .hostfile import SSH_ENV, ssh_command  # noqa: F401  (SSH_ENV: where `up` reads the ssh command)
+from .hostfile import ssh_command
 
 SMOKE_PROMPT = "What is 2+2?"
 SMOKE_MAX_TOKENS = 50
@@ -105,10 +104,7 @@ class Hooks:
 
 def write_record(dep: Deployment, path: Path | None = None) -> Path:
     path = path or paths.deployment_file()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(dep.model_dump_json(indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, path)  # readers see the old record or the new one, never half of one
+    paths.write_atomic(path, dep.model_dump_json(indent=2) + "\n")
     return path
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import socket
 import time
 from dataclasses import dataclass, field
@@ -717,15 +716,8 @@ def _estimate_time(plan: Plan, runner: Any, first: Prompt) -> None:
 # --- the job directory ---------------------------------------------------------------------------------
 
 
-def write_atomic(path: Path, data: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(data, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def write_json(path: Path, obj: Any) -> None:
-    write_atomic(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
+    paths.write_atomic(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
 
 
 def job_key(doc: Document, tasks: list[Task], model_id: str, max_tokens: int, thinking: bool | None,
@@ -771,7 +763,7 @@ class Job:
             return None  # a damaged unit is simply run again
 
     def save(self, answer: Answer) -> None:
-        write_atomic(self.unit_file(answer.unit), answer.model_dump_json(indent=2))
+        paths.write_atomic(self.unit_file(answer.unit), answer.model_dump_json(indent=2))
 
     def document(self) -> Document:
         meta = self.meta()
@@ -790,7 +782,7 @@ def create_job(doc: Document, tasks: list[Task], runner: Any, *, max_tokens: int
     if (folder / "job.json").exists():
         raise DocJobError(f"{folder} already holds a job; continue it with --resume or choose another --out")
     folder.mkdir(parents=True, exist_ok=True)
-    write_atomic(folder / "document.txt", doc.text)
+    paths.write_atomic(folder / "document.txt", doc.text)
     write_json(folder / "job.json", {
         "id": folder.name, "key": key, "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "status": "planned",
         "model": runner.model_id, "model_path": str(getattr(runner, "path", None) or "") or None,
@@ -871,7 +863,7 @@ def run_job(job: Job, plan: Plan, runner: Any, *, reporter: Reporter | None = No
     else:
         _map_reduce(job, plan, doc, prompter, runner, state, reporter, max_tokens, temperature)
     result = _result(job, plan, runner, state)
-    write_atomic(job.dir / "answers.md", answers_markdown(meta, plan, state))
+    paths.write_atomic(job.dir / "answers.md", answers_markdown(meta, plan, state))
     write_json(job.dir / "result.json", result)
     job.set_status("done")
     return result

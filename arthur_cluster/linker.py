@@ -156,13 +156,6 @@ def _lock() -> Iterator[None]:
             fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def _read_json(path: Path) -> dict | None:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
@@ -675,13 +668,13 @@ def _apply_exo(plan: _ExoPlan) -> list[Action]:
     if actions[0].op != "keep":
         # Record first: a run killed after it leaves a record without a matching link, which the next
         # run repairs; the reverse order would leave a link nobody claims.
-        _write_atomic(plan.record_path, json.dumps(plan.record, indent=1, ensure_ascii=False))
+        paths.write_atomic(plan.record_path, json.dumps(plan.record, indent=1, ensure_ascii=False))
         plan.staging.mkdir(parents=True, exist_ok=True)
         tmp = plan.staging / f"{plan.entry.name}.{os.getpid()}.{secrets.token_hex(4)}"
         _build_exo(tmp, plan.record, plan.index_text)
         _swap_in(tmp, plan.entry, plan.staging)
     if plan.card_op in ("create", "replace"):
-        _write_atomic(plan.card, plan.card_text)
+        paths.write_atomic(plan.card, plan.card_text)
     return actions
 
 

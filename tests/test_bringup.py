@@ -14,7 +14,7 @@ import threading
 import pytest
 from typer.testing import CliRunner
 
-from arthur_cluster import bringup, cli, paths
+from arthur_cluster import bringup, cli, hostfile, paths
 from arthur_cluster.catalog import Catalog
 from arthur_cluster.cluster import ClusterError
 from tests.conftest import copy_model
@@ -257,7 +257,7 @@ def test_weights_on_other_nodes_are_linked_over_ssh(library, tmp_path, monkeypat
     log = tmp_path / "ssh.log"
     cat, stand_in = two_node_catalog(tmp_path, f'#!/bin/sh\necho "$@" >> {log}\nshift\n'
                                                f'PATH={sys.executable.rsplit("/", 1)[0]}:$PATH exec "$@"\n')
-    monkeypatch.setenv(bringup.SSH_ENV, str(stand_in))
+    monkeypatch.setenv(hostfile.SSH_ENV, str(stand_in))
     hooks = Recorder()
     dep = bringup.up(cat, engine="mlx", hooks=hooks)
     assert f"studio-2.local arthur-cluster link {NEMOTRON} --json" in log.read_text()
@@ -272,7 +272,7 @@ def test_weights_on_other_nodes_are_linked_over_ssh(library, tmp_path, monkeypat
 def test_a_node_ssh_cannot_reach_is_named(library, tmp_path, monkeypatch):
     cat, stand_in = two_node_catalog(tmp_path, '#!/bin/sh\necho "ssh: connect to host $1 port 22: Connection '
                                                'refused" >&2\nexit 255\n')
-    monkeypatch.setenv(bringup.SSH_ENV, str(stand_in))
+    monkeypatch.setenv(hostfile.SSH_ENV, str(stand_in))
     dep = bringup.up(cat, engine="mlx")
     assert dep.route.label == "mlx single node"
     assert "failed on studio-2 (studio-2.local): ssh: connect to host studio-2.local" in dep.fallback_reason

@@ -226,7 +226,7 @@ def tensor(model, group, config: dict[str, Any] | None = None):
     blockers = tensor_blockers(cfg, n)
     if blockers:
         raise ShardingError(f"cannot split nemotron_h {n} ways: " + "; ".join(blockers)
-                            + f". Use a rank count that divides these, or a pipeline split.")
+                            + ". Use a rank count that divides these, or a pipeline split.")
     if n == 1:
         return model
     for layer in model.backbone.layers:
