@@ -158,6 +158,9 @@ class Prompt:
         return [{"role": "system", "content": SYSTEM}, {"role": "user", "content": self.head + self.tail}]
 
 
+HEADS_KEPT = 4  # tokenized document prefixes a Prompter keeps
+
+
 class Prompter:
     """Renders prompts with the model's chat template and cuts them where the task begins.
 
@@ -170,6 +173,9 @@ class Prompter:
         template = getattr(tokenizer, "chat_template", None) or ""
         self.thinking_supported = "enable_thinking" in str(template)
         self.thinking = thinking if self.thinking_supported else None
+        # head -> (prefix ids, template text after the cut): every task on the same document (or chunk)
+        # reuses one tokenization of it, which at 262k tokens takes seconds.
+        self._heads: dict[str, tuple[list[int], str]] = {}
 
     @property
     def exact(self) -> bool:
@@ -195,12 +201,19 @@ class Prompter:
             p.prefix = [0] * self.count(SYSTEM + head)
             p.suffix = [0] * (self.count(tail) + 16)
             return p
-        text = self._render(head)
-        if SENTINEL not in text:
-            raise DocJobError("the model's chat template drops the user's text; this model cannot run document jobs")
-        before, after = text.split(SENTINEL, 1)
-        bos = getattr(self.tok, "bos_token", None)
-        p.prefix = self.tok.encode(before, add_special_tokens=not (bos and before.startswith(bos)))
+        if head not in self._heads:
+            text = self._render(head)
+            if SENTINEL not in text:
+                raise DocJobError("the model's chat template drops the user's text; this model cannot run "
+                                  "document jobs")
+            before, after = text.split(SENTINEL, 1)
+            bos = getattr(self.tok, "bos_token", None)
+            if len(self._heads) >= HEADS_KEPT:
+                self._heads.pop(next(iter(self._heads)))  # the oldest: map-reduce moves chunk by chunk
+            self._heads[head] = (self.tok.encode(before, add_special_tokens=not (bos and before.startswith(bos))),
+                                 after)
+        prefix, after = self._heads[head]
+        p.prefix = list(prefix)
         p.suffix = self.tok.encode(tail + after, add_special_tokens=False)
         return p
 

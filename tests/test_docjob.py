@@ -241,3 +241,17 @@ def test_exo_streaming_through_the_simulator(exo_sim, tiny_models, tmp_path):
     assert result["tokens"]["generated"] == 12 and result["decode_tps"] > 0
     plan = json.loads((tmp_path / "exo" / "plan.json").read_text())
     assert plan["tokens_exact"] and plan["nodes"][0]["name"] == exo_sim.nodes[0].node_id
+
+
+def test_every_question_reuses_one_tokenization_of_the_document(tiny_models):
+    from mlx_lm.utils import load_tokenizer
+
+    tok = load_tokenizer(tiny_models["llama-4bit"])
+    seen: list[int] = []
+    encode = tok.encode
+    tok.encode = lambda text, **kw: seen.append(len(text)) or encode(text, **kw)
+    prompter = docjob.Prompter(tok)
+    head = docjob.single_head(make_doc(8))
+    first, second = prompter.build(head, "Question: one?"), prompter.build(head, "Question: two?")
+    assert first.prefix == second.prefix and first.suffix != second.suffix
+    assert sum(n > len(head) // 2 for n in seen) == 1  # the document itself was encoded once
