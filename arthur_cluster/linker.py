@@ -309,19 +309,25 @@ def check_hf_entry(repo_dir: Path, record: dict) -> list[Finding]:
                                message="a snapshot or blob link is missing or was changed",
                                fix=f"run `arthur-cluster link {rid}` to rebuild the entry"))
             continue
-        try:
-            st = os.stat(want_src)
-        except OSError:
-            out.append(Finding(kind="broken", severity="error", path=want_src, repo_id=rid,
-                               message="source file moved or deleted; the cache entry points at nothing",
-                               fix=f"restore the file, or run `arthur-cluster unlink {rid}`"))
-            continue
-        if st.st_size != f["size"] or st.st_mtime_ns != f["mtime_ns"]:
-            out.append(Finding(kind="drift", severity="warning", path=want_src, repo_id=rid,
-                               message=f"source file changed since linking (size {f['size']} -> {st.st_size}, "
-                                       "or modified time); its etag no longer describes it",
-                               fix=f"run `arthur-cluster link {rid}` to relink it"))
+        out += _source_findings(want_src, f, rid, "the cache entry points at nothing",
+                                "its etag no longer describes it", "to relink it")
     return out
+
+
+def _source_findings(path: str, recorded: dict, rid: str, gone: str, changed: str, relink: str) -> list[Finding]:
+    """A linked source file against what the link recorded: gone (broken) or changed since (drift)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return [Finding(kind="broken", severity="error", path=path, repo_id=rid,
+                        message=f"source file moved or deleted; {gone}",
+                        fix=f"restore the file, or run `arthur-cluster unlink {rid}`")]
+    if st.st_size != recorded["size"] or st.st_mtime_ns != recorded["mtime_ns"]:
+        return [Finding(kind="drift", severity="warning", path=path, repo_id=rid,
+                        message=f"source file changed since linking (size {recorded['size']} -> {st.st_size}, "
+                                f"or modified time); {changed}",
+                        fix=f"run `arthur-cluster link {rid}` {relink}")]
+    return []
 
 
 _HF_OURS_TOP = {"blobs", "snapshots", "refs", ".no_exist", HF_MARKER}
@@ -441,18 +447,8 @@ def check_exo_entry(entry: Path, record: dict) -> list[Finding]:
                            fix=f"run `arthur-cluster unlink --stale`, or link {rid} again from its new place"))
         return out
     for f in record.get("files", []):
-        p = os.path.join(source, f["name"])
-        try:
-            st = os.stat(p)
-        except OSError:
-            out.append(Finding(kind="broken", severity="error", path=p, repo_id=rid,
-                               message="source file moved or deleted",
-                               fix=f"restore the file, or run `arthur-cluster unlink {rid}`"))
-            continue
-        if st.st_size != f["size"] or st.st_mtime_ns != f["mtime_ns"]:
-            out.append(Finding(kind="drift", severity="warning", path=p, repo_id=rid,
-                               message="source file changed since linking",
-                               fix=f"run `arthur-cluster link {rid}` to refresh the link and card"))
+        out += _source_findings(os.path.join(source, f["name"]), f, rid, "exo will not find it",
+                                "the card's sizes no longer describe it", "to refresh the link and card")
     if not out and not exo_complete(entry):
         out.append(Finding(kind="broken", severity="error", path=str(entry), repo_id=rid,
                            message="exo would not treat this folder as complete (index or a listed shard missing)",
