@@ -42,7 +42,7 @@ def register(app: typer.Typer) -> None:
             _step_link(dhome, cat, record, as_json)
             _step_probe(cat, record, proof, as_json)
             _step_up(cat, record, as_json)
-            _step_doc(dhome, question or demo.DEMO_QUESTION, record, as_json)
+            _step_doc(dhome, question or demo.DEMO_QUESTION, record, as_json, kept=home is not None or keep)
         except _errors() as e:
             _out.fail(str(e), as_json=as_json)
         finally:
@@ -148,7 +148,7 @@ def _step_up(cat, record: dict, as_json: bool) -> None:
         _print_deployment(dep, paths.deployment_file())
 
 
-def _step_doc(dhome, question: str, record: dict, as_json: bool) -> None:
+def _step_doc(dhome, question: str, record: dict, as_json: bool, kept: bool) -> None:
     from .. import demo, docjob
     from .doc import RichReporter
 
@@ -167,5 +167,6 @@ def _step_doc(dhome, question: str, record: dict, as_json: bool) -> None:
                                highlight=False, markup=False)
         t = result["tokens"]
         _out.console.print(f"   {result['mode']} pass on {result['route']}: {t['document']:,} document tokens, "
-                           f"{t['generated']} generated, {result['decode_tps']} tok/s; answers in {result['dir']}",
+                           f"{t['generated']} generated, {result['decode_tps']} tok/s; answers in {result['dir']}"
+                           + ("" if kept else " (removed with the demo home; --keep keeps it)"),
                            highlight=False)
