@@ -10,7 +10,6 @@ candidate is tried. The Deployment record (paths.deployment_file()) is what `doc
 from __future__ import annotations
 
 import shlex
-import subprocess
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -23,7 +22,7 @@ from .catalog import Catalog
 from .cluster import ClusterError, ClusterInfo, Discovery, discover
 from .engines.base import ChatResult, Engine, EngineError, collect
 from .fallback import Choice, NoChoice, Rejection, Route
-from .hostfile import ssh_command
+from .hostfile import RemoteError, over_ssh
 
 SMOKE_PROMPT = "What is 2+2?"
 SMOKE_MAX_TOKENS = 50
@@ -224,13 +223,11 @@ def weights_elsewhere(choice: Choice, cat: Catalog, hooks: Hooks) -> list[str]:
             continue
         hooks.say(f"linking on {name} over ssh ({host})")
         try:
-            done = subprocess.run([*ssh_command(), host, *cmd, "--json"], capture_output=True, text=True,
-                                  timeout=REMOTE_TIMEOUT)
-        except (OSError, subprocess.TimeoutExpired) as exc:
-            raise AttemptFailed(f"could not run the link on {name} over ssh ({host}): {exc}") from None
-        if done.returncode != 0:
-            tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
-            raise AttemptFailed(f"`{shlex.join(cmd)}` failed on {name} ({host}): {tail[0]}")
+            over_ssh(host, [*cmd, "--json"], timeout=REMOTE_TIMEOUT)
+        except RemoteError as exc:
+            if not exc.ran:
+                raise AttemptFailed(f"could not run the link on {name} over ssh ({host}): {exc}") from None
+            raise AttemptFailed(f"`{shlex.join(cmd)}` failed on {name} ({host}): {exc}") from None
         notes.append(f"on node {name}: linked over ssh ({host})")
     return notes
 

@@ -16,6 +16,7 @@ import json
 import os
 import shlex
 import socket
+import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,6 +49,26 @@ class Host:
 
 def ssh_command() -> list[str]:
     return shlex.split(os.environ.get(SSH_ENV) or SSH_DEFAULT)
+
+
+class RemoteError(RuntimeError):
+    """A command over ssh could not start (ran False) or failed there; the message is its last error line."""
+
+    def __init__(self, message: str, ran: bool):
+        super().__init__(message)
+        self.ran = ran
+
+
+def over_ssh(host: str, command: list[str], *, input: bytes | None = None, timeout: float = 120.0) -> str:
+    """Run `command` on `host` with the configured ssh; its standard output, or RemoteError."""
+    try:
+        done = subprocess.run([*ssh_command(), host, *command], input=input, capture_output=True, timeout=timeout)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        raise RemoteError(str(e), ran=False) from None
+    if done.returncode != 0:
+        tail = (done.stderr or done.stdout).decode(errors="replace").strip().splitlines()[-1:] or ["no output"]
+        raise RemoteError(tail[0], ran=True)
+    return done.stdout.decode(errors="replace")
 
 
 def is_this_machine(name: str | None) -> bool:

@@ -12,14 +12,13 @@ from __future__ import annotations
 import json
 import shlex
 import shutil
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 from typing import Iterator
 
-from ..hostfile import (BackendUnavailable, HostfileError, check_backend, free_ports, hosts_from, is_this_machine,
-                        loopback_ring, rank_env, ssh_command, write_hostfile)
+from ..hostfile import (BackendUnavailable, HostfileError, RemoteError, check_backend, free_ports, hosts_from,
+                        is_this_machine, loopback_ring, over_ssh, rank_env, write_hostfile)
 from ..parallel.ranks import RankFailed, RankProcesses
 from ..parallel.registry import supported, tensor_blockers
 from .base import EngineError, Event, Message, Stats
@@ -48,15 +47,11 @@ def send_request(host, request: Path) -> None:
     at the same path (sent over ssh, the way mlx.launch itself reaches the nodes)."""
     if is_this_machine(host.ssh):
         return
-    folder = shlex.quote(str(request.parent))
+    script = f"mkdir -p {shlex.quote(str(request.parent))} && cat > {shlex.quote(str(request))}"
     try:
-        done = subprocess.run([*ssh_command(), host.ssh, f"mkdir -p {folder} && cat > {shlex.quote(str(request))}"],
-                              input=request.read_bytes(), capture_output=True, timeout=60)
-    except (OSError, subprocess.TimeoutExpired) as e:
+        over_ssh(host.ssh, [script], input=request.read_bytes(), timeout=60)
+    except RemoteError as e:
         raise EngineError(f"cannot send the request to {host.ssh} over ssh: {e}") from None
-    if done.returncode != 0:
-        tail = done.stderr.decode(errors="replace").strip().splitlines()[-1:] or ["no output"]
-        raise EngineError(f"cannot send the request to {host.ssh} over ssh: {tail[0]}")
 
 
 class MlxEngine:

@@ -179,6 +179,7 @@ def run(args: argparse.Namespace) -> int:
     out = emit if is_main else (lambda _obj: None)
 
     t0 = time.perf_counter()
+    folder = model_folder(args.model, args.repo_id)
     ranges = None
     if args.mode == "pipeline" and args.split:
         counts = [int(x) for x in args.split.split(",")]
@@ -189,9 +190,9 @@ def run(args: argparse.Namespace) -> int:
     elif args.mode == "pipeline" and args.memory:
         from .registry import pipeline_split
 
-        cfg = json.loads((model_folder(args.model, args.repo_id) / "config.json").read_text())
+        cfg = json.loads((folder / "config.json").read_text())
         ranges = pipeline_split(cfg, size, [int(x) for x in args.memory.split(",")])
-    model, tokenizer, config = load(model_folder(args.model, args.repo_id), args.mode, group, ranges)
+    model, tokenizer, config = load(folder, args.mode, group, ranges)
     if group is not None:  # everyone loaded before anyone times anything
         mx.eval(mx.distributed.all_sum(mx.array(1.0), group=group))
     load_s = time.perf_counter() - t0
