@@ -9,6 +9,8 @@ candidate is tried. The Deployment record (paths.deployment_file()) is what `doc
 
 from __future__ import annotations
 
+from .errors import ArthurError
+
 import shlex
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -30,7 +32,7 @@ DEFAULT_TIMEOUT = 600.0  # seconds for one placement to become ready (a 31 GB lo
 REMOTE_TIMEOUT = 120.0
 
 
-class BringUpError(RuntimeError):
+class BringUpError(ArthurError, RuntimeError):
     """Nothing came up; the message lists every candidate tried and why it failed."""
 
     def __init__(self, message: str, rejections: list[Rejection] | None = None):
@@ -38,11 +40,11 @@ class BringUpError(RuntimeError):
         self.rejections = rejections or []
 
 
-class DeploymentError(RuntimeError):
+class DeploymentError(ArthurError, RuntimeError):
     """The deployment record is missing, unreadable, or names something that is gone."""
 
 
-class AttemptFailed(RuntimeError):
+class AttemptFailed(ArthurError, RuntimeError):
     """One (model, route) could not be brought up. scope: "model" excludes the model, "route" only the route."""
 
     def __init__(self, reason: str, scope: Literal["model", "route"] = "route"):

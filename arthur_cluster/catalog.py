@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from .errors import ArthurError
+
 import os
 import tomllib
 from pathlib import Path
@@ -14,7 +16,7 @@ from . import paths
 REPO_ROOT_CATALOG = Path(__file__).resolve().parent.parent / "models.toml"
 
 
-class CatalogError(ValueError):
+class CatalogError(ArthurError, ValueError):
     """models.toml is missing or invalid; the message names the file and the fix."""
 
 

@@ -7,6 +7,8 @@ Nothing here loads a model; exo is asked with short timeouts so that an absent e
 
 from __future__ import annotations
 
+from .errors import ArthurError
+
 import os
 import socket
 from typing import Literal
@@ -22,7 +24,7 @@ Backend = Literal["ring", "jaccl", "nccl"]
 DISCOVERY_READ_TIMEOUT = 10.0  # exo answers /state in milliseconds; a silent port must not hold `up` for long
 
 
-class ClusterError(RuntimeError):
+class ClusterError(ArthurError, RuntimeError):
     """The asked-for cluster cannot be used; the message says which endpoint/node and what to do."""
 
 

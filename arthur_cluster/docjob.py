@@ -10,6 +10,8 @@ job directory as it completes; a job killed at any point resumes from what is th
 
 from __future__ import annotations
 
+from .errors import ArthurError
+
 import hashlib
 import json
 import socket
@@ -35,7 +37,7 @@ WARMUP_TOKENS = 256
 THINK_END = "</think>"
 
 
-class DocJobError(RuntimeError):
+class DocJobError(ArthurError, RuntimeError):
     """A document job cannot start or continue; the message says why and what to do."""
 
 

@@ -6,6 +6,8 @@ No mlx or transformers here: token counts come from a function the caller passes
 
 from __future__ import annotations
 
+from .errors import ArthurError
+
 import hashlib
 import re
 import sys
@@ -19,7 +21,7 @@ PDF_SUFFIXES = {".pdf"}
 PAGE_BREAK = "\f"
 
 
-class DocumentError(ValueError):
+class DocumentError(ArthurError, ValueError):
     """An input cannot be read as a document; the message names the file and the fix."""
 
 

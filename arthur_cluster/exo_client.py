@@ -13,6 +13,8 @@ compared too; a node without one reports None.
 
 from __future__ import annotations
 
+from .errors import ArthurError
+
 import json
 import time
 from typing import Any, Callable, Iterator, Literal
@@ -35,7 +37,7 @@ InstanceMeta = Literal["MlxRing", "MlxJaccl"]
 # --- errors -------------------------------------------------------------------------------------
 
 
-class ExoError(RuntimeError):
+class ExoError(ArthurError, RuntimeError):
     """Anything that went wrong talking to exo; the message names the URL/node and what to do."""
 
 

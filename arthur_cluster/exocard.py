@@ -6,6 +6,8 @@ skips (with a warning) any card without `backends`; values here come from the he
 
 from __future__ import annotations
 
+from .errors import ArthurError
+
 import json
 import re
 
@@ -31,7 +33,7 @@ ALLOWED_KEYS = {
 }
 
 
-class CardError(ValueError):
+class CardError(ArthurError, ValueError):
     """The model lacks what a card needs (layers, hidden size); the message names the file."""
 
 

@@ -10,6 +10,8 @@ every list in a fixed order.
 
 from __future__ import annotations
 
+from .errors import ArthurError
+
 from pathlib import Path
 from typing import Callable, Iterable, Literal
 
@@ -113,7 +115,7 @@ def fallback_reason(target: str, chosen: str, rejections: list[Rejection]) -> st
     return f"{target} could not run: " + ("; ".join(str(r) for r in decisive or mine) or "it was not tried")
 
 
-class NoChoice(RuntimeError):
+class NoChoice(ArthurError, RuntimeError):
     """No candidate passes; `rejections` holds every reason in the order tried."""
 
     def __init__(self, rejections: list[Rejection]):

@@ -11,6 +11,8 @@ Pure values: nothing here imports mlx except `check_backend`.
 
 from __future__ import annotations
 
+from .errors import ArthurError
+
 import ipaddress
 import json
 import os
@@ -26,11 +28,11 @@ SSH_ENV = "ARTHUR_CLUSTER_SSH"  # the command that reaches a node by its ssh nam
 SSH_DEFAULT = "ssh -o BatchMode=yes -o ConnectTimeout=5"
 
 
-class HostfileError(ValueError):
+class HostfileError(ArthurError, ValueError):
     pass
 
 
-class BackendUnavailable(RuntimeError):
+class BackendUnavailable(ArthurError, RuntimeError):
     """The mlx build on this machine cannot run the asked backend; the message says what it needs."""
 
 
@@ -51,7 +53,7 @@ def ssh_command() -> list[str]:
     return shlex.split(os.environ.get(SSH_ENV) or SSH_DEFAULT)
 
 
-class RemoteError(RuntimeError):
+class RemoteError(ArthurError, RuntimeError):
     """A command over ssh could not start (ran False) or failed there; the message is its last error line."""
 
     def __init__(self, message: str, ran: bool):

@@ -14,6 +14,8 @@ linker's record are ever replaced or removed; source folders are only read.
 
 from __future__ import annotations
 
+from .errors import ArthurError
+
 import fcntl
 import hashlib
 import json
@@ -41,7 +43,7 @@ HF_MARKER = paths.LINK_MARKER
 Progress = Callable[[int, int, str], None]  # (bytes done, bytes total, current file)
 
 
-class LinkError(Exception):
+class LinkError(ArthurError):
     """A refusal: the message says what is in the way and how to proceed."""
 
 

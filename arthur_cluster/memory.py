@@ -40,6 +40,8 @@ known: MLX on CUDA (H100, Nemotron-3-Nano 8-bit) needs 4.1 GB at prefill step 51
 
 from __future__ import annotations
 
+from .errors import ArthurError
+
 import math
 import re
 from pathlib import Path
@@ -64,7 +66,7 @@ _LAYER_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 _REPLICATED_RE = re.compile(r"(norm[^.]*\.weight|norm[^.]*\.bias|\.gate\.weight|e_score_correction_bias)$")
 
 
-class PlanError(ValueError):
+class PlanError(ArthurError, ValueError):
     """Not enough known about the model to plan its memory; the message says what is missing."""
 
 

@@ -7,6 +7,8 @@ the test fixtures and the demo library. Nothing here downloads anything.
 
 from __future__ import annotations
 
+from .errors import ArthurError
+
 import contextlib
 import copy
 import io
@@ -95,7 +97,7 @@ _DIMENSION_KEYS = {
 }
 
 
-class MiniatureError(ValueError):
+class MiniatureError(ArthurError, ValueError):
     pass
 
 

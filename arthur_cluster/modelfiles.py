@@ -7,6 +7,8 @@ report that names the file and the fix; `require_ok` turns errors into an except
 
 from __future__ import annotations
 
+from .errors import ArthurError
+
 import json
 import math
 import os
@@ -30,7 +32,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tiktoken.model")
 LAYER_KINDS = {"M": "mamba", "E": "moe", "*": "attention", "-": "mlp"}
 
 
-class ModelFileError(ValueError):
+class ModelFileError(ArthurError, ValueError):
     """A model folder cannot be used; the message names the file and the fix."""
 
 

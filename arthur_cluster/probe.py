@@ -19,6 +19,8 @@ Verdicts: blocked when any finding of the route is an error; unknown when someth
 
 from __future__ import annotations
 
+from .errors import ArthurError
+
 import ast
 import functools
 import hashlib
@@ -55,7 +57,7 @@ Severity = Literal["error", "warning", "info"]
 Progress = Callable[[str], None]
 
 
-class ProbeError(ValueError):
+class ProbeError(ArthurError, ValueError):
     """The probe cannot start (model not found, bad route); the message says what to do."""
 
 

@@ -10,6 +10,8 @@ so a later job on the same document skips the prefill.
 
 from __future__ import annotations
 
+from .errors import ArthurError
+
 import hashlib
 import json
 import os
@@ -29,7 +31,7 @@ Progress = Callable[[int, int], None]
 FORMAT = "1"  # bump when the file layout or the key changes
 
 
-class PromptCacheError(RuntimeError):
+class PromptCacheError(ArthurError, RuntimeError):
     """A prompt cache file cannot be used; the message names it and the fix."""
 
 

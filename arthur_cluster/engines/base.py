@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from ..errors import ArthurError
+
 from dataclasses import dataclass, field
 from typing import Iterator, Literal, Protocol, runtime_checkable
 
 Message = dict[str, str]  # {"role": ..., "content": ...}
 
 
-class EngineError(RuntimeError):
+class EngineError(ArthurError, RuntimeError):
     """A model could not be loaded or could not answer; the message says where and what to do."""
 
 

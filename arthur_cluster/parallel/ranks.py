@@ -6,6 +6,8 @@ collective never leaves processes behind. On Linux each rank is also told to die
 
 from __future__ import annotations
 
+from ..errors import ArthurError
+
 import json
 import os
 import queue
@@ -23,7 +25,7 @@ from typing import Iterator
 EXIT_GRACE = 30.0  # seconds the other ranks get to exit once rank 0 has finished
 
 
-class RankFailed(RuntimeError):
+class RankFailed(ArthurError, RuntimeError):
     """A rank died, reported an error, or the job ran past its time."""
 
 

@@ -12,6 +12,8 @@ last ones; the final hidden state is shared with every rank so that all of them 
 
 from __future__ import annotations
 
+from ..errors import ArthurError
+
 import ast
 import functools
 import importlib.util
@@ -22,7 +24,7 @@ from typing import Any, Callable
 Config = dict[str, Any]
 
 
-class ShardingError(ValueError):
+class ShardingError(ArthurError, ValueError):
     """A model cannot be split the way that was asked; the message says which quantity and what to do."""
 
 

@@ -15,6 +15,8 @@ rank 0 needs to read it: it shares the token ids with the other ranks over the g
 
 from __future__ import annotations
 
+from ..errors import ArthurError
+
 import argparse
 import json
 import os
@@ -26,7 +28,7 @@ from typing import Any, Callable, Iterator
 MODES = ("single", "pipeline", "tensor")
 
 
-class WorkerError(RuntimeError):
+class WorkerError(ArthurError, RuntimeError):
     pass
 
 
