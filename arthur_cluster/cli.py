@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import importlib.metadata
 import signal
 
 import typer
@@ -20,6 +21,34 @@ COMMANDS = ["models", "link", "demo", "doc", "probe", "cluster"]
 
 for _name in COMMANDS:
     importlib.import_module(f"arthur_cluster.commands.{_name}").register(app)
+
+
+def version() -> str:
+    try:
+        return importlib.metadata.version("arthur-cluster")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown (not installed)"
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(f"arthur-cluster {version()}")
+        raise typer.Exit(0)
+
+
+@app.callback()
+def _root(
+    debug: bool = typer.Option(False, "--debug", help="Show the full traceback of an error."),
+    show_version: bool = typer.Option(False, "--version", is_eager=True, callback=_print_version,
+                                      help="Print the version and exit."),
+) -> None:
+    from .commands import _errors
+
+    _errors.DEBUG["on"] = debug
+
+
+# One error path: every command's known errors print as one line (commands/_errors.py).
+importlib.import_module("arthur_cluster.commands._errors").guard_all(app)
 
 
 def _exit_on_signal(signum: int, _frame) -> None:

@@ -120,6 +120,11 @@ def this_machine() -> ClusterInfo:
     return ClusterInfo(source="local", engine="mlx", nodes=[node])
 
 
+def local_node() -> NodeMemory:
+    """This machine as the memory plans see it (the same node for probe, pick, up and doc)."""
+    return this_machine().nodes[0].memory()
+
+
 # --- models.toml [cluster] ----------------------------------------------------------------------------
 
 

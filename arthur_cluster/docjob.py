@@ -14,7 +14,6 @@ from .errors import ArthurError
 
 import hashlib
 import json
-import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -104,6 +103,11 @@ class Plan(BaseModel):
     prefill_tokens: int = 0
     warmup_tps: float | None = None
     prefill_seconds: float | None = None
+    generate_tokens: int = 0  # at most: every unit may run to the reserved answer length
+    decode_tps: float | None = None
+    generate_seconds: float | None = None
+    seconds: float | None = None  # prefill + generation, when both rates are known
+    rates_from: str | None = None  # "warm-up" (measured now) or "an earlier run on this machine"
     cached_prefix: bool = False  # the document's prompt cache is on disk already
     nodes: list[NodeMemory] = Field(default_factory=list)
     memory: MemoryPlan | None = None
@@ -489,6 +493,85 @@ def _has_float_experts(model: Any) -> bool:
                for k, v in tree_flatten(model.parameters()))
 
 
+class PlanRunner:
+    """What a plan needs of a model, without its weights: the tokenizer, the header facts (modelfiles.inspect),
+    where it would run and on which nodes. Planning a 31 GB model this way costs megabytes."""
+
+    def __init__(self, *, model_id: str, tokenizer: Any, info: Any, path: Path | None = None, engine: str = "mlx",
+                 route: str = "local", fallback_reason: str | None = None, use_cache: bool = True,
+                 step: int = DEFAULT_STEP, nodes: list[memory.NodeMemory] | None = None,
+                 context_length: int | None = None):
+        from . import promptcache
+
+        self.model_id, self.tokenizer, self.info, self.path = model_id, tokenizer, info, path
+        self.engine, self.route, self.fallback_reason = engine, route, fallback_reason
+        self.use_cache, self.step, self.nodes = use_cache, step, nodes
+        self._context = context_length
+        self.identity = promptcache.model_identity(path) if path else model_id
+        self.model = None  # never loaded: the plan is made from the headers
+
+    @property
+    def context_length(self) -> int | None:
+        return getattr(self.info, "context_length", None) or self._context
+
+    def cached_on_disk(self, prompt: Prompt) -> bool:
+        from . import promptcache
+
+        if self.engine != "mlx" or len(self.nodes or []) > 1:
+            return False  # only mlx-lm in this process reads the document's prompt cache
+        return self.use_cache and promptcache.cache_file(promptcache.prefix_key(self.identity, prompt.prefix)).is_file()
+
+    def warmup(self, tokens: list[int], n: int = WARMUP_TOKENS) -> float | None:
+        return None  # no weights: rates come from an earlier run (read_rates), or are measured when the job starts
+
+
+def _planning_folder(folder: Path) -> tuple[Any, Any]:
+    """(tokenizer, ModelInfo) of a model folder from its headers and tokenizer files only."""
+    from . import modelfiles
+
+    try:
+        info = modelfiles.require_ok(modelfiles.inspect(folder))
+    except modelfiles.ModelFileError as e:
+        raise DocJobError(str(e)) from None
+    return _tokenizer(folder), info
+
+
+def _tokenizer(folder: Path) -> Any:
+    from mlx_lm.utils import load_tokenizer
+
+    try:
+        return load_tokenizer(folder)
+    except Exception as e:  # noqa: BLE001 - transformers raises many kinds for a broken tokenizer
+        raise DocJobError(f"{folder}: cannot load the tokenizer ({type(e).__name__}: {e}); the plan counts tokens "
+                          "with it: restore tokenizer.json / tokenizer_config.json from the model's source") from None
+
+
+def plan_runner(model: str | None = None, *, use_cache: bool = True, step: int = DEFAULT_STEP) -> PlanRunner:
+    """The same choice as open_runner (the deployment's model unless another is asked for), without weights."""
+    dep = read_deployment()
+    if dep is not None and (model is None or model in (dep.model, dep.served_id, str(dep.model_path))):
+        local = dep.engine == "mlx" and dep.route.nodes <= 1 and dep.model_path is not None
+        folder = dep.model_path if dep.model_path is not None and Path(dep.model_path).is_dir() else None
+        tok, info = _planning_folder(folder) if folder else (None, None)
+        ctx = None
+        if info is None:
+            try:
+                ctx = catalog.load().entry(dep.model).context_length
+            except catalog.CatalogError:
+                ctx = None
+        return PlanRunner(model_id=dep.model if local else dep.served_id, tokenizer=tok, info=info, path=folder,
+                          engine=dep.engine, route=dep.route.label, fallback_reason=dep.fallback_reason,
+                          use_cache=use_cache, step=step, context_length=ctx,
+                          nodes=[this_machine()] if local else deployment_nodes(dep))
+    if model is None:
+        raise DocJobError("no model: pass --model PATH|REPO_ID, or bring a cluster up first "
+                          "(`arthur-cluster up`) so the job runs on its deployment")
+    repo_id, folder = resolve_model(model)
+    tok, info = _planning_folder(folder)
+    return PlanRunner(model_id=repo_id, tokenizer=tok, info=info, path=folder, use_cache=use_cache, step=step,
+                      nodes=[this_machine()])
+
+
 def open_runner(model: str | None = None, *, use_cache: bool = True, step: int = DEFAULT_STEP) -> Any:
     """The deployment's engine when one is up (and no other model was asked for), else mlx-lm locally."""
     dep = read_deployment()
@@ -533,11 +616,9 @@ def _tokenizer_and_info(folder: Path | None) -> tuple[Any, Any]:
 
 
 def this_machine() -> memory.NodeMemory:
-    from .cluster import local_memory
+    from .cluster import local_node
 
-    total, available = local_memory()
-    return memory.NodeMemory(name=socket.gethostname() or "this machine", memory_bytes=total,
-                             available_bytes=available)
+    return local_node()
 
 
 def deployment_nodes(dep: Any) -> list[memory.NodeMemory]:
@@ -559,14 +640,20 @@ def split_of(route: str, n_nodes: int) -> memory.Split:
     return "tensor" if "tensor" in route else "pipeline"
 
 
+def _apple(runner: Any, nodes: list[memory.NodeMemory]) -> bool:
+    """How the nodes run attention, as pick and probe judge it: exo's and [cluster]'s nodes are Macs; mlx-lm
+    in this process runs on this machine."""
+    if runner.engine == "exo" or len(nodes) > 1:
+        return True
+    return memory.machine_is_apple()
+
+
 def _memory_plan(runner: Any, context: int, nodes: list[memory.NodeMemory], split: memory.Split,
                  step: int) -> memory.MemoryPlan | None:
     try:
-        if runner.info is not None:
-            return memory.plan(runner.info, context=context, nodes=nodes, split=split, prefill_step=step)
-        entry = catalog.load().entry(runner.model_id)
-        return memory.plan(entry, context=context, nodes=nodes, split=split, prefill_step=step,
-                           name=runner.model_id)
+        source = runner.info if runner.info is not None else catalog.load().entry(runner.model_id)
+        return memory.fit(source, context=context, nodes=nodes, split=split, prefill_step=step,
+                          apple=_apple(runner, nodes), name=runner.model_id)
     except (memory.PlanError, catalog.CatalogError):
         return None
 
@@ -625,7 +712,8 @@ def plan_job(doc: Document, tasks: list[Task], runner: Any, *, max_tokens: int =
     """Decide single pass or map-reduce, chunk the document, check memory on every node, estimate time."""
     prompter = Prompter(runner.tokenizer, thinking)
     # mlx-lm in this process runs on this machine; any other engine runs where the deployment put it.
-    nodes = nodes or deployment_nodes(read_deployment() if isinstance(runner, EngineRunner) else None)
+    nodes = nodes or getattr(runner, "nodes", None) or \
+        deployment_nodes(read_deployment() if isinstance(runner, EngineRunner) else None)
     split = split_of(runner.route, len(nodes))
     step = getattr(runner, "step", DEFAULT_STEP)
     model_ctx = runner.context_length
@@ -660,8 +748,8 @@ def plan_job(doc: Document, tasks: list[Task], runner: Any, *, max_tokens: int =
         _plan_map_reduce(plan, doc, tasks, prompter, work, need, max_tokens, overlap)
         plan.alternatives = _alternatives(runner, need, nodes, split, step)
         _suggest(plan, runner, need, nodes, split, step, mem_limit < limit)
-    if plan.feasible and warmup:
-        _estimate_time(plan, runner, singles[0])
+    if plan.feasible:
+        _estimate_time(plan, runner, singles[0], measure=warmup)
     return plan
 
 
@@ -718,14 +806,117 @@ def _suggest(plan: Plan, runner: Any, need: int, nodes: list[memory.NodeMemory],
             plan.suggestions.append(f"a longer --context (the model allows {plan.model_context:,})")
 
 
-def _estimate_time(plan: Plan, runner: Any, first: Prompt) -> None:
+def unit_count(plan: Plan) -> int:
+    """Units the plan runs: one answer per task, or a note per chunk and task plus the reduce tree per task."""
+    if plan.mode == "single":
+        return len(plan.tasks)
+    n, group, reduces = len(plan.chunks), max(plan.reduce_group or 2, 2), 0
+    while True:
+        n = -(-n // group)
+        reduces += n
+        if n == 1:
+            break
+    return len(plan.tasks) * (len(plan.chunks) + reduces)
+
+
+def _estimate_time(plan: Plan, runner: Any, first: Prompt, measure: bool = True) -> None:
+    plan.generate_tokens = unit_count(plan) * plan.reserve_tokens
     if plan.cached_prefix and plan.mode == "single":
         plan.prefill_seconds = 0.0
+    elif measure:
+        tps = runner.warmup(first.prefix)
+        if tps:
+            plan.warmup_tps, plan.rates_from = tps, "warm-up"
+            plan.prefill_seconds = plan.prefill_tokens / tps
+    decode = decode_rate(runner, first.prefix) if measure else None
+    if decode:
+        plan.decode_tps = decode
+    _apply_rates(plan, runner)
+
+
+def _apply_rates(plan: Plan, runner: Any) -> None:
+    """Fill what the warm-up did not measure from an earlier run of this model on this machine, then total."""
+    saved = read_rates(runner)
+    if plan.prefill_seconds is None and saved.get("prefill_tps"):
+        plan.warmup_tps, plan.rates_from = saved["prefill_tps"], "an earlier run on this machine"
+        plan.prefill_seconds = plan.prefill_tokens / saved["prefill_tps"]
+    if plan.decode_tps is None and saved.get("decode_tps"):
+        plan.decode_tps = saved["decode_tps"]
+        plan.rates_from = plan.rates_from or "an earlier run on this machine"
+    if plan.decode_tps:
+        plan.generate_seconds = plan.generate_tokens / plan.decode_tps
+    if plan.prefill_seconds is not None and plan.generate_seconds is not None:
+        plan.seconds = plan.prefill_seconds + plan.generate_seconds
+
+
+DECODE_WARMUP_TOKENS = 16
+
+
+def decode_rate(runner: Any, prefix: list[int], n: int = DECODE_WARMUP_TOKENS) -> float | None:
+    """Generation tokens/s of mlx-lm in this process: a few greedy steps after a short prompt (the first step,
+    which compiles, is not timed). None for runners without a model here."""
+    model = getattr(runner, "model", None)
+    if model is None or len(prefix) < 8:
+        return None
+    import mlx.core as mx
+    from mlx_lm.generate import generate_step
+    from mlx_lm.models.cache import make_prompt_cache
+
+    steps = generate_step(mx.array(prefix[:64]), model, max_tokens=n + 1, prompt_cache=make_prompt_cache(model))
+    next(steps)
+    t0 = time.perf_counter()
+    k = sum(1 for _ in steps)
+    dt = time.perf_counter() - t0
+    mx.clear_cache()
+    return k / dt if k and dt > 0 else None
+
+
+def estimate_time(plan: Plan, runner: Any, doc: Document) -> None:
+    """Time the plan with the loaded runner: prefill and generation rates measured on the document's start."""
+    if not plan.feasible:
         return
-    tps = runner.warmup(first.prefix)
-    if tps:
-        plan.warmup_tps = tps
-        plan.prefill_seconds = plan.prefill_tokens / tps
+    head = single_head(doc.text[: WARMUP_TOKENS * 16])  # enough text for the warm-up's tokens
+    first = Prompter(runner.tokenizer, plan.thinking).build(head, task_tail(plan.tasks[0], "single"))
+    _estimate_time(plan, runner, first)
+
+
+def _rates_file() -> Path:
+    return paths.state_dir() / "rates.json"
+
+
+def _rates_key(runner: Any) -> str:
+    from .cluster import local_node
+
+    return f"{getattr(runner, 'identity', None) or runner.model_id}@{runner.route}@{local_node().name}"
+
+
+def read_rates(runner: Any) -> dict:
+    try:
+        saved = json.loads(_rates_file().read_text(encoding="utf-8"))
+        entry = saved.get(_rates_key(runner)) if isinstance(saved, dict) else None
+    except (OSError, ValueError, RecursionError):
+        return {}
+    if not isinstance(entry, dict):
+        return {}
+    return {k: float(v) for k, v in entry.items() if k in ("prefill_tps", "decode_tps")
+            and isinstance(v, (int, float)) and v > 0}
+
+
+def record_rates(runner: Any, result: dict) -> None:
+    """Keep a finished job's measured rates, so a later plan (which loads no weights) can estimate time."""
+    rates = {k: result.get(k) for k in ("prefill_tps", "decode_tps") if (result.get(k) or 0) > 0}
+    if not rates:
+        return
+    try:
+        saved = json.loads(_rates_file().read_text(encoding="utf-8"))
+        saved = saved if isinstance(saved, dict) else {}
+    except (OSError, ValueError, RecursionError):
+        saved = {}
+    saved[_rates_key(runner)] = rates
+    try:
+        write_json(_rates_file(), saved)
+    except OSError:
+        pass  # a read-only state dir only costs later estimates
 
 
 # --- the job directory ---------------------------------------------------------------------------------

@@ -203,14 +203,15 @@ def plan_route(model: str, info: ModelInfo | None, entry: ModelEntry, cluster: C
                context: int) -> memory.MemoryPlan:
     nodes = [n.memory() for n in route_nodes(cluster, route)]
     source = info if info is not None else entry
-    return memory.plan(source, context=context, nodes=nodes, split=route.sharding, name=model,
-                       attention="fused" if _apple(cluster) else "materialized")
+    return memory.fit(source, context=context, nodes=nodes, split=route.sharding, name=model, apple=_apple(cluster))
 
 
 def _apple(cluster: ClusterInfo) -> bool:
     """Apple-silicon nodes run attention in Metal's fused kernel, which never holds the score matrix."""
     if cluster.source == "catalog":
         return True
+    if cluster.source == "local":
+        return memory.machine_is_apple()
     return bool(cluster.nodes) and all("MlxMetal" in n.backends for n in cluster.nodes)
 
 
@@ -274,12 +275,7 @@ def probe_checks(cat: Catalog, *, prove: bool = False) -> ProbeFn:
 # --- the pick -------------------------------------------------------------------------------------------------
 
 
-def _fit_text(plan: memory.MemoryPlan) -> str:
-    peak = plan.peak_node
-    if plan.fits is None:
-        return f"memory not known on every node (needs {memory.human_bytes(peak.total)} on {peak.node})"
-    budget = memory.human_bytes(peak.budget)
-    return f"needs {memory.human_bytes(peak.total)} of {budget} on {peak.node}"
+_fit_text = memory.fit_text  # one wording of the verdict for probe, pick, up and doc
 
 
 def _excluded(model: str, route: Route | None, prior: list[Rejection]) -> Rejection | None:

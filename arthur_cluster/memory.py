@@ -59,6 +59,11 @@ SSD_CHUNK = 256  # mlx_lm.models.ssm.ssm_attn step
 # in place) and CUDA (bf16 scores + bf16 softmax output) alike.
 SCORE_BYTES = 4
 DEFAULT_USABLE_FRACTION = 0.75  # macOS lets the GPU wire about 3/4 of RAM by default (iogpu.wired_limit_mb)
+DEFAULT_PREFILL_STEP = 2048  # mlx-lm's prefill_step_size
+# Caps, named in the errors: far above any real model or cluster, low enough that the arithmetic stays small.
+MAX_LAYERS = 10_000
+MAX_NODES = 1_024
+MAX_CONTEXT = 1 << 26  # 67M tokens
 
 Split = Literal["single", "pipeline", "tensor"]
 _LAYER_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.")
@@ -164,9 +169,19 @@ def _int(cfg: dict, *keys: str, default: int = 0) -> int:
     return default
 
 
+def _check_layer_count(cfg: dict) -> None:
+    n = cfg.get("num_hidden_layers")
+    listed = [cfg.get(k) for k in ("hybrid_override_pattern", "layers_block_type", "layer_types")]
+    sizes = [n if isinstance(n, int) else 0] + [len(v) for v in listed if isinstance(v, (str, list))]
+    if max(sizes) > MAX_LAYERS:
+        raise PlanError(f"config.json declares {max(sizes):,} layers, past the cap of {MAX_LAYERS:,}; "
+                        "the config is damaged: replace it with the model's own")
+
+
 def dims(config: dict) -> Dims:
     """Dimensions from a config.json (text_config merged); raises PlanError when the basics are missing."""
     cfg = modelfiles.text_config(config)
+    _check_layer_count(cfg)
     pattern = modelfiles.layer_pattern(cfg)
     hidden = _int(cfg, "hidden_size", "d_model")
     if not pattern or not hidden:
@@ -373,9 +388,13 @@ def _nodes(nodes: list[NodeMemory] | int, split: Split) -> list[NodeMemory]:
     if isinstance(nodes, int):
         if nodes < 1:
             raise PlanError("the node count must be at least 1")
+        if nodes > MAX_NODES:
+            raise PlanError(f"{nodes:,} nodes is past the cap of {MAX_NODES:,} nodes; give a real node count")
         nodes = [NodeMemory(name=f"node{i}") for i in range(nodes)]
     if not nodes:
         raise PlanError("no nodes to plan for")
+    if len(nodes) > MAX_NODES:
+        raise PlanError(f"{len(nodes):,} nodes is past the cap of {MAX_NODES:,} nodes; give a real node count")
     if split == "single" and len(nodes) != 1:
         raise PlanError(f"split 'single' runs on one node, {len(nodes)} given")
     return list(nodes)
@@ -419,6 +438,8 @@ def plan(
     """
     if context < 1 or prefill_step < 1:
         raise PlanError("context and prefill_step must be positive")
+    if context > MAX_CONTEXT:
+        raise PlanError(f"context {context:,} is past the cap of {MAX_CONTEXT:,} tokens; pass a smaller --context")
     mem = _nodes(nodes, split)
     n = len(mem)
     if isinstance(model, ModelEntry) and config is None:
@@ -487,3 +508,45 @@ def _plan_from_entry(e: ModelEntry, context: int, mem: list[NodeMemory], split: 
     if e.kv_bytes_per_token is None:
         out.notes.append("kv_bytes_per_token missing in the catalogue: KV cache counted as 0")
     return out
+
+
+# --- the shared verdict ------------------------------------------------------------------------------------
+
+
+def machine_is_apple() -> bool:
+    """Apple silicon: attention runs in Metal's fused kernel, which never holds the score matrix."""
+    import platform
+
+    return platform.system() == "Darwin" and platform.machine() == "arm64"
+
+
+def _pipeline_stages(model: ModelInfo | ModelEntry | dict, n: int, nodes: list[NodeMemory] | int) -> list[range] | None:
+    """The stages bring-up uses: sized by each node's memory budget (registry.pipeline_split), else even."""
+    cfg = model.config if isinstance(model, ModelInfo) else model if isinstance(model, dict) else None
+    if not cfg:
+        return None
+    budgets = [m.budget for m in nodes] if isinstance(nodes, list) else None
+    try:
+        from .parallel import registry
+
+        return registry.pipeline_split(cfg, n, budgets if budgets and None not in budgets else None)
+    except (ImportError, ArthurError, KeyError, TypeError, ValueError):
+        return None  # an incomplete config or an unsplittable model: the even split stands in
+
+
+def fit(model: ModelInfo | ModelEntry | dict, *, context: int, nodes: list[NodeMemory] | int, split: Split,
+        apple: bool, name: str | None = None, prefill_step: int = DEFAULT_PREFILL_STEP) -> MemoryPlan:
+    """The one memory plan and fit verdict `probe`, `pick`, `up` and `doc --plan` share for a model, a context
+    and the nodes: the same stages, the same attention accounting, the same prefill step everywhere."""
+    n = nodes if isinstance(nodes, int) else len(nodes)
+    stages = _pipeline_stages(model, n, nodes) if split == "pipeline" and 0 < n <= MAX_NODES else None
+    return plan(model, context=context, nodes=nodes, split=split, stages=stages, prefill_step=prefill_step,
+                attention="fused" if apple else "materialized", name=name)
+
+
+def fit_text(p: MemoryPlan) -> str:
+    """The verdict in words, the same in every command: the busiest node's need against its budget."""
+    peak = p.peak_node
+    if p.fits is None:
+        return f"memory not known on every node (needs {human_bytes(peak.total)} on {peak.node})"
+    return f"needs {human_bytes(peak.total)} of {human_bytes(peak.budget)} on {peak.node}"

@@ -48,7 +48,7 @@ from .parallel.registry import mlx_lm_dir, model_remapping  # the static half: i
 PROBE_VERSION = 1
 ENGINES = ("exo", "mlx")
 SHARDINGS = ("single", "pipeline", "tensor")
-DEFAULT_CONTEXT = 32768
+DEFAULT_CONTEXT = 8192  # the same default as pick and up (fallback.DEFAULT_CONTEXT): one question, one figure
 DEFAULT_NODE_COUNTS = (2, 3, 4)
 EXO_META = {"ring": "MlxRing", "jaccl": "MlxJaccl"}
 
@@ -504,29 +504,22 @@ def _gib(n: int | None) -> str:
 
 def plan_memory(report: ProbeReport, facts: StaticFacts | None, entry: ModelEntry | None, counts: list[int],
                 nodes: list[NodeMemory], attention: str) -> None:
-    """One plan per split and node count, on the first n known nodes (or nodes of unknown memory)."""
-    cfg = facts.info.config if facts else None
-    reg = _registry()
+    """One plan per split and node count (memory.fit, as pick and doc plan), on the first n known nodes; with
+    no cluster known, the single route is this machine and the others are nodes of unknown memory."""
+    from .cluster import local_node
+
+    source = facts.info if facts and facts.info.config else entry
+    if source is None:
+        return
     for split, n in [("single", 1)] + [(s, n) for n in counts for s in ("pipeline", "tensor")]:
-        mem = nodes[:n] if len(nodes) >= n else n
-        stages = None
+        mem = nodes[:n] if len(nodes) >= n else ([local_node()] if n == 1 and not nodes else n)
         try:
-            if split == "pipeline" and cfg and reg is not None:
-                budgets = [m.budget for m in mem] if isinstance(mem, list) else None
-                try:
-                    stages = reg.pipeline_split(cfg, n, budgets if budgets and None not in budgets else None)
-                except (KeyError, TypeError, ValueError):
-                    stages = None  # an incomplete config: the architecture finding says why; split evenly
-            source = facts.info if facts and cfg else entry
-            if source is None:
-                continue
-            report.memory[f"{split}/{n}"] = memory.plan(source, context=report.context, nodes=mem, split=split,
-                                                        stages=stages, attention=attention,
-                                                        name=report.model)
+            report.memory[f"{split}/{n}"] = memory.fit(source, context=report.context, nodes=mem, split=split,
+                                                       apple=attention == "fused", name=report.model)
         except (memory.PlanError, KeyError, TypeError, ValueError) as e:
             report.memory[f"{split}/{n}"] = MemoryPlan(model=report.model, split=split, context=report.context,
-                                                       prefill_step=2048, kv_bits=16, source="config",
-                                                       notes=[f"cannot plan: {e}"])
+                                                       prefill_step=memory.DEFAULT_PREFILL_STEP, kv_bits=16,
+                                                       source="config", notes=[f"cannot plan: {e}"])
 
 
 def evaluate_static(report: ProbeReport, facts: StaticFacts | None, entry: ModelEntry | None,
@@ -574,12 +567,13 @@ def _route_memory(report: ProbeReport, r: Route) -> None:
     if plan.fits is False:
         short = [n for n in plan.nodes if n.fits is False]
         worst = min(short, key=lambda n: n.headroom or 0)
-        r.block("memory", f"{worst.node} needs {_gib(worst.total)} at {report.context} tokens, has {_gib(worst.budget)}",
-                why=f"weights {_gib(worst.weights)}, KV {_gib(worst.kv_cache)}, Mamba state {_gib(worst.mamba_state)}, "
-                    f"activations {_gib(worst.activation)}",
+        hb = memory.human_bytes
+        r.block("memory", f"does not fit at context {report.context}: {memory.fit_text(plan)}",
+                why=f"{worst.node}: weights {hb(worst.weights)}, KV {hb(worst.kv_cache)}, Mamba state "
+                    f"{hb(worst.mamba_state)}, activations {hb(worst.activation)}",
                 fix="more nodes, a smaller context (--context), a smaller quantization, or a fallback model")
     if r.sharding == "pipeline":
-        stages = ", ".join(f"{n.node} layers {n.layers[0]}-{n.layers[1] - 1}: {_gib(n.total)}"
+        stages = ", ".join(f"{n.node} layers {n.layers[0]}-{n.layers[1] - 1}: {memory.human_bytes(n.total)}"
                            for n in plan.nodes if n.layers)
         r.note("pipeline", f"stages: {stages}")
 
@@ -963,8 +957,9 @@ def run(
     counts = node_counts(nodes, known, spec)
     report.routes = make_routes(counts)
     report.nodes, report.node_counts = known, counts
-    # Fused attention on Apple-silicon nodes (Metal's SDPA kernel); materialised scores elsewhere.
-    report.attention = "fused" if apple else "materialized"
+    # Fused attention on Apple-silicon nodes (Metal's SDPA kernel); materialised scores elsewhere. With no
+    # cluster known, the nodes are taken to be like this machine.
+    report.attention = "fused" if apple or (not known and memory.machine_is_apple()) else "materialized"
     _static_pass(report, facts, entry, counts, known)
     if exo_url and conn is None:
         for r in report.routes:

@@ -49,19 +49,26 @@ def register(app: typer.Typer) -> None:
             prompt = _read_prompt(prompt_file, as_json)
             tasks = docjob.make_tasks(ask, summarize, prompt)
             doc = documents.load(list(files or []))
-            runner = docjob.open_runner(model, use_cache=not no_cache)
-            with reporter.status("planning (counting tokens, warm-up)"):
-                plan = docjob.plan_job(doc, tasks, runner, max_tokens=max_tokens, context=context, thinking=think)
-            reporter.plan(plan)
+            # The plan is made from the headers and the tokenizer: a model that cannot fit is never loaded.
+            with reporter.status("planning (counting tokens)"):
+                planner = docjob.plan_runner(model, use_cache=not no_cache)
+                plan = docjob.plan_job(doc, tasks, planner, max_tokens=max_tokens, context=context, thinking=think,
+                                       warmup=False)
             if plan_only or not plan.feasible:
+                reporter.plan(plan)
                 if as_json:
                     _out.print_json(plan)
                 raise typer.Exit(_out.EXIT_OK if plan.feasible else _out.EXIT_BLOCKED)
+            with reporter.status("loading the model, warm-up"):
+                runner = docjob.open_runner(model, use_cache=not no_cache)
+                docjob.estimate_time(plan, runner, doc)
+            reporter.plan(plan)
             job = docjob.create_job(doc, tasks, runner, max_tokens=max_tokens, thinking=think, context=context,
                                     out=out)
             docjob.write_json(job.dir / "plan.json", plan.model_dump(mode="json"))
             reporter.job = job
             result = docjob.run_job(job, plan, runner, reporter=reporter)
+            docjob.record_rates(runner, result)
             _finish(reporter, plan, result, as_json)
         except (documents.DocumentError, docjob.DocJobError) as e:
             _out.fail(str(e), as_json=as_json)
@@ -180,6 +187,23 @@ class _RateColumn(ProgressColumn):
         return Text(f"{task.speed:,.1f} tok/s" if task.speed else "", style="progress.data.speed")
 
 
+def time_text(plan) -> str:
+    """Prefill plus generation (at most every unit's reserved tokens), with where the rates came from."""
+    if plan.cached_prefix and plan.mode == "single":
+        pre = "no prefill (the document's prompt cache is on disk)"
+    elif plan.prefill_seconds is not None:
+        pre = f"prefill {plan.prefill_tokens:,} tokens ~{plan.prefill_seconds:,.0f} s at {plan.warmup_tps:,.0f} tok/s"
+    else:
+        pre = f"prefill {plan.prefill_tokens:,} tokens"
+    gen = f"generate at most {plan.generate_tokens:,} tokens"
+    if plan.generate_seconds is not None:
+        gen += f" ~{plan.generate_seconds:,.0f} s at {plan.decode_tps:,.1f} tok/s"
+    if plan.seconds is not None:
+        return f"about {plan.seconds:,.0f} s at most: {pre}; {gen} (rates from {plan.rates_from})"
+    return (f"{pre}; {gen}; no rates measured for this model here yet (the plan does not load the weights): "
+            "the job measures them when it starts")
+
+
 def print_plan(plan) -> None:
     from rich.table import Table
 
@@ -205,10 +229,6 @@ def print_plan(plan) -> None:
                       h(n.budget), fits)
         c.print(f"  memory at {plan.memory.context:,} tokens ({plan.memory.split}):")
         c.print(t)
-    if plan.cached_prefix:
-        c.print("  prefill: the document's prompt cache is on disk (no prefill)")
-    elif plan.prefill_seconds is not None:
-        c.print(f"  prefill: about {plan.prefill_seconds:,.0f} s for {plan.prefill_tokens:,} tokens "
-                f"(warm-up {plan.warmup_tps:,.0f} tok/s)", highlight=False)
+    c.print("  time: " + time_text(plan), highlight=False)
     for s in plan.suggestions:
         c.print(f"  [yellow]would help:[/] {s}", highlight=False)

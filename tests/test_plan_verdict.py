@@ -1,0 +1,70 @@
+"""One memory plan and one fit verdict: `probe`, `pick` and `doc --plan` give the same peak and the same verdict
+for the same model, context and nodes (this machine), on real-shape folders that do and do not fit."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests import realshape
+from tests.conftest import LLAMA_CONFIG, NEMOTRON_CONFIG, NEMOTRON_ID
+
+CONTEXT = "4096"
+
+
+@pytest.fixture(scope="module")
+def library(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("lms")
+    realshape.build(root / "lmstudio-community" / NEMOTRON_ID.split("/")[1], NEMOTRON_CONFIG)
+    realshape.build(root / "mlx-community" / "Llama-3.2-1B-Instruct-4bit", LLAMA_CONFIG)
+    return root
+
+
+def cli(library: Path, tmp_path: Path, *args: str) -> dict:
+    env = {**os.environ, "ARTHUR_LMSTUDIO_MODELS": str(library), "EXO_API": "http://127.0.0.1:9"}
+    proc = subprocess.run([sys.executable, "-m", "arthur_cluster.cli", *args, "--json"], capture_output=True,
+                          text=True, timeout=120, env=env, cwd=tmp_path)
+    assert "Traceback" not in proc.stderr, proc.stderr
+    return json.loads(proc.stdout)
+
+
+def _from_probe(out: dict) -> tuple[int, bool]:
+    route = next(r for r in out["routes"] if r["engine"] == "mlx" and r["sharding"] == "single")
+    return route["peak_bytes"], route["fits"]
+
+
+def _from_doc(out: dict) -> tuple[int, bool]:
+    assert out["memory"]["context"] == int(CONTEXT)
+    node = out["memory"]["nodes"][0]
+    return node["total"], node["fits"]
+
+
+def _from_pick(out: dict, model: str) -> tuple[int, bool]:
+    choice = out.get("choice")
+    if choice and choice["model"] == model and choice["route"]["sharding"] == "single":
+        return choice["plan"]["nodes"][0]["total"], True
+    rejections = (choice or {}).get("rejections") or out.get("rejections")
+    miss = next(r for r in rejections if r["model"] == model and r["stage"] == "memory")
+    return miss["reason"], False
+
+
+@pytest.mark.parametrize("model", [NEMOTRON_ID, "mlx-community/Llama-3.2-1B-Instruct-4bit"])
+def test_probe_pick_and_doc_plan_agree(library, tmp_path, model):
+    doc = tmp_path / "doc.md"
+    doc.write_text("\n\n".join(f"Paragraph {i}: the cluster splits the model's layers over nodes." for i in range(900)))
+    probe_peak, probe_fits = _from_probe(cli(library, tmp_path, "probe", model, "--static-only", "--context", CONTEXT))
+    doc_peak, doc_fits = _from_doc(cli(library, tmp_path, "doc", str(doc), "--ask", "Q?", "--model", model,
+                                       "--context", CONTEXT, "--plan"))
+    pick = _from_pick(cli(library, tmp_path, "pick", model, "--engine", "mlx", "--context", CONTEXT), model)
+    assert probe_peak == doc_peak and probe_fits == doc_fits
+    if isinstance(pick[0], str):  # a rejection: its text carries the same figure
+        from arthur_cluster.memory import human_bytes
+
+        assert human_bytes(probe_peak) in pick[0] and pick[1] == probe_fits is False
+    else:
+        assert pick == (probe_peak, probe_fits)
