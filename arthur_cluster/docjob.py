@@ -165,6 +165,7 @@ class Prompt:
 
 
 HEADS_KEPT = 4  # tokenized document prefixes a Prompter keeps
+COUNT_PIECE = 1 << 20  # characters counted per tokenizer call
 
 
 class Prompter:
@@ -190,6 +191,8 @@ class Prompter:
     def count(self, text: str) -> int:
         if self.tok is None:
             return max(1, round(len(text) / 3.5))  # no tokenizer (a remote model): a conservative guess
+        if len(text) > COUNT_PIECE:  # in pieces cut after line ends: the token ids of 16 MB would take GBs
+            return sum(self.count(text[a:b]) for a, b in documents._cut(text, 0, len(text), COUNT_PIECE))
         return len(self.tok.encode(text, add_special_tokens=False))
 
     def _render(self, head: str) -> str:
@@ -439,19 +442,21 @@ def read_deployment() -> Any:
 
 
 def resolve_model(name: str) -> tuple[str, Path]:
-    """A folder path or a repo id found by discovery -> (repo id, folder)."""
-    from . import sources
+    """A folder path, a repo id or a short name (modelname's resolver, as every command uses) -> (repo id,
+    folder)."""
+    from . import modelname, sources
 
+    modelname.check(name)
     p = Path(name).expanduser()
     if p.is_dir():
         if not (p / "config.json").is_file():
             raise DocJobError(f"{p}: no config.json; pass a model folder (LM Studio or Hugging Face layout)")
         return sources.repo_id_of(p), p.resolve()
-    found = sources.resolve(name, sources.discover())
+    found = modelname.find(name)
     if not found:
         raise DocJobError(f"model {name!r} not found in LM Studio, the Hugging Face cache or exo's folders; "
                           "pass the model folder's path or list models with `arthur-cluster models`")
-    return found[0].repo_id, found[0].path
+    return found.repo_id, found.path
 
 
 def load_local(folder: Path, model_id: str, *, route: str = "local", fallback_reason: str | None = None,
@@ -506,6 +511,7 @@ class PlanRunner:
         self.model_id, self.tokenizer, self.info, self.path = model_id, tokenizer, info, path
         self.engine, self.route, self.fallback_reason = engine, route, fallback_reason
         self.use_cache, self.step, self.nodes = use_cache, step, nodes
+        self.local = engine == "mlx" and len(nodes or []) <= 1  # mlx-lm in this process, on this machine
         self._context = context_length
         self.identity = promptcache.model_identity(path) if path else model_id
         self.model = None  # never loaded: the plan is made from the headers
@@ -517,7 +523,7 @@ class PlanRunner:
     def cached_on_disk(self, prompt: Prompt) -> bool:
         from . import promptcache
 
-        if self.engine != "mlx" or len(self.nodes or []) > 1:
+        if not self.local:
             return False  # only mlx-lm in this process reads the document's prompt cache
         return self.use_cache and promptcache.cache_file(promptcache.prefix_key(self.identity, prompt.prefix)).is_file()
 
@@ -640,10 +646,10 @@ def split_of(route: str, n_nodes: int) -> memory.Split:
     return "tensor" if "tensor" in route else "pipeline"
 
 
-def _apple(runner: Any, nodes: list[memory.NodeMemory]) -> bool:
-    """How the nodes run attention, as pick and probe judge it: exo's and [cluster]'s nodes are Macs; mlx-lm
-    in this process runs on this machine."""
-    if runner.engine == "exo" or len(nodes) > 1:
+def _apple(runner: Any) -> bool:
+    """How the nodes run attention, as pick and probe judge it: a deployment's nodes (exo's, [cluster]'s) are
+    Macs; mlx-lm in this process, and nodes "like this one", run on this machine."""
+    if isinstance(runner, EngineRunner) or (isinstance(runner, PlanRunner) and not runner.local):
         return True
     return memory.machine_is_apple()
 
@@ -653,7 +659,7 @@ def _memory_plan(runner: Any, context: int, nodes: list[memory.NodeMemory], spli
     try:
         source = runner.info if runner.info is not None else catalog.load().entry(runner.model_id)
         return memory.fit(source, context=context, nodes=nodes, split=split, prefill_step=step,
-                          apple=_apple(runner, nodes), name=runner.model_id)
+                          apple=_apple(runner), name=runner.model_id)
     except (memory.PlanError, catalog.CatalogError):
         return None
 
@@ -721,8 +727,11 @@ def plan_job(doc: Document, tasks: list[Task], runner: Any, *, max_tokens: int =
     if limit is None:
         raise DocJobError(f"{runner.model_id}: its context length is unknown; pass --context N")
     doc_tokens = prompter.count(doc.text)
-    singles = [prompter.build(single_head(doc.text), task_tail(t, "single")) for t in tasks]
-    need = max(p.tokens for p in singles) + max_tokens
+    # A document that cannot fit one pass is not tokenized again inside the template: the prompt's overhead
+    # is measured around an empty document instead (planning stays one pass over the text, plus chunking).
+    whole = doc_tokens + max_tokens <= limit
+    singles = [prompter.build(single_head(doc.text if whole else ""), task_tail(t, "single")) for t in tasks]
+    need = max(p.tokens for p in singles) + max_tokens + (0 if whole else doc_tokens)
     plan = Plan(model=runner.model_id, engine=runner.engine, route=runner.route,
                 fallback_reason=runner.fallback_reason, context_limit=limit, model_context=model_ctx,
                 document_tokens=doc_tokens, tokens_exact=prompter.exact, prompt_overhead=need - max_tokens - doc_tokens,
@@ -749,7 +758,8 @@ def plan_job(doc: Document, tasks: list[Task], runner: Any, *, max_tokens: int =
         plan.alternatives = _alternatives(runner, need, nodes, split, step)
         _suggest(plan, runner, need, nodes, split, step, mem_limit < limit)
     if plan.feasible:
-        _estimate_time(plan, runner, singles[0], measure=warmup)
+        first = singles[0] if whole else _warmup_prompt(prompter, doc, tasks[0])
+        _estimate_time(plan, runner, first, measure=warmup)
     return plan
 
 
@@ -871,13 +881,15 @@ def decode_rate(runner: Any, prefix: list[int], n: int = DECODE_WARMUP_TOKENS) -
     return k / dt if k and dt > 0 else None
 
 
+def _warmup_prompt(prompter: Prompter, doc: Document, task: Task) -> Prompt:
+    """A prompt on the document's first characters: enough tokens for the warm-up, not the whole text."""
+    return prompter.build(single_head(doc.text[: WARMUP_TOKENS * 16]), task_tail(task, "single"))
+
+
 def estimate_time(plan: Plan, runner: Any, doc: Document) -> None:
     """Time the plan with the loaded runner: prefill and generation rates measured on the document's start."""
-    if not plan.feasible:
-        return
-    head = single_head(doc.text[: WARMUP_TOKENS * 16])  # enough text for the warm-up's tokens
-    first = Prompter(runner.tokenizer, plan.thinking).build(head, task_tail(plan.tasks[0], "single"))
-    _estimate_time(plan, runner, first)
+    if plan.feasible:
+        _estimate_time(plan, runner, _warmup_prompt(Prompter(runner.tokenizer, plan.thinking), doc, plan.tasks[0]))
 
 
 def _rates_file() -> Path:
@@ -933,6 +945,28 @@ def job_key(doc: Document, tasks: list[Task], model_id: str, max_tokens: int, th
     return h.hexdigest()[:12]
 
 
+class _Options(BaseModel):
+    max_tokens: int
+    thinking: bool | None = None
+    context: int | None = None
+
+
+class _DocumentMeta(BaseModel):
+    sha256: str
+    files: list[str]
+
+
+class JobMeta(BaseModel):
+    """The parts of job.json that resuming reads; a damaged file is refused in one line, never a traceback."""
+
+    model: str
+    options: _Options
+    tasks: list[Task]
+    document: _DocumentMeta
+    status: str = "planned"
+    model_path: str | None = None
+
+
 class Job:
     """A job directory: job.json, document.txt, units/<unit>.json as each finishes, then the outputs."""
 
@@ -945,11 +979,20 @@ class Job:
 
     def meta(self) -> dict:
         try:
-            return json.loads(self.meta_file.read_text(encoding="utf-8"))
+            meta = json.loads(self.meta_file.read_text(encoding="utf-8"))
         except FileNotFoundError:
             raise DocJobError(f"{self.dir}: not a job directory (no job.json)") from None
-        except (OSError, ValueError) as e:
-            raise DocJobError(f"{self.meta_file}: unreadable ({e})") from None
+        except (OSError, ValueError, RecursionError) as e:
+            raise DocJobError(f"{self.meta_file}: unreadable ({type(e).__name__}: {e}); "
+                              "the job cannot be resumed: start it again") from None
+        try:
+            JobMeta.model_validate(meta)
+        except ValueError as e:
+            first = e.errors()[0] if hasattr(e, "errors") and e.errors() else {}
+            where = ".".join(str(p) for p in first.get("loc", ())) or "the top level"
+            raise DocJobError(f"{self.meta_file}: damaged ({where}: {first.get('msg', e)}); the job cannot be "
+                              "resumed: start it again") from None
+        return meta
 
     def set_status(self, status: str) -> None:
         meta = self.meta()
@@ -973,7 +1016,12 @@ class Job:
 
     def document(self) -> Document:
         meta = self.meta()
-        text = (self.dir / "document.txt").read_text(encoding="utf-8")
+        path = self.dir / "document.txt"
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            why = e.strerror if isinstance(e, OSError) else f"not UTF-8 at byte {e.start}"
+            raise DocJobError(f"{path}: unreadable ({why}); the job cannot be resumed: start it again") from None
         doc = Document(text, [documents.Source(n, "", "text") for n in meta["document"]["files"]])
         if doc.sha256 != meta["document"]["sha256"]:
             raise DocJobError(f"{self.dir / 'document.txt'} was changed since the job started; start a new job")

@@ -9,7 +9,9 @@ from __future__ import annotations
 from .errors import ArthurError
 
 import hashlib
+import os
 import re
+import stat
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +21,9 @@ Counter = Callable[[str], int]
 
 PDF_SUFFIXES = {".pdf"}
 PAGE_BREAK = "\f"
+# The cap on one input: 16 MB of text is about 4M tokens, 15x the longest context of the models this runs;
+# planning reads and tokenizes every byte, so the cap bounds its time and memory.
+MAX_DOCUMENT_BYTES = 16 * 1024 * 1024
 
 
 class DocumentError(ArthurError, ValueError):
@@ -73,29 +78,63 @@ def read_pdf(path: Path) -> Source:
     return Source(str(path), f"\n{PAGE_BREAK}\n".join(pages), "pdf", pages=len(pages))
 
 
-def read_text(path: Path) -> Source:
+def _regular_size(path: Path) -> int:
+    """The size of a regular file; FIFOs, devices and sockets would block or never end."""
     try:
-        raw = path.read_bytes()
+        st = os.stat(path)
     except FileNotFoundError:
         raise DocumentError(f"{path}: no such file") from None
-    except IsADirectoryError:
-        raise DocumentError(f"{path}: is a directory; pass the files inside it") from None
     except OSError as e:
         raise DocumentError(f"{path}: cannot read ({e.strerror})") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise DocumentError(f"{path}: is a directory; pass the files inside it")
+    if not stat.S_ISREG(st.st_mode):
+        raise DocumentError(f"{path}: not a regular file (a pipe, device or socket); save it to a file, or pipe "
+                            "it to stdin with '-'")
+    if st.st_size > MAX_DOCUMENT_BYTES:
+        raise DocumentError(f"{path}: {st.st_size:,} bytes is past the cap of {MAX_DOCUMENT_BYTES:,} bytes per "
+                            "document; split it into parts and run one job per part")
+    return st.st_size
+
+
+def decode(name: str, raw: bytes, kind: str = "text") -> Source:
     if b"\0" in raw[:8192]:
-        raise DocumentError(f"{path}: looks binary, not text; pass text, Markdown or PDF files")
+        raise DocumentError(f"{name}: looks binary, not text; pass text, Markdown or PDF files")
     try:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as e:
-        raise DocumentError(f"{path}: not UTF-8 text (byte {e.start}); convert it with iconv -t UTF-8") from None
-    return Source(str(path), text, "text")
+        raise DocumentError(f"{name}: not UTF-8 text (byte {e.start}); convert it with iconv -t UTF-8") from None
+    return Source(name, text, kind)
+
+
+def read_text(path: Path) -> Source:
+    _regular_size(path)
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(MAX_DOCUMENT_BYTES + 1)  # bounded even if the file grows while it is read
+    except OSError as e:
+        raise DocumentError(f"{path}: cannot read ({e.strerror})") from None
+    if len(raw) > MAX_DOCUMENT_BYTES:
+        raise DocumentError(f"{path}: past the cap of {MAX_DOCUMENT_BYTES:,} bytes per document; split it")
+    return decode(str(path), raw)
+
+
+def read_stdin(stdin: TextIO | None = None) -> Source:
+    """stdin as bytes (binary input is refused, not a traceback), read up to the cap."""
+    stream = stdin or sys.stdin
+    buf = getattr(stream, "buffer", None)
+    raw = buf.read(MAX_DOCUMENT_BYTES + 1) if buf is not None else stream.read(MAX_DOCUMENT_BYTES + 1).encode()
+    if len(raw) > MAX_DOCUMENT_BYTES:
+        raise DocumentError(f"stdin: past the cap of {MAX_DOCUMENT_BYTES:,} bytes per document; split the input")
+    return decode("stdin", raw, "stdin")
 
 
 def read_one(name: str, stdin: TextIO | None = None) -> Source:
     if name == "-":
-        return Source("stdin", (stdin or sys.stdin).read(), "stdin")
+        return read_stdin(stdin)
     path = Path(name).expanduser()
     if path.suffix.lower() in PDF_SUFFIXES and path.is_file():
+        _regular_size(path)
         return read_pdf(path)
     return read_text(path)
 
@@ -160,34 +199,46 @@ def _trim(text: str, span: tuple[int, int]) -> tuple[int, int]:
     return a, b
 
 
-def _split_long(text: str, span: tuple[int, int], count: Counter, budget: int) -> list[tuple[int, int]]:
-    """A block over the budget is cut at line ends, then at spaces, then anywhere."""
+def _cut(text: str, a: int, b: int, size: int) -> list[tuple[int, int]]:
+    """[a, b) in pieces of at most `size` characters, each ending after a line end, else a space, in its
+    second half when there is one (else anywhere). One pass: rfind looks at each window once."""
+    out = []
+    while b - a > size:
+        end = a + size
+        for sep in ("\n", " "):
+            k = text.rfind(sep, a + size // 2, end)
+            if k != -1:
+                end = k + 1
+                break
+        out.append((a, end))
+        a = end
+    out.append((a, b))
+    return out
+
+
+def _split_long(text: str, span: tuple[int, int], count: Counter, budget: int,
+                known: int | None = None) -> list[tuple[int, int, int]]:
+    """A span as (start, end, tokens) pieces of at most `budget` tokens. A span over the budget is cut by
+    characters in proportion to its own tokens per character (90%, for uneven text), and only the pieces
+    still over are cut again: each level counts the text once, so the work stays linear in practice."""
     a, b = span
-    if count(text[a:b]) <= budget:
-        return [span]
-    for sep in ("\n", " "):
-        cuts = [a] + [i + 1 for i in range(a, b - 1) if text[i] == sep] + [b]
-        if len(cuts) > 2:
-            return _pack_cuts(text, cuts, count, budget)
-    return _pack_cuts(text, list(range(a, b + 1)), count, budget)
+    n = count(text[a:b]) if known is None else known
+    if n <= budget or b - a <= 1:
+        return [(a, b, n)]
+    size = max(1, int((b - a) * budget / n * 0.9))
+    out = []
+    for x, y in _cut(text, a, b, size):
+        out += _split_long(text, (x, y), count, budget)
+    return out
 
 
-def _pack_cuts(text: str, cuts: list[int], count: Counter, budget: int) -> list[tuple[int, int]]:
-    out: list[tuple[int, int]] = []
-    i = 0
-    while i < len(cuts) - 1:
-        lo, hi = i + 1, len(cuts) - 1
-        while lo < hi:  # the furthest cut whose piece still fits
-            mid = (lo + hi + 1) // 2
-            if count(text[cuts[i]:cuts[mid]]) <= budget:
-                lo = mid
-            else:
-                hi = mid - 1
-        if lo == i + 1 and count(text[cuts[i]:cuts[lo]]) > budget and cuts[lo] - cuts[i] > 1:
-            out += _pack_cuts(text, list(range(cuts[i], cuts[lo] + 1)), count, budget)
-        else:
-            out.append((cuts[i], cuts[lo]))
-        i = lo
+def _pieces(text: str, count: Counter, budget: int) -> list[tuple[int, int, int]]:
+    """Blocks, with long ones pre-cut so that no single count call sees more than a few budgets of text."""
+    window = max(256, budget * 4)  # characters: most tokenizers give 1-6 characters per token
+    out = []
+    for a, b in blocks(text):
+        for x, y in _cut(text, a, b, window):
+            out += _split_long(text, (x, y), count, budget)
     return out
 
 
@@ -197,10 +248,9 @@ def chunk(text: str, count: Counter, budget: int, overlap: int = 0) -> list[Chun
     if budget <= 0:
         raise ValueError("chunk budget must be positive")
     overlap = max(0, min(overlap, budget // 2))
-    spans: list[tuple[int, int]] = []
-    for span in blocks(text):
-        spans += _split_long(text, span, count, budget)
-    sizes = [count(text[a:b]) for a, b in spans]
+    pieces = _pieces(text, count, budget)
+    spans = [(a, b) for a, b, _ in pieces]
+    sizes = [n for _, _, n in pieces]
     chunks: list[Chunk] = []
     i = 0
     while i < len(spans):
@@ -209,10 +259,10 @@ def chunk(text: str, count: Counter, budget: int, overlap: int = 0) -> list[Chun
             est += sizes[j] + 1
             j += 1
         a = spans[i][0]
-        n = count(text[a:spans[j - 1][1]])
+        n = count(text[a:spans[j - 1][1]]) if j > i + 1 else sizes[i]
         while n > budget and j > i + 1:  # merges at block joins can add a token or two: give back blocks
             j -= 1
-            n = count(text[a:spans[j - 1][1]])
+            n = count(text[a:spans[j - 1][1]]) if j > i + 1 else sizes[i]
         b = spans[j - 1][1]
         chunks.append(Chunk(len(chunks), text[a:b], a, b, n))
         if j >= len(spans):

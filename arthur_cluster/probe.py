@@ -50,6 +50,7 @@ ENGINES = ("exo", "mlx")
 SHARDINGS = ("single", "pipeline", "tensor")
 DEFAULT_CONTEXT = 8192  # the same default as pick and up (fallback.DEFAULT_CONTEXT): one question, one figure
 DEFAULT_NODE_COUNTS = (2, 3, 4)
+MAX_PROOF_RANKS = 8  # ranks of the local proof are real processes on this machine
 EXO_META = {"ring": "MlxRing", "jaccl": "MlxJaccl"}
 
 Verdict = Literal["ok", "blocked", "unknown"]
@@ -127,6 +128,9 @@ class RouteSpec(BaseModel):
         if len(parts) == 4 and parts[3] not in ("", "*", "any"):
             if not parts[3].isdigit() or int(parts[3]) < 1:
                 raise ProbeError(f"route {text!r}: the node count must be a positive number")
+            if len(parts[3]) > 6 or int(parts[3]) > memory.MAX_NODES:
+                raise ProbeError(f"route {text[:60]!r}: {parts[3][:20]} nodes is past the cap of "
+                                 f"{memory.MAX_NODES:,} nodes; give the cluster's real node count")
             spec["nodes"] = int(parts[3])
         return cls(**spec)
 
@@ -883,16 +887,30 @@ def _record_equivalence(report: ProbeReport, mode: str, n: int, res, err: str | 
 
 
 def locate(model: str) -> tuple[Path | None, str]:
-    """A folder path, or a repo id found by discovery; (folder or None, repo id or name)."""
+    """A folder path, or a repo id found by discovery (modelname's resolver, as every command uses);
+    (folder or None, repo id or name)."""
+    from . import modelname
+
+    modelname.check(model)
     p = Path(model).expanduser()
     if p.is_dir():
         return p.resolve(), sources.repo_id_of(p)
     if p.exists() or model.startswith((".", "/", "~")):
         raise ProbeError(f"{model}: not a model folder")
-    found = sources.resolve(model, sources.discover())
+    found = modelname.find(model)
     if found:
-        return found[0].path, found[0].repo_id
+        return found.path, found.repo_id
     return None, model
+
+
+def check_counts(nodes: int | None, ranks: tuple[int, ...]) -> None:
+    """Refuse counts that mean nothing (a proof on fewer than 2 ranks proves no split) or that would hang."""
+    if nodes is not None and not 1 <= nodes <= memory.MAX_NODES:
+        raise ProbeError(f"--nodes {nodes}: give 1 to {memory.MAX_NODES:,} (the cap on node counts)")
+    bad = [n for n in ranks if not 2 <= n <= MAX_PROOF_RANKS]
+    if bad:
+        raise ProbeError(f"--ranks {bad[0]}: the equivalence proof splits a model over 2 to {MAX_PROOF_RANKS} "
+                         "ranks on this machine (fewer than 2 splits nothing)")
 
 
 def run(
@@ -918,6 +936,7 @@ def run(
     """
     progress = progress or (lambda _: None)
     t0 = time.time()
+    check_counts(nodes, prove_ranks)
     spec = RouteSpec.parse(route) if isinstance(route, str) else route
     folder, name = locate(str(model))
     report = ProbeReport(model=name, path=folder, asked=str(spec) if spec else None)

@@ -28,6 +28,17 @@ def _engine(value: str | None, as_json: bool) -> str | None:
     return value
 
 
+def _names(model: str | None, fallbacks: list[str] | None) -> tuple[str | None, list[str] | None]:
+    """The one model-name resolver (link, probe and doc use it too): short names and folders become the repo
+    ids the catalogue and the engines know."""
+    from .. import modelname, sources
+
+    found = sources.discover()
+    pick = (lambda n: modelname.canonical(n, found))
+    return (pick(model) if model is not None else None,
+            [pick(f) for f in fallbacks] if fallbacks is not None else None)
+
+
 def _fail_with(message: str, rejections: list, as_json: bool) -> None:
     if as_json:
         _out.print_json({"error": message, "rejections": rejections})
@@ -105,6 +116,7 @@ def register(app: typer.Typer) -> None:
 
         cat = _catalog(catalog_path, as_json)
         engine = _engine(engine, as_json)
+        model, fallbacks = _names(model, fallbacks)
         try:
             found = cluster.discover(cat, engine=engine, exo_url=exo)
             choice = fallback.pick(cat, cluster=found.clusters, context=context, allow_download=allow_download,
@@ -147,6 +159,7 @@ def register(app: typer.Typer) -> None:
 
         cat = _catalog(catalog_path, as_json)
         engine = _engine(engine, as_json)
+        model, fallbacks = _names(model, fallbacks)
         rep = _Reporter(quiet=as_json)
         try:
             with rep.bar:

@@ -11,17 +11,28 @@ from . import _out
 
 
 def _resolve(model: str, lmstudio_dir: Path | None, as_json: bool):
-    from .. import sources
+    from .. import modelname, sources
 
-    found = sources.discover(("lmstudio",), lmstudio_dir=lmstudio_dir)
-    matches = sources.resolve(model, found)
-    if not matches:
+    found = modelname.find(model, sources.discover(("lmstudio",), lmstudio_dir=lmstudio_dir))
+    if found is None:
         _out.fail(f"no LM Studio model matches {model!r}; `arthur-cluster models` lists them (or give a folder path)",
                   as_json=as_json)
-    if len(matches) > 1:
-        _out.fail(f"{model!r} matches {len(matches)} models ({', '.join(m.repo_id for m in matches)}); "
-                  "give the full org/name", as_json=as_json)
-    return matches[0]
+    return found
+
+
+def _summary(all_models: bool, targets: list, results: list, skipped: list, errors: list,
+             lmstudio_dir: Path | None, dry_run: bool) -> str | None:
+    """--all: one line saying what happened to every model, and where an empty library was looked for."""
+    if not all_models:
+        return None
+    if not targets:
+        from .. import paths
+
+        where = lmstudio_dir or paths.lmstudio_models()
+        return (f"nothing to link: no models in {where} (LM Studio's models folder; give another with "
+                "--lmstudio-dir or set ARTHUR_LMSTUDIO_MODELS)")
+    verb = "would link" if dry_run else "linked"
+    return f"{verb} {len(results)} of {len(targets)} model(s); skipped {len(skipped)}; failed {len(errors)}"
 
 
 def _all_models(lmstudio_dir: Path | None):
@@ -78,8 +89,10 @@ def register(app: typer.Typer) -> None:
         as_json: bool = typer.Option(False, "--json", help="Print JSON."),
     ) -> None:
         """Link LM Studio MLX models into the Hugging Face cache and exo (zero-copy, atomic, idempotent)."""
-        from .. import linker, modelfiles
+        from .. import linker, modelfiles, modelname
 
+        if model is not None:
+            modelname.check(model)
         if bool(model) == all_models:
             _out.fail("name one model, or pass --all", code=_out.EXIT_USAGE, as_json=as_json)
         if no_hf and no_exo:
@@ -87,10 +100,11 @@ def register(app: typer.Typer) -> None:
         if all_models and repo_id:
             _out.fail("--repo-id names one model; it cannot go with --all", code=_out.EXIT_USAGE, as_json=as_json)
         targets = _all_models(lmstudio_dir) if all_models else [_resolve(model, lmstudio_dir, as_json)]
-        results, errors = [], []
+        results, errors, skipped = [], [], []
         for found in targets:
             info = modelfiles.inspect(found.path, repo_id=found.repo_id, source=found.source)
             if all_models and info.format != "mlx":
+                skipped.append(f"{found.repo_id} ({info.format.upper()}: not runnable by MLX or exo)")
                 continue  # GGUF and others stay LM Studio's
             bar, cb = _progress_bar(true_hash and not as_json)
             try:
@@ -112,11 +126,16 @@ def register(app: typer.Typer) -> None:
             results.append(res)
             if not as_json:
                 _print_result(res)
+        summary = _summary(all_models, targets, results, skipped, errors, lmstudio_dir, dry_run)
         if as_json:
-            _out.print_json({"results": results, "errors": errors})
+            _out.print_json({"results": results, "errors": errors, "skipped": skipped, "summary": summary})
         else:
+            for sk in skipped:
+                _out.console.print(f"[yellow]skipped[/] {sk}", highlight=False)
             for e in errors:
                 _out.err_console.print(f"[bold red]error:[/] {e}", highlight=False)
+            if summary:
+                _out.console.print(summary, highlight=False)
         if errors:
             raise typer.Exit(_out.EXIT_ERROR)
 

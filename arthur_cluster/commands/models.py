@@ -42,12 +42,6 @@ def _layers(counts: dict[str, int]) -> str:
     return " ".join(f"{short.get(k, k)}{v}" for k, v in counts.items())
 
 
-def _quant(q: dict | None) -> str:
-    if not q:
-        return "-"
-    return f"{q['bits']}-bit g{q['group_size']} {q['mode']}"
-
-
 def register(app: typer.Typer) -> None:
     @app.command("models")
     def models_cmd(
@@ -71,23 +65,43 @@ def register(app: typer.Typer) -> None:
             _out.console.print("No models found. LM Studio folder: "
                                f"{lmstudio_dir or _lms_dir()} (set --lmstudio-dir or ARTHUR_LMSTUDIO_MODELS).")
             return
-        from rich.table import Table
+        _out.console.print(table(rows))
 
-        table = Table(title=f"{len(rows)} model(s)")
-        for col in ("model", "source", "format", "arch", "layers", "params", "quant", "size", "ctx", "tok/tmpl",
-                    "linked", "problems"):
-            table.add_column(col, overflow="fold")
-        for r in rows:
-            table.add_row(
-                r["repo_id"], r["source"] + (" (link)" if r["linked_entry"] else ""), r["format"],
-                r["architecture"] or "-", _layers(r["layers"]),
-                f"{r['parameters'] / 1e9:.2f}B" if r["parameters"] else "-", _quant(r["quantization"]),
-                _out.human_bytes(r["bytes"]), str(r["context_length"] or "-"),
-                ("yes" if r["tokenizer"] else "no") + "/" + ("yes" if r["chat_template"] else "no"),
-                "\n".join(r["linked_at"]) or "-",
-                "\n".join(r["problems"]) or "ok",
-            )
-        _out.console.print(table)
+
+def _status(r: dict) -> str:
+    if r["format"] != "mlx":
+        return f"{r['format'].upper()}: not runnable by MLX or exo"
+    if r["problems"]:
+        return r["problems"][0] + (f" (+{len(r['problems']) - 1} more: --json)" if len(r["problems"]) > 1 else "")
+    return "ok"
+
+
+def _linked(places: list[str]) -> str:
+    """Where a model is linked, as short labels (the paths are in --json)."""
+    kinds = ["hf" if "models--" in p else "exo" for p in places]
+    return ",".join(dict.fromkeys(kinds)) or "-"
+
+
+def table(rows: list[dict]):
+    """One line per model within 120 columns: long names and problems are cut with an ellipsis (--json has
+    everything)."""
+    from rich.table import Table
+
+    t = Table(title=f"{len(rows)} model(s)", padding=(0, 1), box=None, header_style="bold")
+    widths = {"model": 40, "source": 8, "arch": 10, "layers": 12, "params": 7, "quant": 9, "size": 8, "ctx": 7,
+              "linked": 6, "status": 26}
+    for col, w in widths.items():
+        t.add_column(col, no_wrap=True, overflow="ellipsis", max_width=w)
+    for r in rows:
+        q = r["quantization"]
+        t.add_row(
+            r["repo_id"], r["source"] + ("*" if r["linked_entry"] else ""), r["architecture"] or "-",
+            _layers(r["layers"]), f"{r['parameters'] / 1e9:.2f}B" if r["parameters"] else "-",
+            f"{q['bits']}b g{q['group_size']}" if q else "-", _out.human_bytes(r["bytes"]),
+            str(r["context_length"] or "-"), _linked(r["linked_at"]),
+            _status(r) if r["tokenizer"] or r["format"] != "mlx" else "no tokenizer",
+        )
+    return t
 
 
 def _lms_dir() -> Path:
