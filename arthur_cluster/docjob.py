@@ -1225,8 +1225,9 @@ def resume(out: Path | None = None, *, model: str | None = None, reporter: Repor
     meta = job.meta()
     try:
         plan = Plan.model_validate_json((job.dir / "plan.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         raise DocJobError(f"{job.dir}: no readable plan.json; the job never started, start it again") from None
+    job.document()  # a missing or damaged document.txt is refused before any model is loaded
     if runner is None and model is None and meta.get("model_path") and Path(meta["model_path"]).is_dir():
         runner = load_local(Path(meta["model_path"]), meta["model"], use_cache=use_cache)
     runner = runner or open_runner(model or meta["model"], use_cache=use_cache)

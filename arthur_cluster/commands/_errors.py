@@ -19,11 +19,9 @@ DEBUG = {"on": False}  # set by the global --debug option (cli.py)
 
 
 def _file_in_traceback(exc: BaseException) -> Path | None:
-    """The innermost project frame's Path-valued local: parsing errors do not carry the file they came from."""
+    """The innermost frame's Path-valued local of a telling name: parsing errors do not carry their file."""
     found = None
     for frame, _ in traceback.walk_tb(exc.__traceback__):
-        if "arthur_cluster" not in frame.f_code.co_filename:
-            continue
         for name in ("path", "file", "f", "meta_file", "folder", "source"):
             v = frame.f_locals.get(name)
             if isinstance(v, Path):
