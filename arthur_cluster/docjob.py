@@ -32,7 +32,7 @@ DEFAULT_MAX_TOKENS = 512
 DEFAULT_STEP = 2048
 MIN_CHUNK = 64  # a chunk budget below this is not worth running
 NOTE_SEPARATOR = 8  # tokens for the "[Part i]" label and blank lines around each note in a reduce prompt
-WARMUP_TOKENS = 256
+WARMUP_TOKENS = 1024  # long enough that the measured rate is the steady one, not the first kernels
 THINK_END = "</think>"
 
 
@@ -751,10 +751,14 @@ def plan_job(doc: Document, tasks: list[Task], runner: Any, *, max_tokens: int =
         plan.explanation.insert(0, f"single pass: {need:,} tokens (document {doc_tokens:,} + prompt "
                                    f"{plan.prompt_overhead:,} + {max_tokens:,} reserved for the answer) fit the "
                                    f"{work:,}-token context")
-        plan.prefill_tokens = singles[0].tokens + sum(len(p.suffix) for p in singles[1:])
+        # With the prompt cache the document is prefilled once for every question; without it, once each.
+        plan.prefill_tokens = singles[0].tokens + sum(len(p.suffix) if _caches(runner) else p.tokens
+                                                      for p in singles[1:])
         plan.cached_prefix = runner.cached_on_disk(singles[0])
     else:
         _plan_map_reduce(plan, doc, tasks, prompter, work, need, max_tokens, overlap)
+        if plan.feasible:
+            plan.prefill_tokens = _map_reduce_prefill(plan, prompter, _caches(runner))
         plan.alternatives = _alternatives(runner, need, nodes, split, step)
         _suggest(plan, runner, need, nodes, split, step, mem_limit < limit)
     if plan.feasible:
@@ -787,9 +791,28 @@ def _plan_map_reduce(plan: Plan, doc: Document, tasks: list[Task], prompter: Pro
     plan.chunks = [ChunkPlan(index=c.index, start=c.start, end=c.end, tokens=c.tokens) for c in chunks]
     plan.explanation.insert(0, why + f": map-reduce over {len(chunks)} chunks of up to {budget:,} tokens "
                                      f"({plan.overlap:,} overlapping), then reduce {group} notes at a time")
-    per_chunk = empty + max_tokens
-    plan.prefill_tokens = sum(c.tokens for c in chunks) + len(chunks) * per_chunk + len(tasks) * len(chunks) * (
-        max_tokens + NOTE_SEPARATOR)
+
+
+def _caches(runner: Any) -> bool:
+    """Whether the runner reuses a document's (or chunk's) prefill across tasks: mlx-lm in this process does,
+    unless --no-cache; an engine behind an API is counted as prefilling every prompt whole."""
+    return bool(getattr(runner, "use_cache", False)) and not isinstance(runner, EngineRunner) and \
+        getattr(runner, "local", True)
+
+
+def _map_reduce_prefill(plan: Plan, prompter: Prompter, caches: bool) -> int:
+    """Tokens prefilled by the map and reduce units: each chunk once (with the cache) or once per task, each
+    reduce prompt whole (notes counted at their full reserved length: an upper bound)."""
+    tasks, n = plan.tasks, len(plan.chunks)
+    map_empty = max(prompter.build(map_head("", 99, 99), task_tail(t, "map")).tokens for t in tasks)
+    suffix = max(len(prompter.build(map_head("", 99, 99), task_tail(t, "map")).suffix) for t in tasks)
+    chunks = sum(c.tokens for c in plan.chunks) + n * map_empty
+    maps = chunks + (len(tasks) - 1) * (n * suffix if caches else chunks)
+    reduce_empty = max(prompter.build(reduce_head([], 99, 99), task_tail(t, "reduce")).tokens for t in tasks)
+    per_task = unit_count(plan) // len(tasks) - n  # reduce units of one task
+    notes = n + per_task - 1  # every note but the final answer is read by one reduce unit
+    reduces = per_task * reduce_empty + notes * (plan.reserve_tokens + NOTE_SEPARATOR)
+    return maps + len(tasks) * reduces
 
 
 def _suggest(plan: Plan, runner: Any, need: int, nodes: list[memory.NodeMemory], split: memory.Split, step: int,
@@ -872,7 +895,8 @@ def decode_rate(runner: Any, prefix: list[int], n: int = DECODE_WARMUP_TOKENS) -
     from mlx_lm.generate import generate_step
     from mlx_lm.models.cache import make_prompt_cache
 
-    steps = generate_step(mx.array(prefix[:64]), model, max_tokens=n + 1, prompt_cache=make_prompt_cache(model))
+    steps = generate_step(mx.array(prefix[:WARMUP_TOKENS]), model, max_tokens=n + 1,
+                          prompt_cache=make_prompt_cache(model))
     next(steps)
     t0 = time.perf_counter()
     k = sum(1 for _ in steps)
