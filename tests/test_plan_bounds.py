@@ -98,7 +98,7 @@ def test_probe_refuses_meaningless_or_huge_counts(tiny_models, args, needle):
 
 
 @pytest.mark.parametrize("command", [["probe"], ["doc", "-", "--ask", "Q?", "--plan", "--model"],
-                                     ["link"], ["pick", "--engine", "mlx"]])
+                                     ["link"], ["unlink"], ["pick", "--engine", "mlx"]])
 @pytest.mark.parametrize("name", ["", "n" * 10_000])
 def test_empty_and_huge_model_names_are_refused(command, name, tmp_path):
     proc = cli(*command, name, input="text", timeout=60, cwd=tmp_path)

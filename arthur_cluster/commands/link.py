@@ -150,8 +150,10 @@ def register(app: typer.Typer) -> None:
         as_json: bool = typer.Option(False, "--json", help="Print JSON."),
     ) -> None:
         """Remove links made by `arthur-cluster link` (never a source file, never a real download)."""
-        from .. import linker
+        from .. import linker, modelname
 
+        if model is not None:
+            modelname.check(model)
         if sum(map(bool, (model, stale, all_links))) != 1:
             _out.fail("name one model, or pass --stale or --all", code=_out.EXIT_USAGE, as_json=as_json)
         repo_id = None
