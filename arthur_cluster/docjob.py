@@ -627,10 +627,29 @@ def this_machine() -> memory.NodeMemory:
     return local_node()
 
 
+def _exo_node_memory(dep: Any) -> dict[str, memory.NodeMemory]:
+    """Each exo node's memory from exo's own state (what pick and probe judge exo routes by); empty when exo
+    does not answer (the plan then says the memory is unknown)."""
+    from .cluster import exo_client
+    from .exo_client import ExoError
+
+    try:
+        state = exo_client(dep.endpoint).state()
+    except ExoError:
+        return {}
+    return {n.node_id: memory.NodeMemory(name=n.node_id, memory_bytes=n.ram_total, available_bytes=n.ram_available)
+            for n in state.nodes.values()}
+
+
 def deployment_nodes(dep: Any) -> list[memory.NodeMemory]:
-    """Node memory for the deployment's nodes, from models.toml's cluster section by name (or this machine)."""
+    """Node memory for the deployment's nodes: exo's state for an exo deployment, else models.toml's cluster
+    section by name (or this machine)."""
     if dep is None or not dep.nodes:
         return [this_machine()]
+    if dep.engine == "exo" and dep.endpoint:
+        live = _exo_node_memory(dep)
+        if live:
+            return [live.get(name) or memory.NodeMemory(name=name) for name in dep.nodes]
     known: dict[str, int | None] = {}
     try:
         cat = catalog.load()
