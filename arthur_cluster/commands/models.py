@@ -70,10 +70,10 @@ def register(app: typer.Typer) -> None:
 
 def _status(r: dict) -> str:
     if r["format"] != "mlx":
-        return f"{r['format'].upper()}: not runnable by MLX or exo"
+        return f"{r['format'].upper()}: not for MLX/exo"
     if r["problems"]:
-        return r["problems"][0] + (f" (+{len(r['problems']) - 1} more: --json)" if len(r["problems"]) > 1 else "")
-    return "ok"
+        return r["problems"][0] + (f" (+{len(r['problems']) - 1})" if len(r["problems"]) > 1 else "")
+    return "ok" if r["tokenizer"] else "no tokenizer"
 
 
 def _linked(places: list[str]) -> str:
@@ -82,24 +82,36 @@ def _linked(places: list[str]) -> str:
     return ",".join(dict.fromkeys(kinds)) or "-"
 
 
+def _params(n: int | None) -> str:
+    if not n:
+        return "-"
+    return f"{n / 1e9:.1f}B" if n >= 1e9 else f"{n / 1e6:.0f}M" if n >= 1e6 else f"{n / 1e3:.0f}K"
+
+
+SOURCE_SHORT = {"lmstudio": "lms", "hf-cache": "hf", "exo": "exo", "path": "path"}
+# Fixed widths for 120 columns (one space between columns); the status column takes the rest.
+WIDTHS = {"model": 32, "src": 5, "arch": 10, "layers": 10, "params": 6, "quant": 6, "size": 7, "ctx": 7,
+          "linked": 6}
+
+
 def table(rows: list[dict]):
     """One line per model within 120 columns: long names and problems are cut with an ellipsis (--json has
-    everything)."""
+    everything; * after the source marks an entry the linker made)."""
     from rich.table import Table
 
-    t = Table(title=f"{len(rows)} model(s)", padding=(0, 1), box=None, header_style="bold")
-    widths = {"model": 40, "source": 8, "arch": 10, "layers": 12, "params": 7, "quant": 9, "size": 8, "ctx": 7,
-              "linked": 6, "status": 26}
-    for col, w in widths.items():
-        t.add_column(col, no_wrap=True, overflow="ellipsis", max_width=w)
+    t = Table(title=f"{len(rows)} model(s)", box=None, padding=(0, 1), collapse_padding=True, pad_edge=False,
+              header_style="bold")
+    for col, w in WIDTHS.items():
+        t.add_column(col, no_wrap=True, overflow="ellipsis", min_width=w, max_width=w)
+    t.add_column("status", no_wrap=True, overflow="ellipsis", max_width=120 - sum(WIDTHS.values()) - len(WIDTHS))
     for r in rows:
         q = r["quantization"]
         t.add_row(
-            r["repo_id"], r["source"] + ("*" if r["linked_entry"] else ""), r["architecture"] or "-",
-            _layers(r["layers"]), f"{r['parameters'] / 1e9:.2f}B" if r["parameters"] else "-",
+            r["repo_id"], SOURCE_SHORT.get(r["source"], r["source"]) + ("*" if r["linked_entry"] else ""),
+            r["architecture"] or "-", _layers(r["layers"]),
+            _params(r["parameters"]),
             f"{q['bits']}b g{q['group_size']}" if q else "-", _out.human_bytes(r["bytes"]),
-            str(r["context_length"] or "-"), _linked(r["linked_at"]),
-            _status(r) if r["tokenizer"] or r["format"] != "mlx" else "no tokenizer",
+            str(r["context_length"] or "-"), _linked(r["linked_at"]), _status(r),
         )
     return t
 
