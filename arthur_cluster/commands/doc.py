@@ -199,7 +199,8 @@ def time_text(plan) -> str:
     if plan.generate_seconds is not None:
         gen += f" ~{plan.generate_seconds:,.0f} s at {plan.decode_tps:,.1f} tok/s"
     if plan.seconds is not None:
-        return f"about {plan.seconds:,.0f} s at most: {pre}; {gen} (rates from {plan.rates_from})"
+        return (f"about {plan.seconds:,.0f} s if every answer runs to its reserved length: {pre}; {gen} "
+                f"(rates from {plan.rates_from})")
     return (f"{pre}; {gen}; no rates measured for this model here yet (the plan does not load the weights): "
             "the job measures them when it starts")
 
