@@ -1236,8 +1236,15 @@ def run(files: list[str], *, asks: list[str] | None = None, summarize: bool = Fa
     """The whole job in one call (the demo and scripts): plan, then run; returns result.json's content."""
     doc = documents.load(files)
     tasks = make_tasks(asks, summarize, prompt)
-    runner = runner or open_runner(model, use_cache=use_cache)
-    plan = plan_job(doc, tasks, runner, max_tokens=max_tokens, context=context, thinking=thinking)
+    if runner is None:  # plan from the headers first: a job that cannot run never loads the weights
+        plan = plan_job(doc, tasks, plan_runner(model, use_cache=use_cache), max_tokens=max_tokens,
+                        context=context, thinking=thinking, warmup=False)
+        if not plan.feasible:
+            raise DocJobError("the plan cannot run: " + "; ".join(plan.explanation + plan.suggestions))
+        runner = open_runner(model, use_cache=use_cache)
+        estimate_time(plan, runner, doc)
+    else:
+        plan = plan_job(doc, tasks, runner, max_tokens=max_tokens, context=context, thinking=thinking)
     (reporter or Reporter()).plan(plan)
     job = create_job(doc, tasks, runner, max_tokens=max_tokens, thinking=thinking, context=context, out=out)
     write_json(job.dir / "plan.json", plan.model_dump(mode="json"))
