@@ -51,6 +51,7 @@ SHARDINGS = ("single", "pipeline", "tensor")
 DEFAULT_CONTEXT = 8192  # the same default as pick and up (fallback.DEFAULT_CONTEXT): one question, one figure
 DEFAULT_NODE_COUNTS = (2, 3, 4)
 MAX_PROOF_RANKS = 8  # ranks of the local proof are real processes on this machine
+MAX_PROBE_NODES = 64  # --nodes N probes every count 2..N: about 10 routes and 2 plans each
 EXO_META = {"ring": "MlxRing", "jaccl": "MlxJaccl"}
 
 Verdict = Literal["ok", "blocked", "unknown"]
@@ -905,8 +906,9 @@ def locate(model: str) -> tuple[Path | None, str]:
 
 def check_counts(nodes: int | None, ranks: tuple[int, ...]) -> None:
     """Refuse counts that mean nothing (a proof on fewer than 2 ranks proves no split) or that would hang."""
-    if nodes is not None and not 1 <= nodes <= memory.MAX_NODES:
-        raise ProbeError(f"--nodes {nodes}: give 1 to {memory.MAX_NODES:,} (the cap on node counts)")
+    if nodes is not None and not 1 <= nodes <= MAX_PROBE_NODES:
+        raise ProbeError(f"--nodes {nodes}: give 1 to {MAX_PROBE_NODES} (the cap on node counts to probe; "
+                         "--route ENGINE/SHARDING/BACKEND/N asks for one larger count)")
     bad = [n for n in ranks if not 2 <= n <= MAX_PROOF_RANKS]
     if bad:
         raise ProbeError(f"--ranks {bad[0]}: the equivalence proof splits a model over 2 to {MAX_PROOF_RANKS} "
