@@ -89,3 +89,28 @@ def test_doc_plan_on_an_exo_deployment_uses_exo_node_memory(exo_sim, tiny_models
     assert [n.node for n in plan.memory.nodes] == dep.nodes and plan.memory.split == "pipeline"
     for node in plan.memory.nodes:
         assert node.budget == state[node.node].ram_available and node.fits is True
+
+
+def test_probe_and_pick_agree_on_a_cluster_pipeline(library, tmp_path):
+    """Two 24 GiB nodes of models.toml's [cluster]: the pipeline stages (sized by each node's budget) and so
+    the busiest node's figure are the same in probe and pick."""
+    toml = tmp_path / "models.toml"
+    toml.write_text(f'target = "{NEMOTRON_ID}"\nfallbacks = []\n[cluster]\nbackend = "ring"\n'
+                    + "".join(f'[[cluster.nodes]]\nname = "mini{i}"\nmemory_bytes = {24 * 2**30}\n'
+                              f'ssh = "mini{i}.local"\n' for i in range(2)))
+    env_cat = {"ARTHUR_CLUSTER_MODELS": str(toml)}
+    os.environ.update(env_cat)
+    try:
+        probe_out = cli(library, tmp_path, "probe", NEMOTRON_ID, "--cluster", "--static-only", "--context", CONTEXT)
+        pick_out = cli(library, tmp_path, "pick", "--engine", "mlx", "--context", CONTEXT)
+    finally:
+        for k in env_cat:
+            os.environ.pop(k)
+    route = next(r for r in probe_out["routes"]
+                 if (r["engine"], r["sharding"], r["backend"], r["nodes"]) == ("mlx", "pipeline", "ring", 2))
+    choice = pick_out["choice"]
+    assert choice["route"]["sharding"] == "pipeline" and choice["route"]["nodes"] == 2
+    peak = max(n["total"] for n in choice["plan"]["nodes"])
+    assert route["peak_bytes"] == peak and route["fits"] is True is choice["plan"]["fits"]
+    plan = probe_out["memory"]["pipeline/2"]
+    assert [n["layers"] for n in plan["nodes"]] == [n["layers"] for n in choice["plan"]["nodes"]]
