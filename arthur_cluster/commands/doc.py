@@ -34,6 +34,11 @@ def register(app: typer.Typer) -> None:
 
         Single pass when the document fits the context, else map-reduce over chunks; one prefill shared by
         every question; resumable (Ctrl-C, crashes) with --resume."""
+        import os
+
+        # transformers warns once per long text that it exceeds the tokenizer's model_max_length: the plan
+        # counts long documents on purpose (and chunks them), so the warning only misleads here.
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
         from .. import docjob, documents
 
         think = _thinking(thinking, as_json)
