@@ -64,6 +64,10 @@ def test_a_fifo_is_refused_not_waited_on(tmp_path):
     os.mkfifo(fifo)
     proc = cli("doc", str(fifo), "--ask", "Q?", "--model", "x", "--plan", timeout=30)
     one_line_error(proc, "not a regular file", str(fifo))
+    doc = tmp_path / "real.txt"
+    doc.write_text("text")
+    proc = cli("doc", str(doc), "--prompt-file", str(fifo), "--model", "x", "--plan", timeout=30)
+    one_line_error(proc, "prompt file", "not a regular file", str(fifo))
 
 
 def test_binary_stdin_is_refused_in_one_line():

@@ -98,10 +98,12 @@ def _thinking(value: str | None, as_json: bool) -> bool | None:
 def _read_prompt(path: Path | None, as_json: bool) -> str | None:
     if path is None:
         return None
+    from .. import documents
+
     try:
-        return path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        _out.fail(f"{path}: cannot read the prompt file ({e})", as_json=as_json)
+        return documents.read_text(path).text  # regular files only, bounded, UTF-8: as a document is read
+    except documents.DocumentError as e:
+        _out.fail(f"cannot read the prompt file: {e}", as_json=as_json)
 
 
 def _finish(reporter: "RichReporter", plan, result: dict, as_json: bool) -> None:
