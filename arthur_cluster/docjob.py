@@ -942,7 +942,9 @@ def _rates_file() -> Path:
 def _rates_key(runner: Any) -> str:
     from .cluster import local_node
 
-    return f"{getattr(runner, 'identity', None) or runner.model_id}@{runner.route}@{local_node().name}"
+    # The model id and route, not the weights' identity: an engine behind an API (which records) and the
+    # planner (which has the folder) must find the same entry.
+    return f"{runner.model_id}@{runner.route}@{local_node().name}"
 
 
 def read_rates(runner: Any) -> dict:

@@ -89,6 +89,13 @@ def test_doc_plan_on_an_exo_deployment_uses_exo_node_memory(exo_sim, tiny_models
     assert [n.node for n in plan.memory.nodes] == dep.nodes and plan.memory.split == "pipeline"
     for node in plan.memory.nodes:
         assert node.budget == state[node.node].ram_available and node.fits is True
+    # Rates a run on the deployment's engine recorded are found by the next plan, made without weights.
+    engine = docjob.open_runner()
+    assert isinstance(engine, docjob.EngineRunner)
+    docjob.record_rates(engine, {"prefill_tps": 900.0, "decode_tps": 30.0})
+    again = docjob.plan_job(documents.Document("Some text about nodes.\n\nMore text."), docjob.make_tasks(["Q?"]),
+                            docjob.plan_runner(), max_tokens=8, warmup=False)
+    assert again.decode_tps == 30.0 and again.seconds is not None
 
 
 def test_probe_and_pick_agree_on_a_cluster_pipeline(library, tmp_path):
