@@ -905,8 +905,8 @@ DECODE_WARMUP_TOKENS = 16
 
 
 def decode_rate(runner: Any, prefix: list[int], n: int = DECODE_WARMUP_TOKENS) -> float | None:
-    """Generation tokens/s of mlx-lm in this process: a few greedy steps after a short prompt (the first step,
-    which compiles, is not timed). None for runners without a model here."""
+    """Generation tokens/s of mlx-lm in this process: a few greedy steps after the warm-up's prompt (the first
+    step, which prefills and compiles, is not timed). None for runners without a model here."""
     model = getattr(runner, "model", None)
     if model is None or len(prefix) < 8:
         return None
