@@ -27,7 +27,11 @@ def _child_peak_rss(args: list[str], tmp_path: Path) -> tuple[subprocess.Complet
     Linux, bytes on macOS): RUSAGE_CHILDREN of this test process would include every earlier child."""
     wrapper = ("import resource, subprocess, sys\n"
                # A cap on the address space keeps a regression (loading 33 GB) from taking the machine down.
-               "cap = lambda: resource.setrlimit(resource.RLIMIT_AS, (8 << 30, 8 << 30))\n"
+               "def cap():\n"
+               "    try:\n"
+               "        resource.setrlimit(resource.RLIMIT_AS, (8 << 30, 8 << 30))\n"
+               "    except (ValueError, OSError):\n"
+               "        pass  # macOS may refuse to lower RLIMIT_AS; the RSS assertion still holds\n"
                "p = subprocess.run(sys.argv[1:], capture_output=True, text=True, timeout=120, preexec_fn=cap)\n"
                "sys.stdout.write(p.stdout); sys.stderr.write(p.stderr)\n"
                "print('MAXRSS', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, file=sys.stderr)\n"
