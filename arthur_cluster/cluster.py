@@ -157,15 +157,15 @@ def exo_client(url: str | None = None):
 
 
 def from_exo(client, *, expected_version: str | None = None) -> ClusterInfo:
-    """The cluster exo sees. Raises the exo client's precise errors (ExoUnreachable, ExoProtocolError,
-    ExoVersionMismatch, ...) when exo cannot be used."""
+    """The cluster exo sees. Raises the exo client's precise errors (ExoUnreachable, ExoProtocolError, ...)
+    when exo cannot be used. exo's API reports no version (nodes of another version never join the cluster):
+    `expected_version` is accepted for callers but cannot be checked."""
     api_node = client.node_id()
-    client.check_versions(expected_version)
     state = client.state()
     host = client.url.split("//", 1)[-1].split(":", 1)[0]
     is_local = is_this_machine(host)
     nodes = [ClusterNode(name=n.node_id, label=n.friendly_name, memory_bytes=n.ram_total,
-                         available_bytes=n.ram_available, exo_version=n.exo_version, rdma=n.rdma_enabled,
+                         available_bytes=n.ram_available, rdma=n.rdma_enabled,
                          backends=list(n.backends), local=is_local and n.node_id == api_node)
              for n in sorted(state.nodes.values(), key=lambda n: n.node_id)]
     if not nodes:
