@@ -392,7 +392,13 @@ class _Shape:
     def __exit__(self, kind, exc, tb) -> bool:
         if kind is not None and issubclass(kind, (TypeError, ValueError, AttributeError, KeyError, IndexError,
                                                   RecursionError)) and not issubclass(kind, ExoError):
-            text = "nested too deeply" if kind is RecursionError else f"{kind.__name__}: {str(exc)[:160]}"
+            if kind is RecursionError:
+                text = "nested too deeply"
+            elif hasattr(exc, "errors"):  # pydantic: the first problem, on one line
+                first = exc.errors()[0]
+                text = f"{'.'.join(str(p) for p in first.get('loc', ()))}: {first.get('msg', '')}"
+            else:
+                text = f"{kind.__name__}: {' '.join(str(exc).split())[:160]}"
             raise ExoProtocolError(f"{self.where}: not the shape exo sends ({text}). Is this exo's API, and the "
                                    "exo version this tool knows (docs/exo.md)?") from None
         return False
