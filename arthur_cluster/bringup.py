@@ -181,8 +181,8 @@ def smoke_test(engine: Engine, prompt: str = SMOKE_PROMPT, max_tokens: int = SMO
 # --- weights on every node ------------------------------------------------------------------------------------
 
 
-def _link_locally(choice: Choice, hooks: Hooks) -> tuple[list[str], Path | None]:
-    """Link the local folder for exo (and the HF cache); returns notes and the custom card's path."""
+def _link_locally(choice: Choice, hooks: Hooks) -> list[str]:
+    """Link the local folder for exo (and the HF cache); returns notes."""
     from . import linker, modelfiles
 
     info = modelfiles.inspect(choice.available.path, repo_id=choice.available.served_id,
@@ -196,7 +196,7 @@ def _link_locally(choice: Choice, hooks: Hooks) -> tuple[list[str], Path | None]
     notes = []
     if res.env_line:
         notes.append(f"exo on this machine must run with {res.env_line} to find the linked weights")
-    return notes, res.card
+    return notes
 
 
 def _remote_nodes(choice: Choice, cat: Catalog) -> list[tuple[str, str | None]]:
@@ -237,20 +237,35 @@ def weights_elsewhere(choice: Choice, cat: Catalog, hooks: Hooks) -> list[str]:
 # --- exo --------------------------------------------------------------------------------------------------
 
 
-def _register_card(client, served: str, card: Path | None, hooks: Hooks) -> None:
-    """exo must know a card for the id: built-in, read from the custom cards folder, or added now."""
-    from .exo_client import ExoError
+def _register_card(client, served: str, hooks: Hooks) -> None:
+    """exo must know a card for the id: built-in, already in its state, or added now through POST /models/add.
+
+    exo builds that card from the model's folder in its model dirs (the linked entry, whose index carries
+    metadata.total_size) and keeps it in its state on every node; a card file written by anyone else is deleted
+    by exo's workers. exo checks the files against Hugging Face when it can reach it: refused at once is quick,
+    a Hugging Face that hangs costs exo 30 s per file, so the wait here is bounded (exo_client.ADD_TIMEOUT)."""
+    from .exo_client import ADD_TIMEOUT, ExoError, ExoTimeout
 
     try:
         if served in {m.id for m in client.models()}:
             return
-        hooks.say(f"registering a card for {served} with exo")
+        hooks.say(f"registering {served} with exo (POST /models/add: exo builds its card from the linked folder)")
         client.add_model(served)
+    except ExoTimeout:
+        raise AttemptFailed(f"exo at {client.url} did not build a card for {served} within {ADD_TIMEOUT:g} s: it is "
+                            "checking the files with Hugging Face, which does not answer. Retry later, or start exo "
+                            "with HF_ENDPOINT pointing at a reachable mirror") from None
     except ExoError as exc:
         detail = getattr(exc, "exo_message", "") or str(exc)
-        where = f" (the card written for it: {card})" if card else ""
-        raise AttemptFailed(f"exo at {client.url} rejects a card for {served}: {detail}{where}. Restart exo so it "
-                            f"reads {paths.exo_custom_cards_dir()}, or check the card's fields") from None
+        raise AttemptFailed(f"exo at {client.url} cannot build a card for {served}: {detail}. exo reads the model "
+                            f"from its model dirs: start it with {_env_hint()} (run `arthur-cluster link {served}` "
+                            "first)") from None
+
+
+def _env_hint() -> str:
+    from . import linker
+
+    return linker.env_line(paths.exo_links_dir())
 
 
 def _route_of(instance, engine: str = "exo") -> Route:
@@ -268,6 +283,7 @@ def _place(client, choice: Choice, timeout: float, hooks: Hooks):
     served = choice.available.served_id
     label = f"loading {served}"
     progress = lambda done, total: hooks.progress(label, done, total)  # noqa: E731
+    download = lambda done, total: hooks.progress(f"exo downloading {served}", done, total)  # noqa: E731
     try:
         state = client.state()
         running = state.instances_of(served)
@@ -277,10 +293,11 @@ def _place(client, choice: Choice, timeout: float, hooks: Hooks):
             return ready[0], False
         if running:  # a placement from an earlier run still loading
             hooks.say(f"waiting for the instance of {served} already loading")
-            return client.wait_ready(served, timeout=timeout, on_progress=progress), False
+            return client.wait_ready(served, timeout=timeout, on_progress=progress, on_download=download), False
         sharding, meta, n = choice.route.exo_placement()
         hooks.say(f"placing {served} on exo: {sharding}/{meta}, at least {n} node(s)")
-        return client.place_and_wait(served, sharding, meta, n, timeout=timeout, on_progress=progress), True
+        return client.place_and_wait(served, sharding, meta, n, timeout=timeout, on_progress=progress,
+                                     on_download=download), True
     except ExoError as exc:
         raise AttemptFailed(str(exc)) from None
 
@@ -302,12 +319,11 @@ def _up_exo(choice: Choice, cat: Catalog, timeout: float, prompt: str, max_token
 
     client = ExoClient(choice.cluster.endpoint)
     notes: list[str] = []
-    card = None
     if choice.available.needs_link:
-        notes, card = _link_locally(choice, hooks)
+        notes = _link_locally(choice, hooks)
     notes += weights_elsewhere(choice, cat, hooks)
     served = choice.available.served_id
-    _register_card(client, served, card, hooks)
+    _register_card(client, served, hooks)
     instance, placed = _place(client, choice, timeout, hooks)
     hooks.say(f"asking {served}: {prompt!r}")
     try:
