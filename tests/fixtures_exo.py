@@ -74,6 +74,9 @@ class Harness:
     def model_ids(self) -> set[str]:
         return {m["id"] for m in self.get("/v1/models")["data"]}
 
+    def downloaded(self) -> set[str]:
+        return {m["id"] for m in self.get("/v1/models?status=downloaded")["data"]}
+
     def stop(self) -> None:
         if self.proc.poll() is None:
             self.proc.terminate()
@@ -104,6 +107,10 @@ def start_harness(root: Path, *flags: str, links: Path | None = None, env: dict 
     h = Harness(url=url, proc=proc, home=home, log=log, links=links)
     # exo fills its card cache at start while already answering: until then /v1/models lists part of it
     wait_for(lambda: {LLAMA_ID, EXO_NEMOTRON_ID} <= h.model_ids(), timeout=30)
+    # ...and scans its read-only dirs for the weights of cards it knows (then every 60 s): wait for that scan
+    cards = h.model_ids()
+    present = {p.name.replace("--", "/", 1) for p in links.iterdir() if not p.name.startswith(".")} if links else set()
+    wait_for(lambda: present & cards <= h.downloaded(), timeout=30)
     return h
 
 
@@ -135,7 +142,6 @@ def shared_exo(tmp_path_factory, tiny_models) -> Harness:
         info = modelfiles.inspect(tiny_models["llama-4bit"], repo_id=LLAMA_ID)
         linker.link(info, repo_id=LLAMA_ID, exo_dir=links, hf=False)
     h = start_harness(root, "--nodes", "2", "--ram-gib", "48", links=links)
-    wait_for(lambda: LLAMA_ID in {m["id"] for m in h.get("/v1/models?status=downloaded")["data"]}, timeout=30)
     yield h
     h.stop()
 
