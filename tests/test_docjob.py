@@ -1,5 +1,5 @@
 """Document jobs on the tiny models: plans, single pass, map-reduce, the prompt cache, resume, PDF and several
-files, refusals that say what would fit, and exo streaming through the contract simulator."""
+files, refusals that say what would fit, and exo streaming through exo's own API code (exo-real)."""
 
 from __future__ import annotations
 
@@ -222,12 +222,12 @@ class Recorder(docjob.Reporter):
 def test_a_document_job_on_an_exo_deployment(shared_exo, tiny_models, tmp_path):
     """exo's own API code serves the deployment (its runners are faked: every answer is "2 + 2 = 4.")."""
     from arthur_cluster.exo_client import ExoClient
-    from tests.fixtures_exo import LLAMA_ID as SIM_LLAMA_ID
+    from tests.fixtures_exo import LLAMA_ID
 
     client = ExoClient(shared_exo.url)
-    inst = client.place_and_wait(SIM_LLAMA_ID, 'Pipeline', 'MlxRing', 2, timeout=60, poll=0.05)
+    inst = client.place_and_wait(LLAMA_ID, 'Pipeline', 'MlxRing', 2, timeout=60, poll=0.05)
     dep = bringup.Deployment(
-        model=SIM_LLAMA_ID, served_id=SIM_LLAMA_ID, engine="exo",
+        model=LLAMA_ID, served_id=LLAMA_ID, engine="exo",
         route=Route(engine="exo", sharding="pipeline", backend="ring", nodes=2), endpoint=shared_exo.url,
         nodes=inst.node_ids, fallback_reason="target does not fit",
         model_path=tiny_models["llama-4bit"], smoke=bringup.Smoke(question="q", answer="a"))
@@ -236,7 +236,7 @@ def test_a_document_job_on_an_exo_deployment(shared_exo, tiny_models, tmp_path):
     f.write_text(make_doc(6))
     rec = Recorder()
     result = docjob.run([str(f)], asks=QUESTIONS, max_tokens=6, reporter=rec, out=tmp_path / "exo")
-    assert result["engine"] == "exo" and result["model"] == SIM_LLAMA_ID
+    assert result["engine"] == "exo" and result["model"] == LLAMA_ID
     assert result["route"] == "exo pipeline/ring on 2 nodes" and result["fallback_reason"] == "target does not fit"
     assert rec.prefill_events and rec.prefill_events[-1][0] == rec.prefill_events[-1][1] > 0  # prefill_progress
     assert rec.tokens == 6 and all(a["answer"] for a in result["answers"])
