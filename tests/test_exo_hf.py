@@ -183,3 +183,43 @@ def test_exos_own_downloader_on_a_linked_entry_replaces_links_never_source_files
         assert not (res.exo_link / name).is_symlink() and (res.exo_link / name).read_bytes() == data
     assert os.readlink(res.exo_link / shards[1]) == str(source / shards[1])  # the others are still links
     assert content_hashes(source) == before
+
+
+def test_under_exos_built_in_id_the_files_come_up_without_the_hub(exo_factory, lmstudio_home):
+    """LM Studio's Nemotron 8-bit is the model of exo's built-in mlx-community card (52 layers, hidden 2688,
+    8-bit, 33,559,880,448 bytes): linked under that id, exo needs no card from the Hub, even one that hangs."""
+    from tests import realshape
+    from tests.conftest import NEMOTRON_CONFIG
+    from tests.fixtures_exo import EXO_NEMOTRON_ID
+
+    source = realshape.build(lmstudio_home / "models" / NEMOTRON_ID, NEMOTRON_CONFIG)
+    before = fingerprint(source)
+    info = modelfiles.inspect(source, repo_id=EXO_NEMOTRON_ID)
+    assert info.data_bytes == 33_559_880_448 and (info.num_layers, info.hidden_size) == (52, 2688)
+    linker.link(info, repo_id=EXO_NEMOTRON_ID, hf=False)
+    hub = HangingHub()
+    try:
+        h = exo_factory("--nodes", "2", "--online", links=paths.exo_links_dir(), env={"HF_ENDPOINT": hub.url})
+        start = time.monotonic()
+        dep = bringup.up(Catalog(target=EXO_NEMOTRON_ID, fallbacks=[]), engine="exo", exo_url=h.url, timeout=60)
+        assert time.monotonic() - start < 30
+    finally:
+        hub.stop()
+    assert dep.model == EXO_NEMOTRON_ID and dep.engine == "exo" and dep.route.nodes == 2
+    card = h.get("/instance/placement?model_id=" + EXO_NEMOTRON_ID + "&sharding=Pipeline&instance_meta=MlxRing"
+                 "&min_nodes=1")
+    assert h.custom_cards() == {} and card  # exo's own card, nothing added
+    assert fingerprint(source) == before
+
+
+def fingerprint(folder: Path) -> dict[str, tuple]:
+    """Every file's size, mtime and sha256 of its first and last MiB (the shards are 33 GB of sparse holes)."""
+    out = {}
+    for p in sorted(folder.rglob("*")):
+        st = p.stat()
+        with open(p, "rb") as f:
+            head = f.read(1 << 20)
+            f.seek(max(0, st.st_size - (1 << 20)))
+            tail = f.read()
+        out[p.name] = (st.st_size, st.st_mtime_ns, hashlib.sha256(head + tail).hexdigest())
+    return out
