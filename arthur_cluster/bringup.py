@@ -181,14 +181,14 @@ def smoke_test(engine: Engine, prompt: str = SMOKE_PROMPT, max_tokens: int = SMO
 # --- weights on every node ------------------------------------------------------------------------------------
 
 
-def _link_locally(choice: Choice, hooks: Hooks) -> list[str]:
-    """Link the local folder for exo (and the HF cache); returns notes."""
+def _link_locally(choice: Choice, hooks: Hooks, repo_id: str | None = None) -> list[str]:
+    """Link the local folder for exo (and the HF cache), under `repo_id` when given; returns notes."""
     from . import linker, modelfiles
 
-    info = modelfiles.inspect(choice.available.path, repo_id=choice.available.served_id,
-                              source=choice.available.source)
+    repo_id = repo_id or choice.available.served_id
+    info = modelfiles.inspect(choice.available.path, repo_id=repo_id, source=choice.available.source)
     try:
-        res = linker.link(info)
+        res = linker.link(info, repo_id=repo_id)
     except (linker.LinkError, modelfiles.ModelFileError) as exc:
         # exo's routes only: MLX on this machine reads the folder itself
         raise AttemptFailed(f"cannot link {choice.available.path} for exo: {exc}") from None
@@ -211,13 +211,13 @@ def _remote_nodes(choice: Choice, cat: Catalog) -> list[tuple[str, str | None]]:
     return out
 
 
-def weights_elsewhere(choice: Choice, cat: Catalog, hooks: Hooks) -> list[str]:
+def weights_elsewhere(choice: Choice, cat: Catalog, hooks: Hooks, repo_id: str | None = None) -> list[str]:
     """Make the weights exist on the route's other nodes: run the link over ssh where models.toml names a host,
     else say exactly what to run there. Every node loads from its own disk (exo and MLX alike)."""
     if choice.available.source in ("exo-download", "hf-download"):
         return []  # the engine fetches them on each node itself
     notes = []
-    cmd = ["arthur-cluster", "link", choice.available.served_id]
+    cmd = ["arthur-cluster", "link", choice.available.served_id] + (["--repo-id", repo_id] if repo_id else [])
     for name, host in _remote_nodes(choice, cat):
         if not host:
             notes.append(f"on node {name}: the weights must be there too; run `{shlex.join(cmd)}` on it (with "
@@ -262,6 +262,46 @@ def _register_card(client, served: str, hooks: Hooks) -> None:
                             "first)") from None
 
 
+def _built_in_twin(client, choice: Choice, cat: Catalog, hooks: Hooks) -> str | None:
+    """exo's built-in id for these very files (models.toml's exo_id), when exo's card has their numbers:
+    weights size, quantization, layers and hidden size. Served under it, the model needs no card from Hugging
+    Face, which /models/add would ask (and wait 30 s per file for, when it hangs)."""
+    from . import exocard, modelfiles
+    from .exo_client import ExoError
+
+    exo_id = cat.entry(choice.model).exo_id or cat.entry(choice.available.served_id).exo_id
+    if not exo_id or exo_id == choice.available.served_id or choice.available.path is None:
+        return None
+    try:
+        card = next((m for m in client.models() if m.id == exo_id and not m.is_custom), None)
+        info = modelfiles.inspect(choice.available.path, repo_id=exo_id, source=choice.available.source)
+        if card is None or card.storage_size_megabytes != (info.data_bytes or 0) >> 20 \
+                or (card.quantization or "") != exocard.quantization_label(info):
+            return None
+        full = next((p.instance for p in client.previews(exo_id) if p.ok), None)
+    except (ExoError, modelfiles.ModelFileError):
+        return None
+    card_of = _card_of(full) or {}
+    numbers = (card_of.get("nLayers"), card_of.get("hiddenSize"), (card_of.get("storageSize") or {}).get("inBytes"))
+    if numbers != (info.num_layers, info.hidden_size, info.data_bytes):
+        return None
+    hooks.say(f"{choice.available.served_id} holds the weights of exo's built-in card {exo_id}: serving it "
+              "under that id (no card from Hugging Face needed)")
+    return exo_id
+
+
+def _card_of(instance) -> dict | None:
+    """The model card inside an instance exo sent (every shard carries it)."""
+    if instance is None:
+        return None
+    for shard in (next(iter(instance.raw.values()), {}).get("shardAssignments", {}).get("runnerToShard") or {}).values():
+        body = next(iter(shard.values()), {}) if isinstance(shard, dict) else {}
+        card = body.get("modelCard") if isinstance(body, dict) else None
+        if isinstance(card, dict):
+            return card
+    return None
+
+
 def _env_hint() -> str:
     from . import linker
 
@@ -276,11 +316,10 @@ def _route_of(instance, engine: str = "exo") -> Route:
                  backend="jaccl" if instance.meta == "MlxJaccl" else "ring", nodes=n)
 
 
-def _place(client, choice: Choice, timeout: float, hooks: Hooks):
+def _place(client, choice: Choice, served: str, timeout: float, hooks: Hooks):
     """A ready instance of the model: the one already running, or a new one placed and waited for."""
     from .exo_client import ExoError
 
-    served = choice.available.served_id
     label = f"loading {served}"
     progress = lambda done, total: hooks.progress(label, done, total)  # noqa: E731
     download = lambda done, total: hooks.progress(f"exo downloading {served}", done, total)  # noqa: E731
@@ -319,12 +358,16 @@ def _up_exo(choice: Choice, cat: Catalog, timeout: float, prompt: str, max_token
 
     client = ExoClient(choice.cluster.endpoint)
     notes: list[str] = []
+    twin = _built_in_twin(client, choice, cat, hooks) if choice.available.needs_link else None
+    served = twin or choice.available.served_id
     if choice.available.needs_link:
-        notes = _link_locally(choice, hooks)
-    notes += weights_elsewhere(choice, cat, hooks)
-    served = choice.available.served_id
-    _register_card(client, served, hooks)
-    instance, placed = _place(client, choice, timeout, hooks)
+        notes = _link_locally(choice, hooks, repo_id=served)
+    notes += weights_elsewhere(choice, cat, hooks, repo_id=twin)
+    if twin:
+        notes.append(f"served under exo's built-in card {twin}: the same weights as {choice.available.served_id}")
+    else:
+        _register_card(client, served, hooks)
+    instance, placed = _place(client, choice, served, timeout, hooks)
     hooks.say(f"asking {served}: {prompt!r}")
     try:
         smoke = smoke_test(ExoEngine(client, served), prompt, max_tokens)

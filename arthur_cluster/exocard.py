@@ -48,6 +48,11 @@ def _supports_tensor(info: ModelInfo) -> bool:
     return info.model_type in TENSOR_MODEL_TYPES
 
 
+def quantization_label(info: ModelInfo) -> str:
+    """How exo's cards name the quantization: "8bit", "4bit", "MXFP4", "bf16"."""
+    return _quantization(info)
+
+
 def _quantization(info: ModelInfo) -> str:
     q = info.quantization
     if q and q.bits:

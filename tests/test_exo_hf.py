@@ -185,30 +185,32 @@ def test_exos_own_downloader_on_a_linked_entry_replaces_links_never_source_files
     assert content_hashes(source) == before
 
 
-def test_under_exos_built_in_id_the_files_come_up_without_the_hub(exo_factory, lmstudio_home):
+def test_the_files_of_a_built_in_card_come_up_under_its_id_without_the_hub(exo_factory, lmstudio_home):
     """LM Studio's Nemotron 8-bit is the model of exo's built-in mlx-community card (52 layers, hidden 2688,
-    8-bit, 33,559,880,448 bytes): linked under that id, exo needs no card from the Hub, even one that hangs."""
+    8-bit, 33,559,880,448 bytes; models.toml names it as exo_id): `up` serves it under that id, so exo needs
+    no card from the Hub, even one that hangs."""
+    from arthur_cluster.catalog import ModelEntry
     from tests import realshape
     from tests.conftest import NEMOTRON_CONFIG
     from tests.fixtures_exo import EXO_NEMOTRON_ID
 
     source = realshape.build(lmstudio_home / "models" / NEMOTRON_ID, NEMOTRON_CONFIG)
     before = fingerprint(source)
-    info = modelfiles.inspect(source, repo_id=EXO_NEMOTRON_ID)
-    assert info.data_bytes == 33_559_880_448 and (info.num_layers, info.hidden_size) == (52, 2688)
-    linker.link(info, repo_id=EXO_NEMOTRON_ID, hf=False)
+    cat = Catalog(target=NEMOTRON_ID, fallbacks=[], models={NEMOTRON_ID: ModelEntry(exo_id=EXO_NEMOTRON_ID)})
     hub = HangingHub()
     try:
         h = exo_factory("--nodes", "2", "--online", links=paths.exo_links_dir(), env={"HF_ENDPOINT": hub.url})
         start = time.monotonic()
-        dep = bringup.up(Catalog(target=EXO_NEMOTRON_ID, fallbacks=[]), engine="exo", exo_url=h.url, timeout=60)
+        dep = bringup.up(cat, engine="exo", exo_url=h.url, timeout=60)
         assert time.monotonic() - start < 30
     finally:
         hub.stop()
-    assert dep.model == EXO_NEMOTRON_ID and dep.engine == "exo" and dep.route.nodes == 2
-    card = h.get("/instance/placement?model_id=" + EXO_NEMOTRON_ID + "&sharding=Pipeline&instance_meta=MlxRing"
-                 "&min_nodes=1")
-    assert h.custom_cards() == {} and card  # exo's own card, nothing added
+    assert dep.model == NEMOTRON_ID and dep.served_id == EXO_NEMOTRON_ID and dep.fallback_reason is None
+    assert dep.engine == "exo" and dep.route.nodes == 2 and any("built-in card" in n for n in dep.notes)
+    assert h.custom_cards() == {} and hub.held == []  # exo's own card; nobody asked the Hub
+    entry = paths.exo_links_dir() / paths.exo_model_dirname(EXO_NEMOTRON_ID)
+    downloads = h.get("/state/downloads")
+    assert all(str(entry) in str(downloads[n]) for n in dep.nodes)  # the nodes load the linked folder
     assert fingerprint(source) == before
 
 
