@@ -658,9 +658,13 @@ def _plan_exo(info: ModelInfo, repo_id: str, source: Path, exo_dir: Path, res: L
 
 def _exo_entry_action(plan: _ExoPlan) -> Action:
     state, record = _exo_state(plan.entry, plan.record_path)
-    healthy = state == "ours" and record == plan.record and not check_exo_entry(plan.entry, plan.record)
-    if healthy:
+    findings = check_exo_entry(plan.entry, plan.record) if state == "ours" and record == plan.record else None
+    if findings == []:
         return Action(op="keep", target=str(plan.entry), detail="already linked, unchanged")
+    if findings and all(f.kind == "foreign" for f in findings) and exo_complete(plan.entry):
+        # exo downloaded some files in place of links (a size check against Hugging Face): the entry still
+        # works, and those files are not the linker's to delete
+        return Action(op="keep", target=str(plan.entry), detail=f"already linked; {findings[0].message}")
     if state == "ours" and (record or {}).get("mode") == "symlink":
         detail = "converts the old directory symlink into a folder of file links"
     else:

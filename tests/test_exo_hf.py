@@ -146,6 +146,8 @@ def test_up_ends_within_60_s_whatever_the_hub_does_and_no_source_byte_changes(ex
         assert any(r.startswith("GET ") and r.endswith("/config.json") for r in server.requests)
         for name, data in other_sizes(source).items():
             assert not (entry / name).is_symlink() and (entry / name).read_bytes() == data
+        again = bringup.up(Catalog(target=NEMOTRON_ID, fallbacks=[]), engine="exo", exo_url=h.url, timeout=60)
+        assert again.instance_id == dep.instance_id  # the entry still links and serves: a rerun reuses it
         out = linker.unlink(NEMOTRON_ID)
         assert str(entry) in out.kept and "config.json" in out.warnings[0]  # not ours: never deleted
     else:
