@@ -605,7 +605,8 @@ def exo_connect(report: ProbeReport, url: str, progress: Progress):
     try:
         return client, client.state()
     except exo_client.ExoError as e:
-        report.add("exo", "warning", f"exo not reachable: {e}", fix="start exo, or check --exo / EXO_API")
+        report.add("exo", "warning", f"exo not usable: {e}",
+                   fix="start exo, or check --exo / EXO_API (exo's API is on port 52415)")
         return None
 
 

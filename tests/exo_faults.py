@@ -64,9 +64,10 @@ class FaultServer:
     """start(fault=None, trickle=0.0): well-formed answers, except those the fault replaces; with trickle > 0
     every answer is sent one byte at a time, `trickle` seconds apart."""
 
-    def __init__(self, fault: str | None = None, trickle: float = 0.0):
+    def __init__(self, fault: str | None = None, trickle: float = 0.0, answers: dict | None = None):
         self.fault = fault
         self.trickle = trickle
+        self.answers = {**WELL_FORMED, **(answers or {})}  # a test's own well-formed answers (validated too)
         server = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -78,8 +79,8 @@ class FaultServer:
             def do_GET(self) -> None:
                 path = self.path.split("?", 1)[0]
                 body = MALFORMED.get(server.fault or "", {}).get(path)
-                if body is None and path in WELL_FORMED:
-                    body = json.dumps(WELL_FORMED[path][1])
+                if body is None and path in server.answers:
+                    body = json.dumps(server.answers[path][1])
                 if body is None:
                     self.send_response(404)
                     body = json.dumps({"detail": "Not Found"})

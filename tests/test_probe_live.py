@@ -71,6 +71,6 @@ def test_small_nodes_block_with_exos_own_reason(nemotron, exo_factory):
 
 def test_unreachable_exo_leaves_exo_routes_unknown(nemotron):
     r = probe.run(nemotron, exo_url="http://127.0.0.1:9", static_only=True, use_cache=False)
-    assert any(f.check == "exo" and "not reachable" in f.what for f in r.findings)
+    assert any(f.check == "exo" and "exo not usable: Cannot reach exo" in f.what for f in r.findings)
     assert all(x.verdict in ("unknown", "blocked") for x in r.routes if x.engine == "exo")
     assert r.find("exo/pipeline/ring/2").verdict == "unknown"
