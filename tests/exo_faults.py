@@ -52,6 +52,7 @@ def _deep(n: int) -> str:
 MALFORMED: dict[str, dict[str, str]] = {
     "node-memory-string": {"/state": json.dumps({**WELL_FORMED["/state"][1], "nodeMemory": "lots"})},
     "node-memory-entry-string": {"/state": json.dumps({**WELL_FORMED["/state"][1], "nodeMemory": {NODE: "lots"}})},
+    "node-backends-number": {"/state": json.dumps({**WELL_FORMED["/state"][1], "nodeBackends": {NODE: 5}})},
     "models-wrong-items": {"/v1/models": json.dumps({"object": "list", "data": [5, "x"]})},
     "models-wrong-field": {"/v1/models": json.dumps({"object": "list", "data": [{"id": ["a"], "tasks": 3}]})},
     "previews-five": {"/instance/previews": json.dumps({"previews": [5]})},
