@@ -1,4 +1,4 @@
-"""The cluster a model runs on: its nodes with memory, exo versions and RDMA.
+"""The cluster a model runs on: its nodes with memory and RDMA.
 
 Three places say what the cluster is, tried in this order by `discover`: a reachable exo API (its /state),
 the [cluster] section of models.toml (MLX run directly over ring/jaccl/nccl), and this machine alone.
@@ -33,7 +33,6 @@ class ClusterNode(BaseModel):
     label: str | None = None  # exo's friendly name
     memory_bytes: int | None = None
     available_bytes: int | None = None
-    exo_version: str | None = None
     rdma: bool = False  # exo: rdma_ctl enabled; models.toml: RDMA devices listed
     rdma_devices: list[str] = Field(default_factory=list)
     backends: list[str] = Field(default_factory=list)
@@ -156,10 +155,10 @@ def exo_client(url: str | None = None):
     return ExoClient(url or paths.exo_api(), read_timeout=DISCOVERY_READ_TIMEOUT, retries=1)
 
 
-def from_exo(client, *, expected_version: str | None = None) -> ClusterInfo:
+def from_exo(client) -> ClusterInfo:
     """The cluster exo sees. Raises the exo client's precise errors (ExoUnreachable, ExoProtocolError, ...)
-    when exo cannot be used. exo's API reports no version (nodes of another version never join the cluster):
-    `expected_version` is accepted for callers but cannot be checked."""
+    when exo cannot be used. exo's API reports no version: nodes of another version never join the cluster,
+    so they are simply absent from its state."""
     api_node = client.node_id()
     state = client.state()
     host = client.url.split("//", 1)[-1].split(":", 1)[0]
@@ -188,8 +187,8 @@ class Discovery(BaseModel):
     notes: list[str] = Field(default_factory=list)
 
 
-def discover(cat: Catalog | None = None, *, engine: Literal["exo", "mlx"] | None = None, exo_url: str | None = None,
-             expected_version: str | None = None) -> Discovery:
+def discover(cat: Catalog | None = None, *, engine: Literal["exo", "mlx"] | None = None,
+             exo_url: str | None = None) -> Discovery:
     """exo first (when reachable), then MLX on the [cluster] section or this machine.
 
     engine="exo": exo must answer, else ClusterError with exo's own message. engine="mlx": exo is not asked.
@@ -200,7 +199,7 @@ def discover(cat: Catalog | None = None, *, engine: Literal["exo", "mlx"] | None
     if engine in (None, "exo"):
         url = (exo_url or paths.exo_api()).rstrip("/")
         try:
-            out.clusters.append(from_exo(exo_client(url), expected_version=expected_version))
+            out.clusters.append(from_exo(exo_client(url)))
         except (ExoError, ClusterError) as exc:
             if engine == "exo":
                 raise ClusterError(str(exc)) from None
