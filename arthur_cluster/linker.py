@@ -707,6 +707,8 @@ def _apply_exo(plan: _ExoPlan) -> list[Action]:
                                 "exo may have downloaded them in place of links): left untouched. Move them away "
                                 "and link again")
         old_card = _old_card(_exo_state(plan.entry, plan.record_path)[1])
+        if old_card:  # before the new record forgets it (exo deletes such files anyway)
+            os.unlink(old_card)
         # Record first: a run killed after it leaves a record without a matching entry, which the next run
         # repairs; the reverse order would leave an entry nobody claims.
         paths.write_atomic(plan.record_path, json.dumps(plan.record, indent=1, ensure_ascii=False))
@@ -714,8 +716,6 @@ def _apply_exo(plan: _ExoPlan) -> list[Action]:
         tmp = plan.staging / f"{plan.entry.name}.{os.getpid()}.{secrets.token_hex(4)}"
         _build_exo(tmp, plan.record, plan.index_text)
         _swap_in(tmp, plan.entry, plan.staging)
-        if old_card:
-            os.unlink(old_card)
     return actions
 
 
