@@ -352,7 +352,9 @@ def _delete_quietly(client, instance_id: str) -> str | None:
     return None
 
 
-def _up_exo(choice: Choice, cat: Catalog, timeout: float, prompt: str, max_tokens: int, hooks: Hooks) -> Deployment:
+def _up_exo(choice: Choice, cat: Catalog, timeout: float, prompt: str, max_tokens: int, hooks: Hooks,
+            no_card: dict[str, str] | None = None) -> Deployment:
+    """no_card: served id -> why exo would not register it, from this `up`'s earlier routes (asked once)."""
     from .engines.exo import ExoEngine
     from .exo_client import ExoClient
 
@@ -365,8 +367,15 @@ def _up_exo(choice: Choice, cat: Catalog, timeout: float, prompt: str, max_token
     notes += weights_elsewhere(choice, cat, hooks, repo_id=twin)
     if twin:
         notes.append(f"served under exo's built-in card {twin}: the same weights as {choice.available.served_id}")
+    elif no_card is not None and served in no_card:
+        raise AttemptFailed(no_card[served])
     else:
-        _register_card(client, served, hooks)
+        try:
+            _register_card(client, served, hooks)
+        except AttemptFailed as exc:
+            if no_card is not None:
+                no_card[served] = str(exc)
+            raise
     instance, placed = _place(client, choice, served, timeout, hooks)
     hooks.say(f"asking {served}: {prompt!r}")
     try:
@@ -454,6 +463,7 @@ def up(cat: Catalog, *, model: str | None = None, fallbacks: list[str] | None = 
         for p in c.problems:
             hooks.say(f"  note: {p}")
     prior: list[Rejection] = []
+    no_card: dict[str, str] = {}  # exo's card refusals, so the model's other exo routes do not ask again
     while True:
         if not found.clusters:
             raise BringUpError("no cluster left to try:\n  " + "\n  ".join(found.notes + [str(r) for r in prior]),
@@ -469,7 +479,7 @@ def up(cat: Catalog, *, model: str | None = None, fallbacks: list[str] | None = 
         hooks.say(f"trying {choice.model} ({choice.route.label})")
         try:
             if choice.route.engine == "exo":
-                dep = _up_exo(choice, cat, timeout, prompt, max_tokens, hooks)
+                dep = _up_exo(choice, cat, timeout, prompt, max_tokens, hooks, no_card)
             else:
                 dep = _up_mlx(choice, cat, timeout, prompt, max_tokens, hooks)
         except AttemptFailed as exc:

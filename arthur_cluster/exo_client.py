@@ -28,7 +28,7 @@ from .errors import ArthurError
 DEFAULT_URL = "http://localhost:52415"
 CONNECT_TIMEOUT = 3.0
 READ_TIMEOUT = 30.0  # the total limit of one ordinary call
-ADD_TIMEOUT = 20.0  # POST /models/add: exo asks Hugging Face (30 s per file when it hangs); we stop waiting first
+ADD_TIMEOUT = 15.0  # POST /models/add: exo asks Hugging Face (30 s per file when it hangs); we stop waiting first
 CHAT_READ_TIMEOUT = 300.0  # a stream gets a keep-alive every 10 s; a non-streaming answer can take long
 APPEAR_TIMEOUT = 5.0  # exo's master places at once; no instance after this means it rejected the placement
 GET_RETRIES = 2
