@@ -186,8 +186,8 @@ class _Adapter(HTTPAdapter):
 
 
 def new_session() -> requests.Session:
+    """A session whose connections the per-call deadline can shut."""
     s = requests.Session()
-
     adapter = _Adapter()
     s.mount("http://", adapter)
     s.mount("https://", adapter)
