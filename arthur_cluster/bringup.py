@@ -181,14 +181,14 @@ def smoke_test(engine: Engine, prompt: str = SMOKE_PROMPT, max_tokens: int = SMO
 # --- weights on every node ------------------------------------------------------------------------------------
 
 
-def _link_locally(choice: Choice, hooks: Hooks) -> tuple[list[str], Path | None]:
-    """Link the local folder for exo (and the HF cache); returns notes and the custom card's path."""
+def _link_locally(choice: Choice, hooks: Hooks, repo_id: str | None = None) -> list[str]:
+    """Link the local folder for exo (and the HF cache), under `repo_id` when given; returns notes."""
     from . import linker, modelfiles
 
-    info = modelfiles.inspect(choice.available.path, repo_id=choice.available.served_id,
-                              source=choice.available.source)
+    repo_id = repo_id or choice.available.served_id
+    info = modelfiles.inspect(choice.available.path, repo_id=repo_id, source=choice.available.source)
     try:
-        res = linker.link(info)
+        res = linker.link(info, repo_id=repo_id)
     except (linker.LinkError, modelfiles.ModelFileError) as exc:
         # exo's routes only: MLX on this machine reads the folder itself
         raise AttemptFailed(f"cannot link {choice.available.path} for exo: {exc}") from None
@@ -196,7 +196,7 @@ def _link_locally(choice: Choice, hooks: Hooks) -> tuple[list[str], Path | None]
     notes = []
     if res.env_line:
         notes.append(f"exo on this machine must run with {res.env_line} to find the linked weights")
-    return notes, res.card
+    return notes
 
 
 def _remote_nodes(choice: Choice, cat: Catalog) -> list[tuple[str, str | None]]:
@@ -211,13 +211,13 @@ def _remote_nodes(choice: Choice, cat: Catalog) -> list[tuple[str, str | None]]:
     return out
 
 
-def weights_elsewhere(choice: Choice, cat: Catalog, hooks: Hooks) -> list[str]:
+def weights_elsewhere(choice: Choice, cat: Catalog, hooks: Hooks, repo_id: str | None = None) -> list[str]:
     """Make the weights exist on the route's other nodes: run the link over ssh where models.toml names a host,
     else say exactly what to run there. Every node loads from its own disk (exo and MLX alike)."""
     if choice.available.source in ("exo-download", "hf-download"):
         return []  # the engine fetches them on each node itself
     notes = []
-    cmd = ["arthur-cluster", "link", choice.available.served_id]
+    cmd = ["arthur-cluster", "link", choice.available.served_id] + (["--repo-id", repo_id] if repo_id else [])
     for name, host in _remote_nodes(choice, cat):
         if not host:
             notes.append(f"on node {name}: the weights must be there too; run `{shlex.join(cmd)}` on it (with "
@@ -237,20 +237,75 @@ def weights_elsewhere(choice: Choice, cat: Catalog, hooks: Hooks) -> list[str]:
 # --- exo --------------------------------------------------------------------------------------------------
 
 
-def _register_card(client, served: str, card: Path | None, hooks: Hooks) -> None:
-    """exo must know a card for the id: built-in, read from the custom cards folder, or added now."""
-    from .exo_client import ExoError
+def _register_card(client, served: str, hooks: Hooks) -> None:
+    """exo must know a card for the id: built-in, already in its state, or added now through POST /models/add.
+
+    exo builds that card from the model's folder in its model dirs (the linked entry, whose index carries
+    metadata.total_size) and keeps it in its state on every node; a card file written by anyone else is deleted
+    by exo's workers. exo checks the files against Hugging Face when it can reach it: refused at once is quick,
+    a Hugging Face that hangs costs exo 30 s per file, so the wait here is bounded (exo_client.ADD_TIMEOUT)."""
+    from .exo_client import ADD_TIMEOUT, ExoError, ExoTimeout
 
     try:
         if served in {m.id for m in client.models()}:
             return
-        hooks.say(f"registering a card for {served} with exo")
+        hooks.say(f"registering {served} with exo (POST /models/add: exo builds its card from the linked folder)")
         client.add_model(served)
+    except ExoTimeout:
+        raise AttemptFailed(f"exo at {client.url} did not build a card for {served} within {ADD_TIMEOUT:g} s: it is "
+                            "checking the files with Hugging Face, which does not answer. Retry later, or start exo "
+                            "with HF_ENDPOINT pointing at a reachable mirror") from None
     except ExoError as exc:
         detail = getattr(exc, "exo_message", "") or str(exc)
-        where = f" (the card written for it: {card})" if card else ""
-        raise AttemptFailed(f"exo at {client.url} rejects a card for {served}: {detail}{where}. Restart exo so it "
-                            f"reads {paths.exo_custom_cards_dir()}, or check the card's fields") from None
+        raise AttemptFailed(f"exo at {client.url} cannot build a card for {served}: {detail}. exo reads the model "
+                            f"from its model dirs: start it with {_env_hint()} (run `arthur-cluster link {served}` "
+                            "first)") from None
+
+
+def _built_in_twin(client, choice: Choice, cat: Catalog, hooks: Hooks) -> str | None:
+    """exo's built-in id for these very files (models.toml's exo_id), when exo's card has their numbers:
+    weights size, quantization, layers and hidden size. Served under it, the model needs no card from Hugging
+    Face, which /models/add would ask (and wait 30 s per file for, when it hangs)."""
+    from . import exocard, modelfiles
+    from .exo_client import ExoError
+
+    exo_id = cat.entry(choice.model).exo_id or cat.entry(choice.available.served_id).exo_id
+    if not exo_id or exo_id == choice.available.served_id or choice.available.path is None:
+        return None
+    try:
+        card = next((m for m in client.models() if m.id == exo_id and not m.is_custom), None)
+        info = modelfiles.inspect(choice.available.path, repo_id=exo_id, source=choice.available.source)
+        if card is None or card.storage_size_megabytes != (info.data_bytes or 0) >> 20 \
+                or (card.quantization or "") != exocard.quantization_label(info):
+            return None
+        full = next((p.instance for p in client.previews(exo_id) if p.ok), None)
+    except (ExoError, modelfiles.ModelFileError):
+        return None
+    card_of = _card_of(full) or {}
+    numbers = (card_of.get("nLayers"), card_of.get("hiddenSize"), (card_of.get("storageSize") or {}).get("inBytes"))
+    if numbers != (info.num_layers, info.hidden_size, info.data_bytes):
+        return None
+    hooks.say(f"{choice.available.served_id} holds the weights of exo's built-in card {exo_id}: serving it "
+              "under that id (no card from Hugging Face needed)")
+    return exo_id
+
+
+def _card_of(instance) -> dict | None:
+    """The model card inside an instance exo sent (every shard carries it)."""
+    if instance is None:
+        return None
+    for shard in (next(iter(instance.raw.values()), {}).get("shardAssignments", {}).get("runnerToShard") or {}).values():
+        body = next(iter(shard.values()), {}) if isinstance(shard, dict) else {}
+        card = body.get("modelCard") if isinstance(body, dict) else None
+        if isinstance(card, dict):
+            return card
+    return None
+
+
+def _env_hint() -> str:
+    from . import linker
+
+    return linker.env_line(paths.exo_links_dir())
 
 
 def _route_of(instance, engine: str = "exo") -> Route:
@@ -261,13 +316,13 @@ def _route_of(instance, engine: str = "exo") -> Route:
                  backend="jaccl" if instance.meta == "MlxJaccl" else "ring", nodes=n)
 
 
-def _place(client, choice: Choice, timeout: float, hooks: Hooks):
+def _place(client, choice: Choice, served: str, timeout: float, hooks: Hooks):
     """A ready instance of the model: the one already running, or a new one placed and waited for."""
     from .exo_client import ExoError
 
-    served = choice.available.served_id
     label = f"loading {served}"
     progress = lambda done, total: hooks.progress(label, done, total)  # noqa: E731
+    download = lambda done, total: hooks.progress(f"exo downloading {served}", done, total)  # noqa: E731
     try:
         state = client.state()
         running = state.instances_of(served)
@@ -277,10 +332,11 @@ def _place(client, choice: Choice, timeout: float, hooks: Hooks):
             return ready[0], False
         if running:  # a placement from an earlier run still loading
             hooks.say(f"waiting for the instance of {served} already loading")
-            return client.wait_ready(served, timeout=timeout, on_progress=progress), False
+            return client.wait_ready(served, timeout=timeout, on_progress=progress, on_download=download), False
         sharding, meta, n = choice.route.exo_placement()
         hooks.say(f"placing {served} on exo: {sharding}/{meta}, at least {n} node(s)")
-        return client.place_and_wait(served, sharding, meta, n, timeout=timeout, on_progress=progress), True
+        return client.place_and_wait(served, sharding, meta, n, timeout=timeout, on_progress=progress,
+                                     on_download=download), True
     except ExoError as exc:
         raise AttemptFailed(str(exc)) from None
 
@@ -296,19 +352,31 @@ def _delete_quietly(client, instance_id: str) -> str | None:
     return None
 
 
-def _up_exo(choice: Choice, cat: Catalog, timeout: float, prompt: str, max_tokens: int, hooks: Hooks) -> Deployment:
+def _up_exo(choice: Choice, cat: Catalog, timeout: float, prompt: str, max_tokens: int, hooks: Hooks,
+            no_card: dict[str, str] | None = None) -> Deployment:
+    """no_card: served id -> why exo would not register it, from this `up`'s earlier routes (asked once)."""
     from .engines.exo import ExoEngine
     from .exo_client import ExoClient
 
     client = ExoClient(choice.cluster.endpoint)
     notes: list[str] = []
-    card = None
+    twin = _built_in_twin(client, choice, cat, hooks) if choice.available.needs_link else None
+    served = twin or choice.available.served_id
     if choice.available.needs_link:
-        notes, card = _link_locally(choice, hooks)
-    notes += weights_elsewhere(choice, cat, hooks)
-    served = choice.available.served_id
-    _register_card(client, served, card, hooks)
-    instance, placed = _place(client, choice, timeout, hooks)
+        notes = _link_locally(choice, hooks, repo_id=served)
+    notes += weights_elsewhere(choice, cat, hooks, repo_id=twin)
+    if twin:
+        notes.append(f"served under exo's built-in card {twin}: the same weights as {choice.available.served_id}")
+    elif no_card is not None and served in no_card:
+        raise AttemptFailed(no_card[served])
+    else:
+        try:
+            _register_card(client, served, hooks)
+        except AttemptFailed as exc:
+            if no_card is not None:
+                no_card[served] = str(exc)
+            raise
+    instance, placed = _place(client, choice, served, timeout, hooks)
     hooks.say(f"asking {served}: {prompt!r}")
     try:
         smoke = smoke_test(ExoEngine(client, served), prompt, max_tokens)
@@ -395,6 +463,7 @@ def up(cat: Catalog, *, model: str | None = None, fallbacks: list[str] | None = 
         for p in c.problems:
             hooks.say(f"  note: {p}")
     prior: list[Rejection] = []
+    no_card: dict[str, str] = {}  # exo's card refusals, so the model's other exo routes do not ask again
     while True:
         if not found.clusters:
             raise BringUpError("no cluster left to try:\n  " + "\n  ".join(found.notes + [str(r) for r in prior]),
@@ -410,7 +479,7 @@ def up(cat: Catalog, *, model: str | None = None, fallbacks: list[str] | None = 
         hooks.say(f"trying {choice.model} ({choice.route.label})")
         try:
             if choice.route.engine == "exo":
-                dep = _up_exo(choice, cat, timeout, prompt, max_tokens, hooks)
+                dep = _up_exo(choice, cat, timeout, prompt, max_tokens, hooks, no_card)
             else:
                 dep = _up_mlx(choice, cat, timeout, prompt, max_tokens, hooks)
         except AttemptFailed as exc:

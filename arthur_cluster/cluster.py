@@ -1,4 +1,4 @@
-"""The cluster a model runs on: its nodes with memory, exo versions and RDMA.
+"""The cluster a model runs on: its nodes with memory and RDMA.
 
 Three places say what the cluster is, tried in this order by `discover`: a reachable exo API (its /state),
 the [cluster] section of models.toml (MLX run directly over ring/jaccl/nccl), and this machine alone.
@@ -33,7 +33,6 @@ class ClusterNode(BaseModel):
     label: str | None = None  # exo's friendly name
     memory_bytes: int | None = None
     available_bytes: int | None = None
-    exo_version: str | None = None
     rdma: bool = False  # exo: rdma_ctl enabled; models.toml: RDMA devices listed
     rdma_devices: list[str] = Field(default_factory=list)
     backends: list[str] = Field(default_factory=list)
@@ -161,16 +160,16 @@ def exo_client(url: str | None = None):
     return ExoClient(url or paths.exo_api(), read_timeout=DISCOVERY_READ_TIMEOUT, retries=1)
 
 
-def from_exo(client, *, expected_version: str | None = None) -> ClusterInfo:
-    """The cluster exo sees. Raises the exo client's precise errors (ExoUnreachable, ExoProtocolError,
-    ExoVersionMismatch, ...) when exo cannot be used."""
+def from_exo(client) -> ClusterInfo:
+    """The cluster exo sees. Raises the exo client's precise errors (ExoUnreachable, ExoProtocolError, ...)
+    when exo cannot be used. exo's API reports no version: nodes of another version never join the cluster,
+    so they are simply absent from its state."""
     api_node = client.node_id()
-    client.check_versions(expected_version)
     state = client.state()
     host = client.url.split("//", 1)[-1].split(":", 1)[0]
     is_local = is_this_machine(host)
     nodes = [ClusterNode(name=n.node_id, label=n.friendly_name, memory_bytes=n.ram_total,
-                         available_bytes=n.ram_available, exo_version=n.exo_version, rdma=n.rdma_enabled,
+                         available_bytes=n.ram_available, rdma=n.rdma_enabled,
                          backends=list(n.backends), local=is_local and n.node_id == api_node)
              for n in sorted(state.nodes.values(), key=lambda n: n.node_id)]
     if not nodes:
@@ -193,8 +192,8 @@ class Discovery(BaseModel):
     notes: list[str] = Field(default_factory=list)
 
 
-def discover(cat: Catalog | None = None, *, engine: Literal["exo", "mlx"] | None = None, exo_url: str | None = None,
-             expected_version: str | None = None) -> Discovery:
+def discover(cat: Catalog | None = None, *, engine: Literal["exo", "mlx"] | None = None,
+             exo_url: str | None = None) -> Discovery:
     """exo first (when reachable), then MLX on the [cluster] section or this machine.
 
     engine="exo": exo must answer, else ClusterError with exo's own message. engine="mlx": exo is not asked.
@@ -205,7 +204,7 @@ def discover(cat: Catalog | None = None, *, engine: Literal["exo", "mlx"] | None
     if engine in (None, "exo"):
         url = (exo_url or paths.exo_api()).rstrip("/")
         try:
-            out.clusters.append(from_exo(exo_client(url), expected_version=expected_version))
+            out.clusters.append(from_exo(exo_client(url)))
         except (ExoError, ClusterError) as exc:
             if engine == "exo":
                 raise ClusterError(str(exc)) from None

@@ -1,34 +1,39 @@
-"""The exo HTTP API, typed (contract: shared/facts/exo.md).
+"""The exo HTTP API, typed (contract: shared/facts/exo.md, checked against exo's own code b5375f8c).
 
-Every call has a timeout; only idempotent GETs are retried. Cluster state arrives camelCase and tagged by
-class name ({"MlxRingInstance": {...}}, {"RunnerReady": {}}); it is parsed here into plain typed values so
-nothing downstream touches raw JSON. Model ids are always full Hugging Face ids: current exo resolves no
-short names.
-
-Node versions: exo.md does not name a field for them. Nodes of different exo versions never join one
-cluster, so the check that matters is "every node I expect is in /state". Where a node publishes its
-version (state.nodeIdentities[<node>].exoVersion, the shape the test simulator serves) it is read and
-compared too; a node without one reports None.
+Every call has a total time limit over the whole answer (headers and body), not only per read: a server
+that sends one byte every few seconds cannot hold a call past it. Answers are size-capped. Only idempotent
+GETs are retried. Cluster state arrives camelCase and tagged by class name ({"MlxRingInstance": {...}},
+{"RunnerReady": {}}, {"DownloadFailed": {...}}); it is parsed here into plain typed values, and an answer
+of the wrong shape becomes one ExoProtocolError naming the URL. Model ids are always full Hugging Face ids:
+current exo resolves no short names. exo's HTTP API reports no exo version, so nothing here checks one.
 """
 
 from __future__ import annotations
 
-from .errors import ArthurError
-
 import json
+import socket
+import threading
 import time
 from typing import Any, Callable, Iterator, Literal
 
 import requests
 from pydantic import BaseModel, Field
+from requests.adapters import HTTPAdapter
+from urllib3.connection import HTTPConnection, HTTPSConnection
+from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 
 from . import paths
+from .errors import ArthurError
 
 DEFAULT_URL = "http://localhost:52415"
 CONNECT_TIMEOUT = 3.0
-READ_TIMEOUT = 30.0
+READ_TIMEOUT = 30.0  # the total limit of one ordinary call
+ADD_TIMEOUT = 15.0  # POST /models/add: exo asks Hugging Face (30 s per file when it hangs); we stop waiting first
 CHAT_READ_TIMEOUT = 300.0  # a stream gets a keep-alive every 10 s; a non-streaming answer can take long
+APPEAR_TIMEOUT = 5.0  # exo's master places at once; no instance after this means it rejected the placement
 GET_RETRIES = 2
+MAX_BODY = 32 << 20  # bytes of one JSON answer (a 16-node state is well under 1 MB)
+MAX_LINE = 1 << 20  # bytes of one SSE line
 
 Sharding = Literal["Pipeline", "Tensor"]
 InstanceMeta = Literal["MlxRing", "MlxJaccl"]
@@ -43,6 +48,10 @@ class ExoError(ArthurError, RuntimeError):
 
 class ExoUnreachable(ExoError):
     pass
+
+
+class ExoTimeout(ExoUnreachable):
+    """The whole answer did not arrive within the call's total time limit."""
 
 
 class ExoHTTPError(ExoError):
@@ -61,17 +70,12 @@ class ExoProtocolError(ExoError):
     """The answer is not exo's JSON (HTML, another server on the port, wrong shape)."""
 
 
-class ExoVersionMismatch(ExoError):
-    def __init__(self, message: str, versions: dict[str, str | None]):
-        super().__init__(message)
-        self.versions = versions
-
-
 class PlacementFailed(ExoError):
-    def __init__(self, message: str, *, model_id: str = "", reason: str = ""):
+    def __init__(self, message: str, *, model_id: str = "", reason: str = "", instance_id: str = ""):
         super().__init__(message)
         self.model_id = model_id
         self.reason = reason
+        self.instance_id = instance_id
 
 
 class RunnerFailed(ExoError):
@@ -79,6 +83,16 @@ class RunnerFailed(ExoError):
         super().__init__(message)
         self.node_id = node_id
         self.runner_id = runner_id
+        self.error_message = error_message
+        self.instance_id = instance_id
+
+
+class DownloadFailed(ExoError):
+    """A node of the instance recorded DownloadFailed in state.downloads (weights missing, offline, ...)."""
+
+    def __init__(self, message: str, *, node_id: str, error_message: str, instance_id: str = ""):
+        super().__init__(message)
+        self.node_id = node_id
         self.error_message = error_message
         self.instance_id = instance_id
 
@@ -99,6 +113,87 @@ class StreamError(ExoError):
     """Generation failed after exo answered 200: a mid-stream error chunk, a broken body, a lost connection."""
 
 
+# --- a total deadline per call ------------------------------------------------------------------------
+
+_current = threading.local()
+
+
+class _Deadline:
+    """Shuts the call's socket down when its total time is up, which wakes a read blocked on a slow server
+    (requests' own timeout restarts with every byte that arrives)."""
+
+    def __init__(self, seconds: float):
+        self.seconds = seconds
+        self.fired = False
+        self.conn: HTTPConnection | None = None
+        self._timer = threading.Timer(seconds, self._fire)
+        self._timer.daemon = True
+
+    def start(self) -> "_Deadline":
+        _current.deadline = self
+        self._timer.start()
+        return self
+
+    def attach(self) -> None:
+        """Called in the calling thread once the request has been sent: later requests get their own."""
+        if getattr(_current, "deadline", None) is self:
+            _current.deadline = None
+
+    def cancel(self) -> None:
+        self._timer.cancel()
+        self.attach()
+
+    def _fire(self) -> None:
+        self.fired = True
+        sock = getattr(self.conn, "sock", None)
+        if sock is not None:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+
+def _track(conn: HTTPConnection) -> None:
+    deadline = getattr(_current, "deadline", None)
+    if deadline is not None:
+        deadline.conn = conn
+
+
+class _TrackedHTTP(HTTPConnection):
+    def request(self, *args: Any, **kwargs: Any) -> None:
+        _track(self)
+        return super().request(*args, **kwargs)
+
+
+class _TrackedHTTPS(HTTPSConnection):
+    def request(self, *args: Any, **kwargs: Any) -> None:
+        _track(self)
+        return super().request(*args, **kwargs)
+
+
+class _Pool(HTTPConnectionPool):
+    ConnectionCls = _TrackedHTTP
+
+
+class _SPool(HTTPSConnectionPool):
+    ConnectionCls = _TrackedHTTPS
+
+
+class _Adapter(HTTPAdapter):
+    def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
+        super().init_poolmanager(*args, **kwargs)
+        self.poolmanager.pool_classes_by_scheme = {"http": _Pool, "https": _SPool}
+
+
+def new_session() -> requests.Session:
+    """A session whose connections the per-call deadline can shut."""
+    s = requests.Session()
+    adapter = _Adapter()
+    s.mount("http://", adapter)
+    s.mount("https://", adapter)
+    return s
+
+
 # --- typed values ---------------------------------------------------------------------------------
 
 
@@ -109,7 +204,6 @@ class Node(BaseModel):
     ram_available: int | None = None
     rdma_enabled: bool = False
     backends: list[str] = Field(default_factory=list)
-    exo_version: str | None = None
     last_seen: str | None = None
 
 
@@ -163,6 +257,18 @@ class RunnerStatus(BaseModel):
         return self.status
 
 
+class Download(BaseModel):
+    """One entry of state.downloads[node]: Pending | Ongoing | Completed | Failed."""
+
+    node_id: str
+    model_id: str
+    status: str
+    downloaded: int = 0  # bytes
+    total: int = 0
+    error_message: str | None = None
+    read_only: bool = False
+
+
 class Topology(BaseModel):
     nodes: list[str] = Field(default_factory=list)
     connections: list[tuple[str, str]] = Field(default_factory=list)
@@ -172,8 +278,9 @@ class ClusterState(BaseModel):
     nodes: dict[str, Node] = Field(default_factory=dict)
     instances: dict[str, Instance] = Field(default_factory=dict)
     runners: dict[str, RunnerStatus] = Field(default_factory=dict)
+    downloads: dict[str, list[Download]] = Field(default_factory=dict)
     topology: Topology = Field(default_factory=Topology)
-    custom_model_cards: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    custom_model_cards: dict[str, Any] = Field(default_factory=dict)
     raw: dict[str, Any] = Field(default_factory=dict, repr=False)
 
     def instances_of(self, model_id: str) -> list[Instance]:
@@ -186,15 +293,15 @@ class ClusterState(BaseModel):
     def is_ready(self, instance: Instance) -> bool:
         return bool(instance.shards) and all(r.ready for r in self.runner_statuses(instance).values())
 
-    def versions(self) -> dict[str, str | None]:
-        return {nid: n.exo_version for nid, n in self.nodes.items()}
+    def download(self, node_id: str, model_id: str) -> Download | None:
+        return next((d for d in self.downloads.get(node_id, []) if d.model_id == model_id), None)
 
 
 class ModelEntry(BaseModel):
     id: str
     hugging_face_id: str | None = None
     name: str | None = None
-    storage_size_megabytes: float | None = None
+    storage_size_megabytes: int | None = None  # MiB, as exo counts them
     supports_tensor: bool | None = None
     tasks: list[str] = Field(default_factory=list)
     is_custom: bool = False
@@ -207,10 +314,12 @@ class ModelEntry(BaseModel):
 
 
 class Preview(BaseModel):
+    """One row of /instance/previews: exo sends one per (sharding, meta, node count) that it can place and
+    one error row per (sharding, meta) it cannot; there is no min_nodes."""
+
     model_id: str
     sharding: str
     instance_meta: str
-    min_nodes: int | None = None
     instance: Instance | None = None
     memory_delta_by_node: dict[str, int] = Field(default_factory=dict)
     error: str | None = None
@@ -218,6 +327,10 @@ class Preview(BaseModel):
     @property
     def ok(self) -> bool:
         return self.instance is not None and not self.error
+
+    @property
+    def nodes(self) -> int | None:
+        return len(self.instance.shards) if self.instance else None
 
 
 class PlaceResult(BaseModel):
@@ -267,6 +380,30 @@ class StreamEvent(BaseModel):
 # --- parsing of exo's tagged camelCase state ---------------------------------------------------------
 
 
+class _Shape:
+    """Any wrong type or missing key while reading an answer becomes one ExoProtocolError naming where."""
+
+    def __init__(self, where: str):
+        self.where = where
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind, exc, tb) -> bool:
+        if kind is not None and issubclass(kind, (TypeError, ValueError, AttributeError, KeyError, IndexError,
+                                                  RecursionError)) and not issubclass(kind, ExoError):
+            if kind is RecursionError:
+                text = "nested too deeply"
+            elif hasattr(exc, "errors"):  # pydantic: the first problem, on one line
+                first = exc.errors()[0]
+                text = f"{'.'.join(str(p) for p in first.get('loc', ()))}: {first.get('msg', '')}"
+            else:
+                text = f"{kind.__name__}: {' '.join(str(exc).split())[:160]}"
+            raise ExoProtocolError(f"{self.where}: not the shape exo sends ({text}). Is this exo's API, and the "
+                                   "exo version this tool knows (docs/exo.md)?") from None
+        return False
+
+
 def _untag(obj: Any, where: str) -> tuple[str, dict[str, Any]]:
     """{"Tag": {...}} -> ("Tag", {...})."""
     if isinstance(obj, dict) and len(obj) == 1:
@@ -277,16 +414,27 @@ def _untag(obj: Any, where: str) -> tuple[str, dict[str, Any]]:
 
 
 def _bytes(value: Any) -> int | None:
-    """exo's Memory is {"inBytes": n}; accept a bare number or snake_case too."""
+    """exo's Memory is {"inBytes": n}."""
     if isinstance(value, dict):
         value = value.get("inBytes", value.get("in_bytes"))
-    return int(value) if isinstance(value, (int, float)) else None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return int(value)
+
+
+def _dict(value: Any, where: str) -> dict[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ExoProtocolError(f"{where} is not an object: {str(value)[:120]}")
+    return value
 
 
 def parse_runner_status(obj: Any, where: str = "runner") -> RunnerStatus:
     tag, body = _untag(obj, where)
-    return RunnerStatus(status=tag.removeprefix("Runner"), layers_loaded=body.get("layersLoaded"),
-                        total_layers=body.get("totalLayers"), error_message=body.get("errorMessage"))
+    with _Shape(where):
+        return RunnerStatus(status=tag.removeprefix("Runner"), layers_loaded=body.get("layersLoaded"),
+                            total_layers=body.get("totalLayers"), error_message=body.get("errorMessage"))
 
 
 def _parse_shard(runner_id: str, node_id: str, obj: Any) -> Shard:
@@ -299,46 +447,50 @@ def _parse_shard(runner_id: str, node_id: str, obj: Any) -> Shard:
 
 def parse_instance(obj: Any, where: str = "instance") -> Instance:
     tag, body = _untag(obj, where)
-    sa = body.get("shardAssignments")
-    if not isinstance(sa, dict) or "modelId" not in sa:
-        raise ExoProtocolError(f"{where}: no shardAssignments.modelId in {tag}")
-    shards: list[Shard] = []
-    if isinstance(sa.get("runnerToShard"), dict):
-        runner_node = {r: n for n, r in (sa.get("nodeToRunner") or {}).items()}
-        for rid, shard in sa["runnerToShard"].items():
-            shards.append(_parse_shard(rid, runner_node.get(rid, "?"), shard))
-    else:  # newer exo: a list of [node_id, runner_id, shard] in rank order
-        for item in sa.get("shards") or []:
-            nid, rid, shard = (item["nodeId"], item["runnerId"], item["shard"]) if isinstance(item, dict) else item
-            shards.append(_parse_shard(rid, nid, shard))
-    shards.sort(key=lambda s: s.device_rank)
-    return Instance(instance_id=str(body.get("instanceId", "")), meta=tag.removesuffix("Instance"),
-                    model_id=sa["modelId"], sharding=shards[0].kind if shards else "?", shards=shards, raw=obj)
+    with _Shape(where):
+        sa = body.get("shardAssignments")
+        if not isinstance(sa, dict) or not isinstance(sa.get("modelId"), str):
+            raise ExoProtocolError(f"{where}: no shardAssignments.modelId in {tag}")
+        runner_node = {r: n for n, r in _dict(sa.get("nodeToRunner"), f"{where}.nodeToRunner").items()}
+        shards = [_parse_shard(rid, runner_node.get(rid, "?"), shard)
+                  for rid, shard in _dict(sa.get("runnerToShard"), f"{where}.runnerToShard").items()]
+        shards.sort(key=lambda s: s.device_rank)
+        return Instance(instance_id=str(body.get("instanceId", "")), meta=tag.removesuffix("Instance"),
+                        model_id=sa["modelId"], sharding=shards[0].kind if shards else "?", shards=shards, raw=obj)
 
 
 def _parse_topology(obj: Any) -> Topology:
-    if not isinstance(obj, dict):
-        return Topology()
-    nodes = [n if isinstance(n, str) else str(n.get("nodeId", n.get("node_id", ""))) for n in obj.get("nodes") or []]
-    conns = []
-    raw_conns = obj.get("connections") or []
-    if isinstance(raw_conns, dict):  # {source: {sink: [...]}}
-        raw_conns = [{"source": s, "sink": t} for s, sinks in raw_conns.items() for t in (sinks or {})]
-    for c in raw_conns:
-        if isinstance(c, dict):
-            conns.append((str(c.get("source", c.get("localNodeId", ""))), str(c.get("sink", c.get("sendBackNodeId", "")))))
+    """{"nodes": [id, ...], "connections": {source: {sink: [edge, ...]}}}."""
+    obj = _dict(obj, "/state.topology")
+    nodes = [str(n) for n in obj.get("nodes") or []]
+    conns = [(str(s), str(t)) for s, sinks in _dict(obj.get("connections"), "/state.topology.connections").items()
+             for t in _dict(sinks, "/state.topology.connections")]
     return Topology(nodes=nodes, connections=conns)
 
 
-def parse_state(obj: Any) -> ClusterState:
+def parse_download(obj: Any, where: str) -> Download:
+    tag, body = _untag(obj, where)
+    _, shard = _untag(body.get("shardMetadata"), f"{where}.shardMetadata")
+    card = _dict(shard.get("modelCard"), f"{where}.shardMetadata.modelCard")
+    progress = _dict(body.get("downloadProgress"), f"{where}.downloadProgress")
+    total = _bytes(progress.get("total", body.get("total"))) or 0
+    return Download(node_id=str(body.get("nodeId", "")), model_id=str(card.get("modelId", "")),
+                    status=tag.removeprefix("Download"), total=total,
+                    downloaded=_bytes(progress.get("downloaded", body.get("downloaded"))) or 0,
+                    error_message=body.get("errorMessage"), read_only=bool(body.get("readOnly", False)))
+
+
+def parse_state(obj: Any, where: str = "/state") -> ClusterState:
+    with _Shape(where):
+        return _parse_state(obj, where)
+
+
+def _parse_state(obj: Any, where: str) -> ClusterState:
     if not isinstance(obj, dict):
-        raise ExoProtocolError(f"/state is not a JSON object: {str(obj)[:120]}")
+        raise ExoProtocolError(f"{where} is not a JSON object: {str(obj)[:120]}")
 
     def section(name: str) -> dict[str, Any]:
-        value = obj.get(name) or {}
-        if not isinstance(value, dict):
-            raise ExoProtocolError(f"/state.{name} is not an object")
-        return value
+        return _dict(obj.get(name), f"{where}.{name}")
 
     memory, rdma, backends = section("nodeMemory"), section("nodeRdmaCtl"), section("nodeBackends")
     identities, seen = section("nodeIdentities"), section("lastSeen")
@@ -346,16 +498,19 @@ def parse_state(obj: Any) -> ClusterState:
     ids = list(dict.fromkeys([*topology.nodes, *memory, *seen, *identities]))
     nodes = {}
     for nid in ids:
-        mem, ident, ctl = memory.get(nid) or {}, identities.get(nid) or {}, rdma.get(nid)
+        mem = _dict(memory.get(nid), f"{where}.nodeMemory.{nid}")
+        ident = _dict(identities.get(nid), f"{where}.nodeIdentities.{nid}")
+        ctl = rdma.get(nid)
         nodes[nid] = Node(node_id=nid, friendly_name=ident.get("friendlyName"),
                           ram_total=_bytes(mem.get("ramTotal")), ram_available=_bytes(mem.get("ramAvailable")),
                           rdma_enabled=bool(ctl.get("enabled") if isinstance(ctl, dict) else ctl),
                           backends=[str(b) for b in backends.get(nid) or []],
-                          exo_version=ident.get("exoVersion") or ident.get("version"),
                           last_seen=str(seen[nid]) if nid in seen else None)
-    instances = {k: parse_instance(v, f"/state.instances[{k}]") for k, v in section("instances").items()}
-    runners = {k: parse_runner_status(v, f"/state.runners[{k}]") for k, v in section("runners").items()}
-    return ClusterState(nodes=nodes, instances=instances, runners=runners, topology=topology,
+    instances = {k: parse_instance(v, f"{where}.instances[{k}]") for k, v in section("instances").items()}
+    runners = {k: parse_runner_status(v, f"{where}.runners[{k}]") for k, v in section("runners").items()}
+    downloads = {k: [parse_download(d, f"{where}.downloads[{k}]") for d in v or []]
+                 for k, v in section("downloads").items()}
+    return ClusterState(nodes=nodes, instances=instances, runners=runners, downloads=downloads, topology=topology,
                         custom_model_cards=section("customModelCards"), raw=obj)
 
 
@@ -388,15 +543,19 @@ def _error_text(obj: Any) -> str | None:
 
 def parse_sse(lines: Iterator[str], where: str) -> Iterator[StreamEvent]:
     """exo's chat stream -> StreamEvents, ending after [DONE]. Raises StreamError on an error chunk or a
-    stream that stops without [DONE]."""
-    event_name = ""
+    stream that stops without [DONE], ExoProtocolError on a line that is not exo's."""
+    with _Shape(where):
+        yield from _parse_sse(lines, where)
+
+
+def _parse_sse(lines: Iterator[str], where: str) -> Iterator[StreamEvent]:
     for line in lines:
-        if line is None or line == "":
-            event_name = ""
+        if not line:
             continue
+        if len(line) > MAX_LINE:
+            raise ExoProtocolError(f"{where} sent a line of {len(line)} characters (cap {MAX_LINE})")
         if line.startswith(":"):
-            comment = line[1:].strip()
-            name, _, payload = comment.partition(" ")
+            name, _, payload = line[1:].strip().partition(" ")
             if name == "keep-alive":
                 yield StreamEvent(kind="keepalive")
             elif name == "prefill_progress":
@@ -404,18 +563,12 @@ def parse_sse(lines: Iterator[str], where: str) -> Iterator[StreamEvent]:
             elif name == "generation_stats":
                 yield StreamEvent(kind="stats", stats=_parse_gen_stats(_json(payload, where)))
             continue
-        if line.startswith("event:"):  # older exo sent prefill progress as a named event
-            event_name = line[6:].strip()
-            continue
         if not line.startswith("data:"):
             continue
         data = line[5:].strip()
         if data == "[DONE]":
             return
         chunk = _json(data, where)
-        if event_name == "prefill_progress":
-            yield _prefill_event(data, where)
-            continue
         message = _error_text(chunk)
         if message is not None:
             raise StreamError(f"exo reported an error mid-stream at {where}: {message}. "
@@ -425,18 +578,22 @@ def parse_sse(lines: Iterator[str], where: str) -> Iterator[StreamEvent]:
                       "(a node may have left the cluster, or exo restarted). Check /state and retry.")
 
 
-def _json(text: str, where: str) -> Any:
+def _json(text: str | bytes, where: str) -> Any:
     try:
         return json.loads(text)
+    except RecursionError:
+        raise ExoProtocolError(f"{where} sent JSON nested too deeply to be exo's") from None
     except ValueError:
-        raise ExoProtocolError(f"{where} sent a line that is not JSON: {text[:120]!r}") from None
+        raise ExoProtocolError(f"{where} sent something that is not JSON: {str(text)[:120]!r}") from None
 
 
 def _prefill_event(payload: str, where: str) -> StreamEvent:
-    p = _json(payload, where) if payload else {}
-    processed = p.get("processed", p.get("processed_tokens", 0)) if isinstance(p, dict) else 0
-    total = p.get("total", p.get("total_tokens", 0)) if isinstance(p, dict) else 0
-    return StreamEvent(kind="prefill", processed=int(processed), total=int(total))
+    """`: prefill_progress {"PrefillProgressChunk": {"model", "processed_tokens", "total_tokens"}}`."""
+    tag, body = _untag(_json(payload, where), f"{where} prefill_progress")
+    if tag != "PrefillProgressChunk":
+        raise ExoProtocolError(f"{where}: prefill_progress carries {tag}, not PrefillProgressChunk")
+    return StreamEvent(kind="prefill", processed=int(body.get("processed_tokens") or 0),
+                       total=int(body.get("total_tokens") or 0))
 
 
 def _chunk_events(chunk: Any, where: str) -> Iterator[StreamEvent]:
@@ -446,7 +603,7 @@ def _chunk_events(chunk: Any, where: str) -> Iterator[StreamEvent]:
     delta = choice.get("delta") or {}
     content, reasoning = delta.get("content") or "", delta.get("reasoning_content") or ""
     if content or reasoning:
-        yield StreamEvent(kind="delta", content=content, reasoning=reasoning)
+        yield StreamEvent(kind="delta", content=str(content), reasoning=str(reasoning))
     if choice.get("finish_reason") is not None or chunk.get("usage"):
         reason = choice.get("finish_reason")
         if reason == "error":
@@ -457,6 +614,33 @@ def _chunk_events(chunk: Any, where: str) -> Iterator[StreamEvent]:
 # --- the client ---------------------------------------------------------------------------------------
 
 
+def _read_body(resp: requests.Response, where: str) -> None:
+    """The whole body, capped; the call's deadline bounds the time."""
+    chunks, n = [], 0
+    for chunk in resp.iter_content(1 << 16):
+        n += len(chunk)
+        if n > MAX_BODY:
+            resp.close()
+            raise ExoProtocolError(f"{where} answered more than {MAX_BODY >> 20} MiB (the cap for one answer): "
+                                   "that is not exo's API")
+        chunks.append(chunk)
+    resp._content = b"".join(chunks)
+
+
+def _lines(resp: requests.Response, where: str) -> Iterator[str]:
+    """SSE lines, each capped at MAX_LINE bytes."""
+    buf = b""
+    for chunk in resp.iter_content(1 << 14):
+        buf += chunk
+        *done, buf = buf.split(b"\n")
+        for raw in done:
+            yield raw.rstrip(b"\r").decode("utf-8", errors="replace")
+        if len(buf) > MAX_LINE:
+            raise ExoProtocolError(f"{where} sent a line longer than {MAX_LINE} bytes (the cap): not exo's stream")
+    if buf:
+        yield buf.rstrip(b"\r").decode("utf-8", errors="replace")
+
+
 class ExoClient:
     """One exo node's API (every node serves the same cluster state)."""
 
@@ -465,37 +649,53 @@ class ExoClient:
                  session: requests.Session | None = None):
         self.url = (url or paths.exo_api()).rstrip("/")
         self.connect_timeout = connect_timeout
-        self.read_timeout = read_timeout
+        self.read_timeout = read_timeout  # the total limit of one call, headers and body
         self.retries = retries
-        self.http = session or requests.Session()
+        self.http = session or new_session()
 
     # -- plumbing
 
     def _request(self, method: str, path: str, *, params: dict | None = None, body: Any = None,
-                 read_timeout: float | None = None, stream: bool = False) -> requests.Response:
+                 timeout: float | None = None, stream: bool = False) -> requests.Response:
+        """One call within `timeout` seconds in total (the client's read_timeout by default). With stream=True
+        the deadline keeps running until the caller closes the response (see _close)."""
         url = self.url + path
+        total = timeout or self.read_timeout
         attempts = 1 + (self.retries if method == "GET" else 0)  # only GETs are safe to repeat
         for attempt in range(attempts):
+            deadline = _Deadline(self.connect_timeout + total).start()
+            keep = False
             try:
-                return self.http.request(method, url, params=params, json=body, stream=stream,
-                                         timeout=(self.connect_timeout, read_timeout or self.read_timeout))
-            except requests.ConnectionError as exc:
-                if attempt + 1 < attempts:
-                    time.sleep(0.2 * (attempt + 1))
-                    continue
-                raise ExoUnreachable(
-                    f"Cannot reach exo at {self.url} ({method} {path}): {_reason(exc)}. Is exo running on that host "
-                    f"and port (default {DEFAULT_URL}; set EXO_API to override)?") from None
-            except requests.Timeout:
-                if attempt + 1 < attempts:
-                    continue
-                raise ExoUnreachable(f"exo at {self.url} did not answer {method} {path} within "
-                                     f"{read_timeout or self.read_timeout:g} s: it may be overloaded or hung; "
-                                     "check its log, or raise the timeout.") from None
-            except requests.RequestException as exc:  # the body broke off after the headers
+                resp = self.http.request(method, url, params=params, json=body, stream=True,
+                                         timeout=(self.connect_timeout, total))
+                deadline.attach()
+                if stream:
+                    resp.arthur_deadline = deadline  # type: ignore[attr-defined]
+                    keep = True
+                else:
+                    _read_body(resp, f"{method} {url}")
+                return resp
+            except requests.RequestException as exc:
+                if deadline.fired:
+                    raise ExoTimeout(f"exo at {self.url} did not finish answering {method} {path} within "
+                                     f"{total:g} s (a limit on the whole answer): it may be overloaded or hung, or "
+                                     "this is not exo; check its log, or raise the timeout.") from None
+                if isinstance(exc, (requests.ConnectionError, requests.Timeout)):
+                    if attempt + 1 < attempts:
+                        time.sleep(0.2 * (attempt + 1))
+                        continue
+                    if isinstance(exc, requests.Timeout) and not isinstance(exc, requests.ConnectionError):
+                        raise ExoTimeout(f"exo at {self.url} did not answer {method} {path} within {total:g} s: "
+                                         "it may be overloaded or hung; check its log, or raise the timeout.") from None
+                    raise ExoUnreachable(
+                        f"Cannot reach exo at {self.url} ({method} {path}): {_reason(exc)}. Is exo running on that "
+                        f"host and port (default {DEFAULT_URL}; set EXO_API to override)?") from None
                 raise StreamError(f"The answer of exo at {self.url} to {method} {path} broke off after its headers "
                                   f"(a broken HTTP 200; {_reason(exc)}): the work failed on a node, which may have "
                                   "left the cluster. Check /state and the nodes' logs, then retry.") from None
+            finally:
+                if not keep:
+                    deadline.cancel()
         raise AssertionError("unreachable")
 
     def _json(self, resp: requests.Response, what: str) -> Any:
@@ -504,7 +704,9 @@ class ExoClient:
         ctype = resp.headers.get("content-type", "")
         text = resp.text
         try:
-            data = resp.json()
+            data = json.loads(text) if text.strip() else None
+        except RecursionError:
+            raise ExoProtocolError(f"{where} answered JSON nested too deeply to be exo's ({what})") from None
         except ValueError:
             data = None
         if resp.status_code >= 400:
@@ -536,45 +738,29 @@ class ExoClient:
         return data
 
     def state(self) -> ClusterState:
-        return parse_state(self.get("/state", what="the cluster state"))
+        return parse_state(self.get("/state", what="the cluster state"), f"{self.url}/state")
 
     def state_path(self, path: str) -> Any:
         """GET /state/{path}, raw (e.g. "nodeMemory", "instances/<id>")."""
         return self.get("/state/" + path.strip("/"), what=f"state/{path}")
 
-    def versions(self) -> dict[str, str | None]:
-        return self.state().versions()
-
-    def check_versions(self, expected: str | None = None, nodes: list[str] | None = None) -> dict[str, str | None]:
-        """All nodes on one exo version (and `expected` when given); `nodes` must all be in the cluster."""
-        state = self.state()
-        versions = state.versions()
-        missing = [n for n in nodes or [] if n not in versions]
-        if missing:
-            raise ExoVersionMismatch(
-                f"Node(s) {', '.join(missing)} are not in the cluster seen at {self.url}. exo nodes of different "
-                "versions never join one cluster: run the same exo version on every node and restart them.", versions)
-        known = {v for v in versions.values() if v}
-        if len(known) > 1 or (expected and known and known != {expected}):
-            detail = ", ".join(f"{n}={v or 'unknown'}" for n, v in versions.items())
-            want = f" (expected {expected})" if expected else ""
-            raise ExoVersionMismatch(
-                f"exo nodes run different versions{want}: {detail}. Install the same exo version on every node "
-                "and restart them.", versions)
-        return versions
-
     # -- catalogue
 
     def models(self, downloaded: bool = False) -> list[ModelEntry]:
         data = self.get("/v1/models", {"status": "downloaded"} if downloaded else None, "the model list")
+        where = f"{self.url}/v1/models"
         if not isinstance(data, dict) or not isinstance(data.get("data"), list):
-            raise ExoProtocolError(f"{self.url}/v1/models is not a model list: {str(data)[:120]}")
-        return [ModelEntry(**{k: v for k, v in m.items() if k in ModelEntry.model_fields}) for m in data["data"]]
+            raise ExoProtocolError(f"{where} is not a model list: {str(data)[:120]}")
+        with _Shape(where):
+            return [ModelEntry(**{k: v for k, v in m.items() if k in ModelEntry.model_fields}) for m in data["data"]]
 
-    def add_model(self, model_id: str) -> ModelEntry:
-        resp = self._request("POST", "/models/add", body={"model_id": model_id})
+    def add_model(self, model_id: str, timeout: float = ADD_TIMEOUT) -> ModelEntry:
+        """POST /models/add: exo builds the card from the model's folder in its model dirs (checking it against
+        Hugging Face when it can reach it) and puts it into State, which every node keeps."""
+        resp = self._request("POST", "/models/add", body={"model_id": model_id}, timeout=timeout)
         data = self._json(resp, f"adding the card for {model_id}")
-        return ModelEntry(**{k: v for k, v in data.items() if k in ModelEntry.model_fields})
+        with _Shape(f"{self.url}/models/add"):
+            return ModelEntry(**{k: v for k, v in data.items() if k in ModelEntry.model_fields})
 
     def delete_custom_model(self, model_id: str) -> Any:
         return self._json(self._request("DELETE", f"/models/custom/{model_id}"), f"deleting custom card {model_id}")
@@ -586,26 +772,29 @@ class ExoClient:
         if node_ids:
             params["node_ids"] = node_ids
         data = self.get("/instance/previews", params, f"placement previews for {model_id}")
+        where = f"{self.url}/instance/previews"
         if not isinstance(data, dict) or not isinstance(data.get("previews"), list):
-            raise ExoProtocolError(f"{self.url}/instance/previews has no previews list: {str(data)[:120]}")
+            raise ExoProtocolError(f"{where} has no previews list: {str(data)[:120]}")
         out = []
-        for p in data["previews"]:
-            inst = parse_instance(p["instance"], "preview instance") if p.get("instance") else None
-            deltas = {k: _bytes(v) or 0 for k, v in (p.get("memory_delta_by_node") or {}).items()}
-            out.append(Preview(model_id=p.get("model_id", model_id), sharding=p.get("sharding", "?"),
-                               instance_meta=p.get("instance_meta", "?"), min_nodes=p.get("min_nodes"),
-                               instance=inst, memory_delta_by_node=deltas, error=p.get("error")))
+        with _Shape(where):
+            for p in data["previews"]:
+                inst = parse_instance(p["instance"], "preview instance") if p.get("instance") else None
+                deltas = {k: _bytes(v) or 0 for k, v in _dict(p.get("memory_delta_by_node"), where).items()}
+                out.append(Preview(model_id=p.get("model_id", model_id), sharding=p.get("sharding", "?"),
+                                   instance_meta=p.get("instance_meta", "?"), instance=inst,
+                                   memory_delta_by_node=deltas, error=p.get("error")))
         return out
 
     def placement(self, model_id: str, sharding: Sharding = "Pipeline", meta: InstanceMeta = "MlxRing",
                   min_nodes: int = 1) -> Instance:
+        """GET /instance/placement: the instance exo's master would make now, or PlacementFailed with its reason."""
         params = {"model_id": model_id, "sharding": sharding, "instance_meta": meta, "min_nodes": min_nodes}
         try:
             data = self.get("/instance/placement", params, f"a {sharding}/{meta} placement of {model_id}")
         except ExoHTTPError as exc:
             raise PlacementFailed(f"exo cannot place {model_id} as {sharding}/{meta} on >= {min_nodes} node(s): "
                                   f"{exc.exo_message}", model_id=model_id, reason=exc.exo_message) from None
-        return parse_instance(data, "placement")
+        return parse_instance(data, f"{self.url}/instance/placement")
 
     def place_instance(self, model_id: str, sharding: Sharding = "Pipeline", meta: InstanceMeta = "MlxRing",
                        min_nodes: int = 1) -> PlaceResult:
@@ -617,7 +806,8 @@ class ExoClient:
         except ExoHTTPError as exc:
             raise PlacementFailed(f"exo refused to place {model_id} ({sharding}/{meta}): {exc.exo_message}",
                                   model_id=model_id, reason=exc.exo_message) from None
-        return PlaceResult(**{k: v for k, v in data.items() if k in PlaceResult.model_fields})
+        with _Shape(f"{self.url}/place_instance"):
+            return PlaceResult(**{k: v for k, v in data.items() if k in PlaceResult.model_fields})
 
     def create_instance(self, instance: Instance) -> Any:
         """POST /instance with an instance taken from a preview (exo checks only total memory)."""
@@ -636,16 +826,21 @@ class ExoClient:
 
     def wait_ready(self, model_id: str, *, timeout: float = 600.0, poll: float = 0.5,
                    known: set[str] | None = None, on_progress: Callable[[int, int], None] | None = None,
-                   deadline_hint: str = "") -> Instance:
+                   on_download: Callable[[int, int], None] | None = None,
+                   placement: tuple[str, str, int] | None = None,
+                   appear_timeout: float = APPEAR_TIMEOUT) -> Instance:
         """Poll /state until an instance of model_id (not in `known`) has every runner RunnerReady.
 
-        on_progress(layers_loaded, total_layers) is summed over the instance's loading runners.
-        Raises RunnerFailed, PlacementFailed (nothing appeared, or the instance vanished) or InstanceNotReady.
+        on_progress(layers_loaded, total_layers) sums the instance's runners; on_download(bytes done, total)
+        sums its nodes' ongoing downloads. `placement` (sharding, meta, min_nodes) is what was asked for: when
+        no instance appears within appear_timeout, exo's master rejected it, and /instance/placement says why.
+        Raises RunnerFailed, DownloadFailed, PlacementFailed or InstanceNotReady.
         """
         known = known or set()
-        deadline = time.monotonic() + timeout
+        start = time.monotonic()
+        deadline = start + timeout
         seen: Instance | None = None
-        last: dict[str, RunnerStatus] = {}
+        last: dict[str, str] = {}
         while True:
             state = self.state()
             fresh = [i for i in state.instances_of(model_id) if i.instance_id not in known]
@@ -655,61 +850,87 @@ class ExoClient:
                                       model_id=model_id, reason="instance vanished")
             if fresh:
                 seen = next((i for i in fresh if seen and i.instance_id == seen.instance_id), fresh[0])
-                last = state.runner_statuses(seen)
-                for node, st in last.items():
-                    if st.failed:
-                        rid = next(s.runner_id for s in seen.shards if s.node_id == node)
-                        raise RunnerFailed(f"exo's runner on node {node} failed to load {model_id}: "
-                                           f"{st.error_message or 'no message'}. Check that node's exo log and that "
-                                           "the weights exist on its disk.", node_id=node, runner_id=rid,
-                                           error_message=st.error_message or "", instance_id=seen.instance_id)
-                if on_progress:
-                    loaded = sum((st.layers_loaded or 0) if not st.ready else (st.total_layers or _layers(seen, n))
-                                 for n, st in last.items())
-                    total = sum(st.total_layers or _layers(seen, n) for n, st in last.items())
-                    on_progress(loaded, total)
+                last = self._check_instance(state, seen, on_progress, on_download)
                 if state.is_ready(seen):
                     return seen
+            elif placement and time.monotonic() - start >= min(appear_timeout, timeout):
+                raise self._not_placed(model_id, placement)
             if time.monotonic() >= deadline:
                 break
             time.sleep(min(poll, max(0.0, deadline - time.monotonic())))
         if seen is None:
-            raise PlacementFailed(f"exo accepted the placement of {model_id} but no instance appeared within "
-                                  f"{timeout:g} s at {self.url}: exo's master rejected it (the reason is only in its "
-                                  f"log).{deadline_hint}", model_id=model_id, reason="no instance appeared")
-        statuses = {n: st.describe() for n, st in last.items()}
-        detail = "; ".join(f"node {n}: {s}" for n, s in statuses.items())
+            raise PlacementFailed(f"no instance of {model_id} appeared within {timeout:g} s at {self.url}.",
+                                  model_id=model_id, reason="no instance appeared")
+        detail = "; ".join(f"node {n}: {s}" for n, s in last.items())
         raise InstanceNotReady(f"Instance {seen.instance_id} of {model_id} was not ready after {timeout:g} s "
                                f"({detail}). Check the nodes' exo logs, then delete it and retry or fall back.",
-                               instance_id=seen.instance_id, statuses=statuses)
+                               instance_id=seen.instance_id, statuses=last)
+
+    def _check_instance(self, state: ClusterState, inst: Instance, on_progress, on_download) -> dict[str, str]:
+        """Raise on a failed runner or download; report progress; node -> what it is doing."""
+        model_id = inst.model_id
+        statuses = state.runner_statuses(inst)
+        described = {}
+        done = total = 0
+        for shard in inst.shards:
+            node, st = shard.node_id, statuses[shard.node_id]
+            if st.failed:
+                raise RunnerFailed(f"exo's runner on node {node} failed to load {model_id}: "
+                                   f"{st.error_message or 'no message'}. Check that node's exo log.",
+                                   node_id=node, runner_id=shard.runner_id, error_message=st.error_message or "",
+                                   instance_id=inst.instance_id)
+            dl = state.download(node, model_id)
+            if dl is not None and dl.status == "Failed":
+                raise DownloadFailed(f"node {node} has no weights for {model_id}: exo says \"{dl.error_message}\". "
+                                     "Link the model on that node (`arthur-cluster link`) and start its exo with "
+                                     "EXO_MODELS_READ_ONLY_DIRS naming the links directory, or let exo download it.",
+                                     node_id=node, error_message=dl.error_message or "", instance_id=inst.instance_id)
+            if dl is not None and dl.status in ("Ongoing", "Pending") and not st.ready:
+                done, total = done + dl.downloaded, total + dl.total
+                described[node] = f"downloading {dl.downloaded >> 20}/{dl.total >> 20} MiB"
+            else:
+                described[node] = st.describe()
+        if on_download and total:
+            on_download(done, total)
+        if on_progress:
+            loaded = sum(st.total_layers or _span(s) if st.ready else (st.layers_loaded or 0)
+                         for s, st in ((s, statuses[s.node_id]) for s in inst.shards))
+            on_progress(loaded, sum(statuses[s.node_id].total_layers or _span(s) for s in inst.shards))
+        return described
+
+    def _not_placed(self, model_id: str, placement: tuple[str, str, int]) -> PlacementFailed:
+        """exo's master only logs a rejected placement; /instance/placement, asked the same, says why."""
+        sharding, meta, n = placement
+        try:
+            self.placement(model_id, sharding, meta, n)  # type: ignore[arg-type]
+            reason = "exo's master did not create it, though a placement is possible now (see its log)"
+        except PlacementFailed as exc:
+            reason = exc.reason
+        except ExoError as exc:
+            reason = f"and asking why failed: {exc}"
+        return PlacementFailed(f"exo's master did not place {model_id} ({sharding}/{meta}, >= {n} node(s)) at "
+                               f"{self.url}: {reason}", model_id=model_id, reason=reason)
 
     def place_and_wait(self, model_id: str, sharding: Sharding = "Pipeline", meta: InstanceMeta = "MlxRing",
                        min_nodes: int = 1, *, timeout: float = 600.0, poll: float = 0.5,
-                       on_progress: Callable[[int, int], None] | None = None, cleanup: bool = True) -> Instance:
-        """place_instance, then wait until every runner is RunnerReady. On failure or timeout the new
-        instance is deleted (cleanup=True) so it does not hold memory, and the error says why."""
+                       on_progress: Callable[[int, int], None] | None = None,
+                       on_download: Callable[[int, int], None] | None = None, cleanup: bool = True) -> Instance:
+        """Ask exo whether it can place the model (its reason when not), place it, then wait until every runner
+        is RunnerReady. On failure or timeout the new instance is deleted (cleanup=True) so it does not hold
+        memory, and the error says why."""
         known = {i.instance_id for i in self.state().instances_of(model_id)}
+        self.placement(model_id, sharding, meta, min_nodes)  # PlacementFailed with exo's reason, nothing placed
         self.place_instance(model_id, sharding, meta, min_nodes)
         try:
             return self.wait_ready(model_id, timeout=timeout, poll=poll, known=known, on_progress=on_progress,
-                                   deadline_hint=self._preview_hint(model_id, sharding, meta, min_nodes))
-        except (RunnerFailed, InstanceNotReady) as exc:
+                                   on_download=on_download, placement=(sharding, meta, min_nodes))
+        except (RunnerFailed, DownloadFailed, InstanceNotReady) as exc:
             if cleanup and exc.instance_id:
                 try:
                     self.delete_instance(exc.instance_id)
                 except ExoError:
                     pass  # the original error is the one to report
             raise
-
-    def _preview_hint(self, model_id: str, sharding: str, meta: str, min_nodes: int) -> str:
-        """exo's own reason, from the previews, for the message of a placement that never appears."""
-        try:
-            previews = self.previews(model_id)
-        except ExoError:
-            return ""
-        errors = [p.error for p in previews
-                  if p.sharding == sharding and p.instance_meta == meta and (p.min_nodes or 1) >= min_nodes and p.error]
-        return f" Previews say: {errors[0]}" if errors else ""
 
     # -- generation
 
@@ -725,22 +946,20 @@ class ExoClient:
         """Non-streaming chat completion (or /bench/chat/completions with bench=True)."""
         path = "/bench/chat/completions" if bench else "/v1/chat/completions"
         body = self._chat_body(model_id, messages, False, max_tokens=max_tokens, temperature=temperature, **options)
-        resp = self._request("POST", path, body=body, read_timeout=timeout)
+        resp = self._request("POST", path, body=body, timeout=timeout)
         try:
             data = self._json(resp, f"a chat completion with {model_id}")
-        except requests.RequestException as exc:  # body broke off after the 200 headers
-            raise StreamError(f"exo at {self.url} answered 200 for {model_id} but the body broke off ({_reason(exc)}): "
-                              "generation failed on a node. Check /state and the nodes' logs.") from None
         except ExoProtocolError:
-            if resp.status_code == 200 and "json" in resp.headers.get("content-type", ""):
+            if resp.status_code == 200:
                 raise StreamError(f"exo at {self.url} answered 200 for {model_id} with a broken body "
-                                  f"({resp.text[:80]!r}...): generation failed after the headers were sent. "
+                                  f"({resp.text[:80]!r}): generation failed after the headers were sent. "
                                   "Check /state and the nodes' logs.") from None
             raise
         message = _error_text(data)
         if message is not None:
             raise StreamError(f"exo at {self.url} answered 200 for {model_id} but reported: {message}")
-        return _chat_response(data, f"{path} at {self.url}")
+        with _Shape(f"{self.url}{path}"):
+            return _chat_response(data, f"{path} at {self.url}")
 
     def bench(self, model_id: str, messages: list[dict], **kw: Any) -> ChatResponse:
         return self.chat(model_id, messages, bench=True, **kw)
@@ -748,20 +967,27 @@ class ExoClient:
     def stream_chat(self, model_id: str, messages: list[dict], *, max_tokens: int = 256,
                     temperature: float | None = 0.0, timeout: float = CHAT_READ_TIMEOUT,
                     **options: Any) -> Iterator[StreamEvent]:
-        """Streaming chat completion: keepalive/prefill/delta/finish/stats events; raises StreamError."""
+        """Streaming chat completion within `timeout` seconds in total: keepalive/prefill/delta/finish/stats
+        events; raises StreamError."""
         body = self._chat_body(model_id, messages, True, max_tokens=max_tokens, temperature=temperature, **options)
-        resp = self._request("POST", "/v1/chat/completions", body=body, read_timeout=timeout, stream=True)
+        resp = self._request("POST", "/v1/chat/completions", body=body, timeout=timeout, stream=True)
+        deadline: _Deadline = resp.arthur_deadline  # type: ignore[attr-defined]
         where = f"{self.url}/v1/chat/completions ({model_id})"
-        with resp:
-            if resp.status_code >= 400 or "text/event-stream" not in resp.headers.get("content-type", ""):
-                self._json(resp, f"a chat stream with {model_id}")  # raises the precise error
-                raise ExoProtocolError(f"{where} did not answer with an event stream.")
-            resp.encoding = "utf-8"
-            try:
-                yield from parse_sse(resp.iter_lines(decode_unicode=True), where)
-            except requests.RequestException as exc:
-                raise StreamError(f"The stream from {where} broke off: {_reason(exc)}. A node may have left the "
-                                  "cluster: check /state and place the instance again.") from None
+        try:
+            with resp:
+                if resp.status_code >= 400 or "text/event-stream" not in resp.headers.get("content-type", ""):
+                    _read_body(resp, where)
+                    self._json(resp, f"a chat stream with {model_id}")  # raises the precise error
+                    raise ExoProtocolError(f"{where} did not answer with an event stream.")
+                yield from parse_sse(_lines(resp, where), where)
+        except requests.RequestException as exc:
+            if deadline.fired:
+                raise StreamError(f"The stream from {where} did not finish within {timeout:g} s (a limit on the "
+                                  "whole answer): exo may be hung; check its log, or raise the timeout.") from None
+            raise StreamError(f"The stream from {where} broke off: {_reason(exc)}. A node may have left the "
+                              "cluster: check /state and place the instance again.") from None
+        finally:
+            deadline.cancel()
 
 
 def _chat_response(data: Any, where: str) -> ChatResponse:
@@ -775,9 +1001,8 @@ def _chat_response(data: Any, where: str) -> ChatResponse:
                         generation_stats=stats, power_usage=data.get("power_usage"), raw=data)
 
 
-def _layers(instance: Instance, node: str) -> int:
-    shard = next((s for s in instance.shards if s.node_id == node), None)
-    return (shard.end_layer - shard.start_layer) if shard else 0
+def _span(shard: Shard) -> int:
+    return shard.end_layer - shard.start_layer
 
 
 def _reason(exc: Exception) -> str:
@@ -787,4 +1012,3 @@ def _reason(exc: Exception) -> str:
         if key in text:
             return key
     return text[:160]
-

@@ -1,7 +1,9 @@
-"""exo's custom model card (TOML) for a linked model, with every field current exo validates.
+"""exo's model card fields for a linked model, from the header inspection.
 
-exo loads ~/.exo/custom_model_cards/<org>--<name>.toml into a strict model that forbids unknown keys and
-skips (with a warning) any card without `backends`; values here come from the header inspection.
+No card file is written any more: exo's workers delete every file in custom_model_cards that is not in their
+state (cards enter it through POST /models/add, see docs/exo.md). What stays here: the card's numbers (to
+compare a folder with exo's built-in card of the same weights), exo's quantization label, and the header
+that recognises a card file an older link wrote, so `link`/`unlink` can remove it.
 """
 
 from __future__ import annotations
@@ -46,6 +48,11 @@ def _supports_tensor(info: ModelInfo) -> bool:
     if archs:
         return len(archs) == 1 and archs[0] in TENSOR_ARCHITECTURES
     return info.model_type in TENSOR_MODEL_TYPES
+
+
+def quantization_label(info: ModelInfo) -> str:
+    """How exo's cards name the quantization: "8bit", "4bit", "MXFP4", "bf16"."""
+    return _quantization(info)
 
 
 def _quantization(info: ModelInfo) -> str:

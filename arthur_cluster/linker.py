@@ -4,8 +4,11 @@ HF cache (layout B of the facts file): models--org--name/blobs/<etag> are absolu
 files, snapshots/<commit>/<file> are relative links to ../../blobs/<etag>, refs/main holds the commit with
 no newline. Every deletion the hub offers then removes a link, never a source file.
 
-exo: a read-only links directory holds <org>--<name> -> source folder (or, with exo_index, a real folder
-of file links plus a generated index for sources that have none) and a custom model card.
+exo: a read-only links directory holds <org>--<name>/, a real folder of per-file links to the source files,
+plus a generated model.safetensors.index.json (a real file) where the source has none or its index lacks
+metadata.total_size (exo needs the size to build a card without asking Hugging Face). Never a directory
+symlink: whatever exo deletes or downloads in that folder replaces a link, never a source file. No card file
+is written (exo deletes card files it did not put in its state): `up` registers the model through exo's API.
 
 Every entry is built in a staging folder beside its target and renamed into place, under a lock, so a
 killed run leaves no half-made entry and the next run cleans up and repairs. Only entries carrying the
@@ -35,6 +38,7 @@ from .modelfiles import INDEX_NAME, ModelFileError, ModelInfo, read_header, requ
 
 TOOL = "arthur-cluster"
 RECORD_VERSION = 1
+EXO_MODE = "file-links"  # older records say "symlink" (a directory symlink) or "index-dir"
 STAGING = ".arthur-cluster-staging"  # under <cache>/.locks (the hub's scanner skips it) and the exo links dir
 EXO_RECORDS = ".arthur-cluster"  # in the exo links dir: one JSON record per link (never inside a source)
 LOCK_NAME = "link.lock"
@@ -375,33 +379,45 @@ def _hf_state(repo_dir: Path) -> tuple[Literal["absent", "ours", "foreign"], dic
 # --- exo -------------------------------------------------------------------------------------------
 
 
-def _exo_record(repo_id: str, source: Path, mode: str, info: ModelInfo, card: Path | None,
-                card_text: str | None) -> dict:
+def _exo_record(repo_id: str, source: Path, info: ModelInfo, index_text: str | None) -> dict:
     return {
         "tool": TOOL, "version": RECORD_VERSION, "kind": "exo", "repo_id": repo_id, "source": str(source),
-        "mode": mode, "files": [{"name": f.name, "size": f.size, "mtime_ns": f.mtime_ns} for f in info.files],
-        "card": str(card) if card else None,
-        "card_sha256": hashlib.sha256(card_text.encode()).hexdigest() if card_text else None,
+        "mode": EXO_MODE, "files": [{"name": f.name, "size": f.size, "mtime_ns": f.mtime_ns} for f in info.files],
+        # the one real file the entry may hold: the generated index (its hash proves it is ours at unlink)
+        "index_sha256": hashlib.sha256(index_text.encode()).hexdigest() if index_text is not None else None,
     }
 
 
-def _generated_index(info: ModelInfo) -> str:
-    """model.safetensors.index.json for a source that has none, from its shard headers."""
+def _source_index_total(info: ModelInfo) -> tuple[dict | None, bool]:
+    """(the source's index, whether it carries a usable metadata.total_size)."""
+    if not info.has_index:
+        return None, False
+    data = _read_json(info.path / INDEX_NAME)
+    total = ((data or {}).get("metadata") or {}).get("total_size") if isinstance((data or {}).get("metadata"),
+                                                                               dict) else None
+    return data, isinstance(total, int) and not isinstance(total, bool) and total > 0
+
+
+def _generated_index(info: ModelInfo, source_index: dict | None) -> str:
+    """model.safetensors.index.json with metadata.total_size: the source's weight_map when it has an index,
+    else one built from the shard headers."""
     weight_map: dict[str, str] = {}
-    for shard in info.shards:
-        header, _, _ = read_header(info.path / shard)
-        weight_map.update({name: shard for name in header})
+    if source_index and isinstance(source_index.get("weight_map"), dict):
+        weight_map = dict(source_index["weight_map"])
+    else:
+        for shard in info.shards:
+            header, _, _ = read_header(info.path / shard)
+            weight_map.update({name: shard for name in header})
     index = {"metadata": {"total_size": info.data_bytes, "generated_by": TOOL},
              "weight_map": dict(sorted(weight_map.items()))}
     return json.dumps(index, indent=2)
 
 
 def _build_exo(tmp: Path, record: dict, index_text: str | None) -> None:
-    if record["mode"] == "symlink":
-        os.symlink(record["source"], tmp)
-        return
     tmp.mkdir()
     for f in record["files"]:
+        if index_text is not None and f["name"] == INDEX_NAME:
+            continue  # replaced by the generated one
         link = tmp / f["name"]
         link.parent.mkdir(parents=True, exist_ok=True)
         os.symlink(os.path.join(record["source"], f["name"]), link)
@@ -425,6 +441,36 @@ def exo_complete(entry: Path) -> bool:
     return True
 
 
+def _exo_ownership(entry: Path, record: dict) -> tuple[list[Path], list[str]]:
+    """(paths the linker made inside an entry folder, deepest first; what it did not make, relative)."""
+    source = record.get("source", "")
+    names = {f.get("name") for f in record.get("files", []) if isinstance(f, dict)}
+    ours: list[Path] = []
+    foreign: list[str] = []
+    for root, dirs, files in os.walk(entry, topdown=False):
+        for name in files + [d for d in dirs if os.path.islink(os.path.join(root, d))]:
+            path = Path(root) / name
+            rel = path.relative_to(entry).as_posix()
+            if path.is_symlink():
+                ok = rel in names and os.readlink(path) == os.path.join(source, rel)
+            else:
+                ok = rel == INDEX_NAME and record.get("index_sha256") == _sha256_of(path)
+            (ours.append(path) if ok else foreign.append(rel))
+        for d in dirs:
+            if not os.path.islink(os.path.join(root, d)):
+                ours.append(Path(root) / d)  # removed only when empty (rmdir)
+    return ours, foreign
+
+
+def _sha256_of(path: Path, cap: int = 64 << 20) -> str | None:
+    try:
+        if path.stat().st_size > cap:
+            return None
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    except OSError:
+        return None
+
+
 def check_exo_entry(entry: Path, record: dict) -> list[Finding]:
     rid = record.get("repo_id")
     out: list[Finding] = []
@@ -433,28 +479,41 @@ def check_exo_entry(entry: Path, record: dict) -> list[Finding]:
         return [Finding(kind="stale-record", severity="warning", path=str(entry), repo_id=rid,
                         message="recorded as linked but the link is gone",
                         fix=f"run `arthur-cluster link {rid}` or `arthur-cluster unlink {rid}`")]
-    if record.get("mode") == "symlink":
-        if not entry.is_symlink() or os.readlink(entry) != source:
-            out.append(Finding(kind="damaged", severity="error", path=str(entry), repo_id=rid,
-                               message="the exo link no longer points at the recorded source",
-                               fix=f"run `arthur-cluster link {rid}` to rebuild it"))
-            return out
-    elif entry.is_symlink() or not entry.is_dir():
-        out.append(Finding(kind="damaged", severity="error", path=str(entry), repo_id=rid,
-                           message="expected a folder of links", fix=f"run `arthur-cluster link {rid}`"))
-        return out
+    if record.get("mode") == "symlink" or entry.is_symlink():
+        return [Finding(kind="dangerous", severity="error", path=str(entry), repo_id=rid,
+                        message="an older directory-symlink entry: exo's downloader would delete and replace files "
+                                "inside the source folder through it",
+                        fix=f"run `arthur-cluster link {rid}` to convert it to a folder of file links")]
+    if not entry.is_dir():
+        return [Finding(kind="damaged", severity="error", path=str(entry), repo_id=rid,
+                        message="expected a folder of links", fix=f"run `arthur-cluster link {rid}`")]
     if not os.path.isdir(source):
-        out.append(Finding(kind="broken", severity="error", path=source, repo_id=rid,
-                           message="the source folder was moved or deleted; exo will not find the model",
-                           fix=f"run `arthur-cluster unlink --stale`, or link {rid} again from its new place"))
-        return out
+        return [Finding(kind="broken", severity="error", path=source, repo_id=rid,
+                        message="the source folder was moved or deleted; exo will not find the model",
+                        fix=f"run `arthur-cluster unlink --stale`, or link {rid} again from its new place")]
+    _, foreign = _exo_ownership(entry, record)
+    if foreign:
+        out.append(Finding(kind="foreign", severity="warning", path=str(entry / foreign[0]), repo_id=rid,
+                           message=f"{len(foreign)} file(s) here were not made by arthur-cluster (exo downloaded "
+                                   "them in place of links, or someone put them here); the source is untouched",
+                           fix=f"move them away, then run `arthur-cluster link {rid}`"))
+    generated = record.get("index_sha256") is not None
     for f in record.get("files", []):
-        out += _source_findings(os.path.join(source, f["name"]), f, rid, "exo will not find it",
-                                "the card's sizes no longer describe it", "to refresh the link and card")
+        if generated and f["name"] == INDEX_NAME:
+            continue
+        link = entry / f["name"]
+        want = os.path.join(source, f["name"])
+        if link.is_symlink() and os.readlink(link) != want or not os.path.lexists(link):
+            out.append(Finding(kind="damaged", severity="error", path=str(link), repo_id=rid,
+                               message="a file link is missing or points elsewhere",
+                               fix=f"run `arthur-cluster link {rid}` to rebuild the entry"))
+            continue
+        out += _source_findings(want, f, rid, "exo will not find it",
+                                "exo's card sizes no longer describe it", "to refresh the link")
     if not out and not exo_complete(entry):
         out.append(Finding(kind="broken", severity="error", path=str(entry), repo_id=rid,
                            message="exo would not treat this folder as complete (index or a listed shard missing)",
-                           fix=f"run `arthur-cluster link {rid} --exo-index`"))
+                           fix=f"run `arthur-cluster link {rid}`"))
     return out
 
 
@@ -477,7 +536,9 @@ def link(info: ModelInfo, *, repo_id: str | None = None, hf_cache: Path | None =
          cards_dir: Path | None = None, hf: bool = True, exo: bool = True, true_hashes: bool = False,
          exo_index: bool = False, dry_run: bool = False, progress: Progress | None = None) -> LinkResult:
     """Link one inspected model folder. Raises ModelFileError (bad folder) or LinkError (refusal);
-    either way nothing has changed."""
+    either way nothing has changed. exo's entry always gets an index with metadata.total_size (generated when
+    the source's lacks it): `exo_index` is kept for older callers and changes nothing; no card is written to
+    `cards_dir` any more (a card file of an older link is removed)."""
     require_ok(info)
     if info.format != "mlx":
         raise LinkError(f"{info.path} holds {info.format.upper()} weights; mlx-lm and exo need MLX safetensors "
@@ -498,7 +559,7 @@ def link(info: ModelInfo, *, repo_id: str | None = None, hf_cache: Path | None =
     if hf:
         state, previous = _hf_state(repo_dir)
         _refuse_foreign_hf(repo_dir, state, repo_id)
-    exo_plan = _plan_exo(info, repo_id, source, exo_dir, cards_dir, exo_index, res) if exo else None
+    exo_plan = _plan_exo(info, repo_id, source, exo_dir, res) if exo else None
 
     hf_record = None
     if hf:
@@ -571,9 +632,6 @@ class _ExoPlan(BaseModel):
     record: dict
     staging: Path
     index_text: str | None = None
-    card: Path | None = None
-    card_text: str | None = None
-    card_op: Literal["create", "replace", "keep", "skip"] = "skip"
 
 
 def _exo_state(entry: Path, record_path: Path) -> tuple[Literal["absent", "ours", "foreign"], dict | None]:
@@ -583,8 +641,7 @@ def _exo_state(entry: Path, record_path: Path) -> tuple[Literal["absent", "ours"
     return ("ours", record) if record is not None else ("foreign", None)
 
 
-def _plan_exo(info: ModelInfo, repo_id: str, source: Path, exo_dir: Path, cards_dir: Path, exo_index: bool,
-              res: LinkResult) -> _ExoPlan | None:
+def _plan_exo(info: ModelInfo, repo_id: str, source: Path, exo_dir: Path, res: LinkResult) -> _ExoPlan:
     name = _exo_name(repo_id)
     entry = exo_dir / name
     record_path = exo_dir / EXO_RECORDS / f"{name}.json"
@@ -592,70 +649,48 @@ def _plan_exo(info: ModelInfo, repo_id: str, source: Path, exo_dir: Path, cards_
     if state == "foreign":
         raise LinkError(f"{entry} exists and was not made by arthur-cluster: left untouched. Move it away, or "
                         "pass --exo-dir to use another links directory (or --no-exo)")
-    if info.has_index:
-        mode, index_text = "symlink", None
-        if exo_index:
-            res.warnings.append("the source has model.safetensors.index.json already; --exo-index is not needed")
-    elif exo_index:
-        mode, index_text = "index-dir", _generated_index(info)
-    else:
-        res.warnings.append(
-            f"{info.path} has no model.safetensors.index.json: exo never treats such a folder as complete and "
-            "would download the model again, so no exo link was made. Rerun with --exo-index to build a link "
-            "folder holding a generated index (written in the links directory, never into the source)")
-        return None
-    res.exo_link, res.exo_mode, res.env_line = entry, mode, env_line(exo_dir)
-    plan = _ExoPlan(entry=entry, record_path=record_path, record={}, staging=exo_dir / STAGING,
-                    index_text=index_text)
-    _plan_card(plan, info, repo_id, cards_dir, res)
-    plan.record = _exo_record(repo_id, source, mode, info, plan.card if plan.card_op != "skip" else None,
-                              plan.card_text if plan.card_op != "skip" else None)
-    return plan
-
-
-def _plan_card(plan: _ExoPlan, info: ModelInfo, repo_id: str, cards_dir: Path, res: LinkResult) -> None:
-    try:
-        text = exocard.card_text(info, repo_id)
-    except exocard.CardError as e:
-        res.warnings.append(f"no exo card written: {e}")
-        return
-    card = cards_dir / exocard.card_filename(repo_id)
-    plan.card, plan.card_text = card, text
-    try:
-        current = card.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        plan.card_op = "create"
-    except (OSError, UnicodeDecodeError):
-        current = ""
-        plan.card_op = "skip"
-    else:
-        if current == text:
-            plan.card_op = "keep"
-        elif current.startswith(exocard.CARD_HEADER):
-            plan.card_op = "replace"
-        else:
-            plan.card_op = "skip"
-            res.warnings.append(f"{card} exists and was not written by arthur-cluster: left as it is (exo uses "
-                                "it for this model id; delete it to get a card from this model's files)")
-    if plan.card_op != "skip":
-        res.card = card
+    source_index, has_total = _source_index_total(info)
+    index_text = None if has_total else _generated_index(info, source_index)
+    res.exo_link, res.exo_mode, res.env_line = entry, "index-dir", env_line(exo_dir)
+    return _ExoPlan(entry=entry, record_path=record_path, record=_exo_record(repo_id, source, info, index_text),
+                    staging=exo_dir / STAGING, index_text=index_text)
 
 
 def _exo_entry_action(plan: _ExoPlan) -> Action:
     state, record = _exo_state(plan.entry, plan.record_path)
-    healthy = state == "ours" and record == plan.record and not check_exo_entry(plan.entry, plan.record)
-    if healthy:
+    findings = check_exo_entry(plan.entry, plan.record) if state == "ours" and record == plan.record else None
+    if findings == []:
         return Action(op="keep", target=str(plan.entry), detail="already linked, unchanged")
-    detail = f"-> {plan.record['source']}" if plan.record["mode"] == "symlink" else "folder of links + generated index"
+    if findings and all(f.kind == "foreign" for f in findings) and exo_complete(plan.entry):
+        # exo downloaded some files in place of links (a size check against Hugging Face): the entry still
+        # works, and those files are not the linker's to delete
+        return Action(op="keep", target=str(plan.entry), detail=f"already linked; {findings[0].message}")
+    if state == "ours" and (record or {}).get("mode") == "symlink":
+        detail = "converts the old directory symlink into a folder of file links"
+    else:
+        detail = "folder of file links" + (" + generated index" if plan.index_text is not None else "")
     return Action(op="replace" if state == "ours" else "create", target=str(plan.entry), detail=detail)
 
 
 def _exo_actions(plan: _ExoPlan, dry: bool) -> list[Action]:
     out = [_exo_entry_action(plan)]
-    if plan.card:
-        out.append(Action(op=plan.card_op, target=str(plan.card),
-                          detail="exo custom model card" if plan.card_op != "skip" else "not ours, left as is"))
+    _, old = _exo_state(plan.entry, plan.record_path)
+    card = _old_card(old)
+    if card:
+        out.append(Action(op="remove", target=card, detail="card file of an older link (exo deletes it anyway)"))
     return out
+
+
+def _old_card(record: dict | None) -> str | None:
+    """The card file an older link wrote, while it still holds what the linker wrote."""
+    card = (record or {}).get("card")
+    if not card or not os.path.isfile(card) or os.path.islink(card):
+        return None
+    try:
+        text = Path(card).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return None
+    return card if text.startswith(exocard.CARD_HEADER) else None
 
 
 def _apply_exo(plan: _ExoPlan) -> list[Action]:
@@ -664,15 +699,23 @@ def _apply_exo(plan: _ExoPlan) -> list[Action]:
         raise LinkError(f"{plan.entry} appeared meanwhile and was not made by arthur-cluster: left untouched")
     actions = _exo_actions(plan, dry=False)
     if actions[0].op != "keep":
-        # Record first: a run killed after it leaves a record without a matching link, which the next
-        # run repairs; the reverse order would leave a link nobody claims.
+        if os.path.lexists(plan.entry) and not plan.entry.is_symlink() and plan.entry.is_dir():
+            _, old = _exo_state(plan.entry, plan.record_path)
+            foreign = _exo_ownership(plan.entry, old or {})[1]
+            if foreign:
+                raise LinkError(f"{plan.entry} holds files arthur-cluster did not make ({', '.join(foreign[:3])}; "
+                                "exo may have downloaded them in place of links): left untouched. Move them away "
+                                "and link again")
+        old_card = _old_card(_exo_state(plan.entry, plan.record_path)[1])
+        if old_card:  # before the new record forgets it (exo deletes such files anyway)
+            os.unlink(old_card)
+        # Record first: a run killed after it leaves a record without a matching entry, which the next run
+        # repairs; the reverse order would leave an entry nobody claims.
         paths.write_atomic(plan.record_path, json.dumps(plan.record, indent=1, ensure_ascii=False))
         plan.staging.mkdir(parents=True, exist_ok=True)
         tmp = plan.staging / f"{plan.entry.name}.{os.getpid()}.{secrets.token_hex(4)}"
         _build_exo(tmp, plan.record, plan.index_text)
         _swap_in(tmp, plan.entry, plan.staging)
-    if plan.card_op in ("create", "replace"):
-        paths.write_atomic(plan.card, plan.card_text)
     return actions
 
 
@@ -787,31 +830,43 @@ def _unlink_hf(repo_dir: Path, record: dict, res: UnlinkResult, dry_run: bool) -
 
 
 def _unlink_exo(entry: Path, rec_path: Path, record: dict, res: UnlinkResult, dry_run: bool) -> None:
-    if os.path.lexists(entry):
-        if not entry.is_symlink() and entry.is_dir():
-            real = [str(p) for p in entry.rglob("*") if not p.is_symlink() and p.is_file() and p.name != INDEX_NAME]
-            if real:
-                res.kept.append(str(entry))
-                res.warnings.append(f"{entry} holds files arthur-cluster did not make ({real[0]}): left in place")
-                return
-            if not dry_run:
-                shutil.rmtree(entry)
-        elif not dry_run:
-            os.unlink(entry)
+    """Remove only what the linker made, the record last: a run killed at any point leaves the record, so
+    `unlink`, `link` and `doctor` still know the rest as ours."""
+    source = record.get("source", "")
+    if entry.is_symlink():  # an older directory-symlink entry, or something put in its place
+        if os.readlink(entry) != source:
+            res.kept.append(str(entry))
+            res.warnings.append(f"{entry} is a link to {os.readlink(entry)}, not the one arthur-cluster made "
+                                f"(to {source}): left in place; remove it yourself if it is not needed")
+            return
+        if not dry_run:
+            os.unlink(entry)  # removes the link only, never what it points at
         res.removed.append(str(entry))
-    card = record.get("card")
-    if card and os.path.isfile(card):
-        try:
-            text = Path(card).read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError):
-            text = ""
-        if text.startswith(exocard.CARD_HEADER):
-            if not dry_run:
-                os.unlink(card)
-            res.removed.append(card)
-        else:
-            res.kept.append(card)
-            res.warnings.append(f"{card} was rewritten by someone else since linking: left in place")
+    elif os.path.lexists(entry):
+        if not entry.is_dir():
+            res.kept.append(str(entry))
+            res.warnings.append(f"{entry} is a file arthur-cluster did not make: left in place, and its record too")
+            return
+        ours, foreign = _exo_ownership(entry, record)
+        if foreign:
+            res.kept.append(str(entry))
+            res.warnings.append(f"{entry} holds files arthur-cluster did not make ({', '.join(foreign[:3])}; exo "
+                                "may have downloaded them in place of links): nothing removed. Move them away, then "
+                                "unlink again")
+            return
+        if not dry_run:
+            for path in ours:  # deepest first: links and our index, then the folders they were in
+                if path.is_symlink() or not path.is_dir():
+                    os.unlink(path)
+                else:
+                    os.rmdir(path)
+            os.rmdir(entry)
+        res.removed.append(str(entry))
+    card = _old_card(record)
+    if card:
+        if not dry_run:
+            os.unlink(card)
+        res.removed.append(card)
     if not dry_run:
         os.unlink(rec_path)
 
@@ -906,12 +961,6 @@ def _doctor_exo(exo_dir: Path, rep: DoctorReport) -> None:
                                         fix="delete it and link the model again"))
             continue
         rep.findings += check_exo_entry(exo_dir / name, record)
-        card = record.get("card")
-        if card and not os.path.isfile(card):
-            rep.findings.append(Finding(kind="note", severity="note", path=card, repo_id=record.get("repo_id"),
-                                        message="the custom model card was removed; exo will not list the model "
-                                                "until it is back", fix=f"run `arthur-cluster link "
-                                                                        f"{record.get('repo_id')}`"))
     count = 0
     try:
         entries = sorted(os.scandir(exo_dir), key=lambda e: e.name)

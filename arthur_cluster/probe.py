@@ -604,7 +604,8 @@ def exo_connect(report: ProbeReport, url: str, progress: Progress):
     try:
         return client, client.state()
     except exo_client.ExoError as e:
-        report.add("exo", "warning", f"exo not reachable: {e}", fix="start exo, or check --exo / EXO_API")
+        report.add("exo", "warning", f"exo not usable: {e}",
+                   fix="start exo, or check --exo / EXO_API (exo's API is on port 52415)")
         return None
 
 
@@ -616,23 +617,13 @@ def exo_nodes(state) -> list[NodeMemory]:
 
 def live_exo(report: ProbeReport, client, state, candidates: list[str],
              static_blocked: dict[str, list[Finding]], progress: Progress) -> None:
-    """Versions, card, previews and RDMA from exo; route verdicts are updated in place."""
+    """Nodes, card, previews and RDMA from exo; route verdicts are updated in place."""
     from . import exo_client
 
     report.exo_url = client.url
     nodes = sorted(state.nodes.values(), key=lambda n: -(n.ram_available or 0))
-    versions = {n.node_id: n.exo_version for n in nodes}
-    known = {v for v in versions.values() if v}
-    if len(known) > 1:
-        detail = ", ".join(f"{n}={v or '?'}" for n, v in versions.items())
-        report.add("exo.versions", "error", f"exo nodes run different versions: {detail}",
-                   why="nodes of different exo versions never form one cluster",
-                   fix="install the same exo version on every node and restart them")
-        for r in report.routes:
-            if r.engine == "exo" and r.nodes > 1:
-                r.block("exo.versions", "exo nodes disagree on the version")
-    else:
-        report.add("exo.versions", "info", f"{len(nodes)} exo node(s), version {next(iter(known), 'unpublished')}")
+    # exo's API reports no version: nodes of another version never join, so they are simply not listed here.
+    report.add("exo.nodes", "info", f"{len(nodes)} exo node(s): " + ", ".join(n.node_id for n in nodes))
     report.add("exo.memory", "info", "node memory: " + ", ".join(
         f"{m.name} {_gib(m.available_bytes)} free of {_gib(m.memory_bytes)}" for m in exo_nodes(state)))
     for r in report.routes:
@@ -647,7 +638,8 @@ def live_exo(report: ProbeReport, client, state, candidates: list[str],
     model_id = next((c for c in candidates if c in cards), None)
     if model_id is None:
         report.add("exo.card", "error", f"exo has no card for {' or '.join(candidates) or report.model}",
-                   fix="run `arthur-cluster link MODEL` (it writes exo's custom card), then restart exo")
+                   fix="run `arthur-cluster link MODEL`, then `arthur-cluster up`: it registers the model with exo "
+                       "(POST /models/add), which keeps the card in its state on every node")
         for r in report.routes:
             if r.engine == "exo":
                 r.block("exo.card", "exo has no card for this model")
@@ -670,8 +662,12 @@ def live_exo(report: ProbeReport, client, state, candidates: list[str],
 
 def _apply_previews(report: ProbeReport, previews: list, static_blocked: dict[str, list[Finding]]) -> None:
     by_route: dict[str, object] = {}
+    errors: dict[tuple[str, str], str] = {}
     for p in previews:
-        n = len(p.instance.shards) if p.instance else (p.min_nodes or 1)
+        if not p.ok:  # exo sends one error row per (sharding, meta), for no node count in particular
+            errors.setdefault((p.sharding.lower(), p.instance_meta), p.error or "no placement")
+            continue
+        n = p.nodes or 1
         backend = {"MlxRing": "ring", "MlxJaccl": "jaccl"}.get(p.instance_meta)
         sharding = "single" if n == 1 else p.sharding.lower()
         if backend is None or (sharding == "single" and backend != "ring"):
@@ -684,6 +680,11 @@ def _apply_previews(report: ProbeReport, previews: list, static_blocked: dict[st
         if r.engine != "exo":
             continue
         p = by_route.get(r.key)
+        meta = "MlxJaccl" if r.backend == "jaccl" else "MlxRing"
+        error = errors.get(("pipeline" if r.sharding == "single" else r.sharding, meta))
+        if p is None and error:
+            r.block("exo.preview", f"exo refuses: {error}")
+            continue
         if p is None:
             r.open_questions.append("exo gave no preview for this route (not enough nodes, or an older exo)")
             continue

@@ -68,7 +68,9 @@ def exo(dirs: list[Path] | None = None) -> list[Found]:
     for root in dirs if dirs is not None else paths.exo_models_dirs():
         for entry in _subdirs(root):
             if "--" in entry.name and _is_model_dir(entry):
-                out.append(Found(entry.name.replace("--", "/", 1), entry, "exo", linked=entry.is_symlink()))
+                # the linker's entries: a folder of file links with a record beside it (older: a directory link)
+                ours = entry.is_symlink() or (root / ".arthur-cluster" / f"{entry.name}.json").is_file()
+                out.append(Found(entry.name.replace("--", "/", 1), entry, "exo", linked=ours))
     return out
 
 

@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # The manual exo test, automated and safe to rerun:
-#   1. link Nemotron from LM Studio (zero-copy, into the HF cache and exo's read-only dir, with its card),
+#   1. link Nemotron from LM Studio (zero-copy: the HF cache, and a folder of file links in the read-only
+#      dir exo must be started with: EXO_MODELS_READ_ONLY_DIRS, the line `link` prints),
 #   2. probe it against the running exo,
-#   3. bring it up on exo and ask "What is 2+2?" (50 tokens at most): print the answer, tokens/s and the route.
+#   3. bring it up on exo (exo builds and keeps its card through POST /models/add) and ask "What is 2+2?"
+#      (50 tokens at most): print the answer, tokens/s and the route.
 # When Nemotron cannot run, `up` falls back to the Llama and says why. Exit 0 only when a model answered.
 #
 # Environment (all optional):

@@ -1,45 +1,160 @@
-"""Fixtures serving the exo HTTP contract with a simulator (see tests/exo_simulator.py).
+"""exo's own API code on loopback (../shared/tools/exo-real: exo's FastAPI app, State, placement, card cache
+and card-reconcile loop, with faked runners and tokens), started from the tests.
 
-The tiny models are registered under real Hugging Face ids (the simulator is a simulator: ids that look
-real while serving miniatures keep the adapter's code paths identical to a real cluster's).
+The tool is found beside the repository (the repo's parent holds `shared/`, in CI as here). Its `setup` needs
+Python 3.13: where there is none the exo tests skip with that reason, except under CI=true, where they fail.
+A harness starts in about 2 s; tests that need no special flags share one per module (`shared_exo`).
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable
+import functools
+import os
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
+import requests
 
-from tests.exo_simulator import Faults, Simulator
+REPO = Path(__file__).resolve().parents[1]
+TOOL = REPO.parent / "shared" / "tools" / "exo-real"
+VENDOR_SRC = REPO.parent / "shared" / "vendor" / "exo" / "src"
 
-SIM_LLAMA_ID = "mlx-community/Llama-3.2-1B-Instruct-4bit"  # exo ships a card for it
-SIM_NEMOTRON_ID = "mlx-community/NVIDIA-Nemotron-3-Nano-30B-A3B-MLX-8Bit"  # exo's own Nemotron card
-SIM_LMSTUDIO_NEMOTRON_ID = "lmstudio-community/NVIDIA-Nemotron-3-Nano-30B-A3B-MLX-8bit"  # needs a custom card
+LLAMA_ID = "mlx-community/Llama-3.2-1B-Instruct-4bit"  # exo ships a card for it
+EXO_NEMOTRON_ID = "mlx-community/NVIDIA-Nemotron-3-Nano-30B-A3B-MLX-8Bit"  # exo's own Nemotron card
+NEMOTRON_ID = "lmstudio-community/NVIDIA-Nemotron-3-Nano-30B-A3B-MLX-8bit"  # LM Studio's: no card in exo
+GIB = 1 << 30
 
 
-def sim_models(tiny_models: dict) -> dict[str, Any]:
-    return {SIM_LLAMA_ID: tiny_models["llama-4bit"], SIM_NEMOTRON_ID: tiny_models["nemotron_h-8bit"],
-            SIM_LMSTUDIO_NEMOTRON_ID: tiny_models["nemotron_h-8bit"]}
+def in_ci() -> bool:
+    return os.environ.get("CI", "").strip().lower() in ("1", "true", "yes")
+
+
+@functools.lru_cache(maxsize=1)
+def _setup() -> tuple[str | None, str]:
+    """(the harness venv's python, or None; why not)."""
+    setup = TOOL / "setup"
+    if not setup.is_file():
+        return None, f"no exo-real harness at {TOOL} (the repository's parent must hold shared/)"
+    p = subprocess.run([str(setup)], capture_output=True, text=True, timeout=1800)
+    if p.returncode == 0 and p.stdout.strip():
+        return p.stdout.strip().splitlines()[-1], ""
+    if p.returncode == 3:
+        return None, "real-exo harness needs Python 3.13: " + p.stderr.strip()
+    return None, f"exo-real setup failed (exit {p.returncode}): {p.stderr.strip()[-400:]}"
+
+
+def exo_python() -> str:
+    py, why = _setup()
+    if py is None:
+        if in_ci() or "setup failed" in why:
+            pytest.fail(why)  # CI must run these tests, never skip them
+        pytest.skip(why)
+    return py
+
+
+@dataclass
+class Harness:
+    url: str
+    proc: subprocess.Popen
+    home: Path
+    log: Path
+    links: Path | None
+
+    def get(self, path: str):
+        return requests.get(self.url + path, timeout=10).json()
+
+    def instances(self) -> dict:
+        return self.get("/state/instances")
+
+    def custom_cards(self) -> dict:
+        return self.get("/state/customModelCards")
+
+    def model_ids(self) -> set[str]:
+        return {m["id"] for m in self.get("/v1/models")["data"]}
+
+    def downloaded(self) -> set[str]:
+        return {m["id"] for m in self.get("/v1/models?status=downloaded")["data"]}
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()  # exits within about 0.3 s, unless a request it serves waits on a hung host
+            try:
+                self.proc.wait(timeout=3)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=10)
+
+
+def start_harness(root: Path, *flags: str, links: Path | None = None, env: dict | None = None) -> Harness:
+    """exo-real on a free port. `links`: its EXO_MODELS_READ_ONLY_DIRS (the linker's exo dir); stderr to a file."""
+    py = exo_python()
+    root.mkdir(parents=True, exist_ok=True)
+    home, log = root / "exo-home", root / "harness.log"
+    full_env = {**os.environ, "EXO_HOME": str(home), **(env or {})}
+    full_env["EXO_MODELS_READ_ONLY_DIRS"] = str(links) if links else ""
+    if links:
+        links.mkdir(parents=True, exist_ok=True)
+    with open(log, "w") as err:
+        proc = subprocess.Popen([py, str(TOOL / "harness.py"), "--port", "0", *flags], stdout=subprocess.PIPE,
+                                stderr=err, stdin=subprocess.DEVNULL, text=True, env=full_env, cwd=root)
+    url = proc.stdout.readline().strip()
+    if not url.startswith("http://"):
+        proc.kill()
+        proc.wait(timeout=10)
+        raise RuntimeError(f"exo-real harness did not start: {log.read_text()[-2000:]}")
+    h = Harness(url=url, proc=proc, home=home, log=log, links=links)
+    # exo fills its card cache at start while already answering: until then /v1/models lists part of it
+    wait_for(lambda: {LLAMA_ID, EXO_NEMOTRON_ID} <= h.model_ids(), timeout=30)
+    # ...and scans its read-only dirs for the weights of cards it knows (then every 60 s): wait for that scan
+    cards = h.model_ids()
+    present = {p.name.replace("--", "/", 1) for p in links.iterdir() if not p.name.startswith(".")} if links else set()
+    wait_for(lambda: present & cards <= h.downloaded(), timeout=30)
+    return h
 
 
 @pytest.fixture
-def exo_sim_factory(tiny_models) -> Callable[..., Simulator]:
-    """make(nodes=2 | [node dicts], **faults) -> a started simulator; all stopped after the test.
-    Node dict keys: ram_total, ram_available, rdma, backends, version, name."""
-    started: list[Simulator] = []
+def exo_factory(tmp_path):
+    """make(*flags, links=dir, env={...}) -> a started harness; all stopped after the test."""
+    started: list[Harness] = []
 
-    def make(nodes: int | list[dict] = 2, models: dict | None = None, **faults: Any) -> Simulator:
-        sim = Simulator(models if models is not None else sim_models(tiny_models), nodes=nodes,
-                        faults=Faults(**faults)).start()
-        started.append(sim)
-        return sim
+    def make(*flags: str, links: Path | None = None, env: dict | None = None) -> Harness:
+        h = start_harness(tmp_path / f"exo-{len(started)}", *flags, links=links, env=env)
+        started.append(h)
+        return h
 
     yield make
-    for sim in started:
-        sim.stop()
+    for h in started:
+        h.stop()
 
 
-@pytest.fixture
-def exo_sim(exo_sim_factory) -> Simulator:
-    """A two-node simulator (48 GiB available per node, ring only) with the tiny Llama and Nemotron."""
-    return exo_sim_factory()
+@pytest.fixture(scope="module")
+def shared_exo(tmp_path_factory, tiny_models) -> Harness:
+    """One harness per module: 2 nodes with 48 GiB free, exo's card loop running; the tiny Llama linked under
+    exo's built-in Llama id in its read-only dir (its weights are there, so exo can place and run it)."""
+    from arthur_cluster import linker, modelfiles
+
+    root = tmp_path_factory.mktemp("shared-exo")
+    links = root / "links"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("ARTHUR_CLUSTER_HOME", str(root / "state"))
+        info = modelfiles.inspect(tiny_models["llama-4bit"], repo_id=LLAMA_ID)
+        linker.link(info, repo_id=LLAMA_ID, exo_dir=links, hf=False)
+    h = start_harness(root, "--nodes", "2", "--ram-gib", "48", links=links)
+    yield h
+    h.stop()
+
+
+def wait_for(predicate, timeout: float = 10.0, step: float = 0.05):
+    """Poll until predicate() is truthy (its value), or fail after `timeout` seconds."""
+    import time
+
+    end = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > end:
+            raise AssertionError(f"condition not met within {timeout} s")
+        time.sleep(step)

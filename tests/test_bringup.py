@@ -1,7 +1,8 @@
-"""Bring-up against the exo contract simulator (exo itself cannot run here) and the real local MLX engine.
+"""Bring-up against exo's own API code (tests/fixtures_exo.py: exo's app, State, placement, card loop; runners
+and tokens faked) and the real local MLX engine.
 
-Every bad input of the issue is driven through the simulator's fault switches or a real wrong server, and
-must end in a clear message and, where a fallback exists, in that fallback: never a hang or a traceback.
+Every failure ends in a clear message and, where a fallback exists, in that fallback: never a hang or a
+traceback. Every source file of the LM Studio folder is byte-identical after each test.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import http.server
 import json
 import socket
 import threading
+import time
 
 import pytest
 from typer.testing import CliRunner
@@ -17,20 +19,26 @@ from typer.testing import CliRunner
 from arthur_cluster import bringup, cli, hostfile, paths
 from arthur_cluster.catalog import Catalog
 from arthur_cluster.cluster import ClusterError
-from tests.conftest import copy_model
-from tests.fixtures_exo import SIM_LLAMA_ID, SIM_LMSTUDIO_NEMOTRON_ID
+from arthur_cluster.exo_client import ExoClient
+from tests import realshape
+from tests.conftest import NEMOTRON_CONFIG, copy_model
+from tests.fixtures_exo import LLAMA_ID, NEMOTRON_ID, wait_for
+from tests.linkhelp import content_hashes
 
-NEMOTRON = SIM_LMSTUDIO_NEMOTRON_ID
-LLAMA = SIM_LLAMA_ID
+NEMOTRON = NEMOTRON_ID
+LLAMA = LLAMA_ID
 
 
 @pytest.fixture
 def library(lmstudio_home, tiny_models):
-    """LM Studio holding the miniatures under the real ids (as the user's library would)."""
+    """LM Studio holding the miniatures under the real ids (as the user's library would); every source byte
+    is checked after the test."""
     models = lmstudio_home / "models"
     copy_model(tiny_models["nemotron_h-8bit"], models / NEMOTRON)
     copy_model(tiny_models["llama-4bit"], models / LLAMA)
-    return models
+    before = content_hashes(models)
+    yield models
+    assert content_hashes(models) == before, "a source file in the LM Studio folder changed"
 
 
 def catalogue() -> Catalog:
@@ -56,35 +64,87 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def exo(exo_factory, *flags: str):
+    """A harness whose read-only dir is this test's links dir (where `up` links the weights)."""
+    return exo_factory("--nodes", "2", *flags, links=paths.exo_links_dir())
+
+
+def timed_up(limit: float, *args, **kw):
+    """up(), which must end within `limit` seconds (a bound on a hang, not a speed test)."""
+    start = time.monotonic()
+    dep = bringup.up(*args, **kw)
+    assert time.monotonic() - start < limit, f"up took more than {limit} s"
+    return dep
+
+
 # --- the paths that work ---------------------------------------------------------------------------------------
 
 
-def test_up_on_exo_links_registers_places_answers_and_down_deletes(exo_sim, library):
+def test_nemotron_comes_up_on_exo_from_the_linked_weights_and_down_deletes_it(exo_factory, library):
+    h = exo(exo_factory, "--ram-gib", "48")
     hooks = Recorder()
-    dep = bringup.up(catalogue(), engine="exo", exo_url=exo_sim.url, timeout=60, hooks=hooks)
-    assert dep.model == NEMOTRON and dep.engine == "exo" and dep.fallback_reason is None
-    assert dep.route.label == "exo pipeline/ring on 2 nodes" and dep.nodes == ["simnode-0", "simnode-1"]
-    assert dep.smoke.question == "What is 2+2?" and dep.smoke.answer and dep.smoke.generation_tokens > 0
-    assert dep.smoke.generation_tokens <= 50 and dep.smoke.generation_tps > 0
-    # The weights were linked for exo, the card registered, the instance is the one running.
-    assert (paths.exo_links_dir() / "lmstudio-community--NVIDIA-Nemotron-3-Nano-30B-A3B-MLX-8bit").is_dir()
-    assert NEMOTRON in exo_sim.custom
-    assert list(exo_sim.instances) == [dep.instance_id]
+    dep = timed_up(60, catalogue(), engine="exo", exo_url=h.url, timeout=60, hooks=hooks)
+    assert dep.model == dep.served_id == NEMOTRON and dep.engine == "exo" and dep.fallback_reason is None
+    assert dep.route.label == "exo pipeline/ring on 2 nodes" and sorted(dep.nodes) == ["exonode-0", "exonode-1"]
+    assert dep.smoke.answer == "2 + 2 = 4." and 0 < dep.smoke.generation_tokens <= 50
+    # exo loads the linked weights: each node found the linker's entry in its read-only dir, no download.
+    entry = paths.exo_links_dir() / "lmstudio-community--NVIDIA-Nemotron-3-Nano-30B-A3B-MLX-8bit"
+    downloads = [d for n in dep.nodes for d in ExoClient(h.url).state().downloads[n] if d.model_id == NEMOTRON]
+    assert [(d.status, d.read_only) for d in downloads] == [("Completed", True)] * 2
+    assert json.dumps(h.get("/state/downloads")).count(json.dumps(str(entry))) >= 2  # modelDirectory
+    assert list(h.instances()) == [dep.instance_id]
+    assert any("registering" in line and "/models/add" in line for line in hooks.lines)
     assert hooks.waits and hooks.waits[-1][0] == hooks.waits[-1][1] > 0  # progress ended at every layer
-    assert any("EXO_MODELS_READ_ONLY_DIRS=" in n for n in dep.notes)
-    assert any(n.startswith("on node sim-mac-1") and "arthur-cluster link" in n for n in dep.notes)
+    # The registration is exo's own and stays: in its state (every node keeps it) and its model list.
+    time.sleep(5)
+    assert NEMOTRON in h.custom_cards() and NEMOTRON in h.model_ids()
+    assert not (paths.exo_custom_cards_dir()).exists()  # no card file of ours for exo to delete
     record = json.loads(paths.deployment_file().read_text())
-    assert record["endpoint"] == exo_sim.url and record["instance_id"] == dep.instance_id
-    assert record["route"]["sharding"] == "pipeline" and record["smoke"]["answer"] == dep.smoke.answer
+    assert record["endpoint"] == h.url and record["instance_id"] == dep.instance_id
 
-    # Rerunning is safe: the running instance is reused, not placed twice.
-    again = bringup.up(catalogue(), engine="exo", exo_url=exo_sim.url, timeout=60)
-    assert again.instance_id == dep.instance_id and len(exo_sim.instances) == 1
+    again = bringup.up(catalogue(), engine="exo", exo_url=h.url, timeout=60)  # reuses, places nothing
+    assert again.instance_id == dep.instance_id and len(h.instances()) == 1
 
     res = bringup.down()
     assert res.had_deployment and res.instance_id == dep.instance_id
-    assert exo_sim.instances == {} and not paths.deployment_file().exists()
+    assert wait_for(lambda: h.instances() == {}) and not paths.deployment_file().exists()
     assert bringup.down().had_deployment is False
+
+
+def test_nodes_too_small_for_nemotron_end_on_the_llama_with_a_memory_reason(exo_factory, lmstudio_home,
+                                                                             tiny_models):
+    models = lmstudio_home / "models"
+    realshape.build(models / NEMOTRON, NEMOTRON_CONFIG)  # the real 33.6 GB shape, sparse
+    copy_model(tiny_models["llama-4bit"], models / LLAMA)
+    h = exo(exo_factory, "--ram-gib", "10")
+    dep = timed_up(30, catalogue(), engine="exo", exo_url=h.url, timeout=600)
+    assert dep.model == LLAMA and dep.engine == "exo" and dep.smoke.answer
+    assert dep.fallback_reason.startswith(f"{NEMOTRON} could not run")
+    assert "does not fit" in dep.fallback_reason and " GB of " in dep.fallback_reason  # a memory reason
+    assert [i["MlxRingInstance"]["shardAssignments"]["modelId"] for i in h.instances().values()] == [LLAMA]
+
+
+def test_weights_missing_on_the_nodes_give_exos_download_error_then_the_fallback(exo_factory, library, tmp_path):
+    h = exo_factory("--nodes", "2", links=tmp_path / "not-the-links-dir")  # exo's nodes do not see the links
+    dep = timed_up(30, Catalog(target=LLAMA, fallbacks=[]), exo_url=h.url, timeout=600)
+    assert dep.engine == "mlx" and dep.model == LLAMA  # this machine, which has the weights
+    assert "Model files not found locally in offline mode" in dep.fallback_reason
+    assert h.instances() == {}  # the failed instance was deleted
+
+
+def test_a_failed_runner_is_reported_with_its_message_and_mlx_takes_over(exo_factory, library):
+    h = exo(exo_factory, "--fail-runner", "Metal out of memory while loading layer 3")
+    dep = timed_up(60, catalogue(), exo_url=h.url, timeout=60)
+    assert dep.engine == "mlx" and dep.model == NEMOTRON
+    assert "Metal out of memory while loading layer 3" in dep.fallback_reason
+    assert h.instances() == {}
+
+
+def test_a_stream_error_in_the_test_question_falls_back(exo_factory, library):
+    h = exo(exo_factory, "--error-after", "2")
+    dep = timed_up(60, catalogue(), exo_url=h.url, timeout=60)
+    assert dep.engine == "mlx" and "Runner on node exonode-1 disconnected" in dep.fallback_reason
+    assert h.instances() == {}
 
 
 def test_up_on_this_machine_with_mlx(library):
@@ -99,6 +159,7 @@ def test_up_on_this_machine_with_mlx(library):
         assert engine.model_id == NEMOTRON
     finally:
         engine.close()
+
 
 
 # --- bad input: each one ends in a message and, where there is one, the fallback ----------------------------------
@@ -128,68 +189,17 @@ def wrong_server(tmp_path):
 def test_wrong_port_is_named(wrong_server, library):
     with pytest.raises(ClusterError, match="HTML page.*exo's API is on 52415"):
         bringup.up(catalogue(), engine="exo", exo_url=wrong_server)
-
-
-def test_html_instead_of_json_falls_back(exo_sim_factory, library):
-    sim = exo_sim_factory(html=True)
-    dep = bringup.up(catalogue(), exo_url=sim.url)
-    assert dep.engine == "mlx"
-    assert any("HTML" in n for n in dep.notes)
-
-
-def test_exo_of_another_version(exo_sim_factory, library):
-    sim = exo_sim_factory(version_mismatch="0.3.1")
-    with pytest.raises(ClusterError, match="different versions.*0.3.1"):
-        bringup.up(catalogue(), engine="exo", exo_url=sim.url)
-    dep = bringup.up(catalogue(), exo_url=sim.url)
-    assert dep.engine == "mlx" and any("0.3.1" in n for n in dep.notes)
-
-
-def test_card_exo_rejects_falls_back_to_the_llama(exo_sim_factory, library, tiny_models):
-    sim = exo_sim_factory(models={LLAMA: tiny_models["llama-4bit"]})  # this exo cannot build a card for Nemotron
-    dep = bringup.up(catalogue(), engine="exo", exo_url=sim.url, timeout=60)
-    assert dep.model == LLAMA and dep.engine == "exo"
-    assert dep.fallback_reason.startswith(f"{NEMOTRON} could not run")
-    assert "rejects a card" in dep.fallback_reason
-    assert sim.instances and all(NEMOTRON not in json.dumps(i) for i in sim.instances.values())
-
-
-def test_instance_never_ready_is_bounded_then_falls_back(exo_sim_factory, library):
-    sim = exo_sim_factory(never_ready=True)
-    with pytest.raises(bringup.BringUpError) as e:
-        bringup.up(catalogue(), engine="exo", exo_url=sim.url, timeout=1.5)
-    text = str(e.value)
-    assert "not ready after 1.5 s" in text and NEMOTRON in text and LLAMA in text
-    assert sim.instances == {}  # every half-loaded instance was deleted
-    dep = bringup.up(catalogue(), exo_url=sim.url, timeout=1.5)  # exo and MLX: MLX here takes over
-    assert dep.engine == "mlx" and dep.model == NEMOTRON
-    assert "preferred routes failed" in dep.fallback_reason and "not ready" in dep.fallback_reason
-
-
-def test_runner_failure_falls_back(exo_sim_factory, library):
-    sim = exo_sim_factory(runner_failure="Metal out of memory while loading layer 3")
-    hooks = Recorder(on_say=lambda t: t.startswith("failed:") and sim.set_faults(runner_failure=None))
-    dep = bringup.up(catalogue(), engine="exo", exo_url=sim.url, timeout=30, hooks=hooks)
-    assert dep.model == NEMOTRON and dep.route.label == "exo single node"
-    assert "Metal out of memory" in dep.fallback_reason and "simnode-1" in dep.fallback_reason
-
-
-def test_node_lost_mid_stream_falls_back(exo_sim_factory, library):
-    sim = exo_sim_factory(nodes=3, node_loss_after=2)
-    hooks = Recorder(on_say=lambda t: t.startswith("failed:") and sim.set_faults(node_loss_after=None))
-    dep = bringup.up(catalogue(), engine="exo", exo_url=sim.url, timeout=30, hooks=hooks)
-    assert "disconnected" in dep.fallback_reason
-    assert len(sim.nodes) == 2 and dep.route.label == "exo pipeline/ring on 2 nodes"
-    assert dep.smoke.generation_tokens > 0
+    dep = bringup.up(catalogue(), exo_url=wrong_server)
+    assert dep.engine == "mlx" and any("HTML" in n for n in dep.notes)
 
 
 # --- the record and down --------------------------------------------------------------------------------------
 
 
-def test_down_with_exo_gone_keeps_the_record(exo_sim_factory, library):
-    sim = exo_sim_factory()
-    bringup.up(catalogue(), engine="exo", exo_url=sim.url, timeout=60)
-    sim.stop()
+def test_down_with_exo_gone_keeps_the_record(exo_factory, library):
+    h = exo(exo_factory)
+    bringup.up(catalogue(), engine="exo", exo_url=h.url, timeout=60)
+    h.stop()
     with pytest.raises(bringup.DeploymentError, match="record stays"):
         bringup.down()
     assert paths.deployment_file().exists()
@@ -211,19 +221,21 @@ def write_catalog(tmp_path) -> str:
     return str(path)
 
 
-def test_cli_pick_up_down_json(exo_sim, library, tmp_path):
+def test_cli_pick_up_down_json(exo_factory, library, tmp_path):
+    h = exo(exo_factory)
     runner = CliRunner()
     cat = write_catalog(tmp_path)
-    res = runner.invoke(cli.app, ["pick", "--engine", "exo", "--exo", exo_sim.url, "--catalog", cat, "--json"])
+    res = runner.invoke(cli.app, ["pick", "--engine", "exo", "--exo", h.url, "--catalog", cat, "--json"])
     assert res.exit_code == 0, res.output
     out = json.loads(res.stdout)
     assert out["choice"]["model"] == NEMOTRON and out["choice"]["route"]["sharding"] == "pipeline"
-    res = runner.invoke(cli.app, ["up", "--engine", "exo", "--exo", exo_sim.url, "--catalog", cat, "--json"])
+    res = runner.invoke(cli.app, ["up", "--engine", "exo", "--exo", h.url, "--catalog", cat, "--json"])
     assert res.exit_code == 0, res.output
     dep = json.loads(res.stdout)
     assert dep["model"] == NEMOTRON and dep["smoke"]["generation_tokens"] > 0
     res = runner.invoke(cli.app, ["down", "--json"])
     assert res.exit_code == 0 and json.loads(res.stdout)["instance_id"] == dep["instance_id"]
+    assert wait_for(lambda: h.instances() == {})
 
 
 def test_cli_up_failure_is_one_clear_error(library, tmp_path):
@@ -278,17 +290,19 @@ def test_a_node_ssh_cannot_reach_is_named(library, tmp_path, monkeypatch):
     assert "failed on studio-2 (studio-2.local): ssh: connect to host studio-2.local" in dep.fallback_reason
 
 
-def test_a_rerun_on_another_model_stops_the_previous_instance(exo_sim, library):
-    first = bringup.up(catalogue(), model=LLAMA, engine="exo", exo_url=exo_sim.url, timeout=60)
-    second = bringup.up(catalogue(), engine="exo", exo_url=exo_sim.url, timeout=60)
-    assert second.model == NEMOTRON and list(exo_sim.instances) == [second.instance_id]
+def test_a_rerun_on_another_model_stops_the_previous_instance(exo_factory, library):
+    h = exo(exo_factory)
+    first = bringup.up(catalogue(), model=LLAMA, engine="exo", exo_url=h.url, timeout=60)
+    second = bringup.up(catalogue(), engine="exo", exo_url=h.url, timeout=60)
+    assert second.model == NEMOTRON
+    assert wait_for(lambda: list(h.instances()) == [second.instance_id])
     assert any(first.instance_id in n for n in second.notes)
 
 
-def test_a_previous_instance_that_cannot_be_stopped_is_said_so(exo_sim_factory, library):
-    old_sim, new_sim = exo_sim_factory(), exo_sim_factory()
-    first = bringup.up(catalogue(), model=LLAMA, engine="exo", exo_url=old_sim.url, timeout=60)
-    old_sim.stop()  # the old deployment's exo is gone: its instance cannot be deleted from here
-    second = bringup.up(catalogue(), engine="exo", exo_url=new_sim.url, timeout=60)
+def test_a_previous_instance_that_cannot_be_stopped_is_said_so(exo_factory, library):
+    old, new = exo(exo_factory), exo(exo_factory)
+    first = bringup.up(catalogue(), model=LLAMA, engine="exo", exo_url=old.url, timeout=60)
+    old.stop()  # the old deployment's exo is gone: its instance cannot be deleted from here
+    second = bringup.up(catalogue(), engine="exo", exo_url=new.url, timeout=60)
     note = next(n for n in second.notes if first.instance_id in n)
     assert note.startswith("could not stop") and "dashboard" in note

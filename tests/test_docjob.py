@@ -1,5 +1,5 @@
 """Document jobs on the tiny models: plans, single pass, map-reduce, the prompt cache, resume, PDF and several
-files, refusals that say what would fit, and exo streaming through the contract simulator."""
+files, refusals that say what would fit, and exo streaming through exo's own API code (exo-real)."""
 
 from __future__ import annotations
 
@@ -219,28 +219,31 @@ class Recorder(docjob.Reporter):
         self.tokens = generated
 
 
-def test_exo_streaming_through_the_simulator(exo_sim, tiny_models, tmp_path):
+def test_a_document_job_on_an_exo_deployment(shared_exo, tiny_models, tmp_path):
+    """exo's own API code serves the deployment (its runners are faked: every answer is "2 + 2 = 4.")."""
     from arthur_cluster.exo_client import ExoClient
-    from tests.fixtures_exo import SIM_LLAMA_ID
+    from tests.fixtures_exo import LLAMA_ID
 
-    ExoClient(exo_sim.url).place_and_wait(SIM_LLAMA_ID, timeout=60, poll=0.05)
+    client = ExoClient(shared_exo.url)
+    inst = client.place_and_wait(LLAMA_ID, 'Pipeline', 'MlxRing', 2, timeout=60, poll=0.05)
     dep = bringup.Deployment(
-        model=SIM_LLAMA_ID, served_id=SIM_LLAMA_ID, engine="exo",
-        route=Route(engine="exo", sharding="pipeline", backend="ring", nodes=2), endpoint=exo_sim.url,
-        nodes=[n.node_id for n in exo_sim.nodes], fallback_reason="target does not fit",
+        model=LLAMA_ID, served_id=LLAMA_ID, engine="exo",
+        route=Route(engine="exo", sharding="pipeline", backend="ring", nodes=2), endpoint=shared_exo.url,
+        nodes=inst.node_ids, fallback_reason="target does not fit",
         model_path=tiny_models["llama-4bit"], smoke=bringup.Smoke(question="q", answer="a"))
     bringup.write_record(dep)
     f = tmp_path / "doc.md"
     f.write_text(make_doc(6))
     rec = Recorder()
     result = docjob.run([str(f)], asks=QUESTIONS, max_tokens=6, reporter=rec, out=tmp_path / "exo")
-    assert result["engine"] == "exo" and result["model"] == SIM_LLAMA_ID
+    assert result["engine"] == "exo" and result["model"] == LLAMA_ID
     assert result["route"] == "exo pipeline/ring on 2 nodes" and result["fallback_reason"] == "target does not fit"
     assert rec.prefill_events and rec.prefill_events[-1][0] == rec.prefill_events[-1][1] > 0  # prefill_progress
     assert rec.tokens == 6 and all(a["answer"] for a in result["answers"])
     assert result["tokens"]["generated"] == 12 and result["decode_tps"] > 0
     plan = json.loads((tmp_path / "exo" / "plan.json").read_text())
-    assert plan["tokens_exact"] and plan["nodes"][0]["name"] == exo_sim.nodes[0].node_id
+    assert plan["tokens_exact"] and plan["nodes"][0]["name"] in inst.node_ids
+    client.delete_instance(inst.instance_id)
 
 
 def test_every_question_reuses_one_tokenization_of_the_document(tiny_models):

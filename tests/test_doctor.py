@@ -43,7 +43,7 @@ def test_source_moved_is_broken_and_unlink_stale_cleans(lmstudio_home, tmp_path)
     r = CliRunner().invoke(cli_app(), ["unlink", "--stale", "--json"])
     assert r.exit_code == 0, r.output
     removed = set(json.loads(r.stdout)["removed"])
-    assert {str(nemo.hf_repo), str(nemo.exo_link), str(nemo.card)} == removed
+    assert {str(nemo.hf_repo), str(nemo.exo_link)} == removed
     assert llama.hf_repo.is_dir() and linker.doctor().ok
     assert content_hashes(moved) == before
 

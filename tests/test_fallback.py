@@ -10,7 +10,7 @@ from arthur_cluster import cluster, fallback
 from arthur_cluster.catalog import Catalog, ModelEntry
 from arthur_cluster.cluster import ClusterInfo, ClusterNode
 from arthur_cluster.fallback import NoChoice, Rejection, Route
-from tests.fixtures_exo import SIM_LLAMA_ID, SIM_LMSTUDIO_NEMOTRON_ID
+from tests.fixtures_exo import EXO_NEMOTRON_ID, LLAMA_ID
 
 GIB = 1 << 30
 TINY_NEMOTRON = "lmstudio-community/Tiny-NemotronH-MLX-8bit"  # the lmstudio_home fixture's folders
@@ -83,61 +83,58 @@ def test_route_order_is_tensor_jaccl_then_pipeline_ring_then_single():
     assert [r.label for r in fallback.routes_for(local())] == ["mlx single node"]
 
 
-def exo_cluster(sim) -> ClusterInfo:
-    return cluster.from_exo(cluster.exo_client(sim.url))
+def exo_cluster(harness) -> ClusterInfo:
+    return cluster.from_exo(cluster.exo_client(harness.url))
 
 
-def test_exo_without_rdma_picks_pipeline_over_ring_and_says_why_not_jaccl(exo_sim, lmstudio_home):
-    c = cat(target=SIM_LLAMA_ID, fallbacks=())
-    choice = fallback.pick(c, cluster=exo_cluster(exo_sim))
-    assert choice.model == SIM_LLAMA_ID and choice.available.source == "exo"  # downloaded on the simulator
+def test_exo_without_rdma_picks_pipeline_over_ring_and_says_why_not_jaccl(shared_exo, lmstudio_home):
+    c = cat(target=LLAMA_ID, fallbacks=())
+    choice = fallback.pick(c, cluster=exo_cluster(shared_exo))
+    assert choice.model == LLAMA_ID and choice.available.source == "exo"  # exo found it in its read-only dir
     assert choice.route.label == "exo pipeline/ring on 2 nodes"
     jaccl = choice.rejections[0]
     assert jaccl.route.backend == "jaccl" and jaccl.stage == "checks"
     assert "RDMA" in jaccl.reason or "rdma" in jaccl.reason
 
 
-def test_exo_with_rdma_everywhere_takes_tensor_over_jaccl_only_when_proven(exo_sim_factory, lmstudio_home,
-                                                                          tiny_models):
+def test_exo_with_rdma_everywhere_takes_tensor_over_jaccl_only_when_proven(exo_factory, lmstudio_home,
+                                                                          tiny_models, tmp_path):
     from tests.conftest import copy_model
+    from tests.test_exo_client import linked_llama
 
-    metal = {"rdma": True, "backends": ["MlxMetal"]}
-    sim = exo_sim_factory(nodes=[metal, metal])
-    c = cat(target=SIM_LLAMA_ID, fallbacks=())
+    h = exo_factory("--nodes", "2", "--rdma", links=linked_llama(tmp_path, tiny_models))
+    c = cat(target=LLAMA_ID, fallbacks=())
     # Not on this disk: its config cannot be checked, so JACCL is not proven and the pipeline wins.
-    choice = fallback.pick(c, cluster=exo_cluster(sim))
+    choice = fallback.pick(c, cluster=exo_cluster(h))
     assert choice.route.label == "exo pipeline/ring on 2 nodes"
     assert "not proven" in choice.rejections[0].reason
     # On disk (LM Studio): every check passes and exo previews accept it.
-    copy_model(tiny_models["llama-4bit"], lmstudio_home / "models" / SIM_LLAMA_ID)
-    choice = fallback.pick(c, cluster=exo_cluster(sim))
+    copy_model(tiny_models["llama-4bit"], lmstudio_home / "models" / LLAMA_ID)
+    choice = fallback.pick(c, cluster=exo_cluster(h))
     assert choice.route.label == "exo tensor/jaccl on 2 nodes", choice.rejections
     assert choice.verdict.status == "ok" and choice.available.needs_link
 
 
-def test_exo_tensor_split_that_exo_would_accept_wrongly_is_rejected(exo_sim_factory, lmstudio_home, tiny_models):
-    # Four RDMA nodes: exo's placement would tensor-split NemotronH's 2 KV heads four ways (its card has no
-    # num_key_value_heads). The picker must turn that down and take the pipeline.
+def test_exo_tensor_split_that_exo_would_accept_wrongly_is_rejected(exo_factory, lmstudio_home, tiny_models):
+    # Four RDMA nodes: exo's placement would tensor-split NemotronH's 2 KV heads four ways (its built-in card
+    # has no num_key_value_heads). The picker must turn that down and take the pipeline.
     from tests.conftest import copy_model
 
-    copy_model(tiny_models["nemotron_h-8bit"], lmstudio_home / "models" / SIM_LMSTUDIO_NEMOTRON_ID)
-    metal = {"rdma": True, "backends": ["MlxMetal"]}
-    sim = exo_sim_factory(nodes=[metal] * 4)
-    sim.add_custom_card(SIM_LMSTUDIO_NEMOTRON_ID, tiny_models["nemotron_h-8bit"])
-    del sim.custom[SIM_LMSTUDIO_NEMOTRON_ID]["num_key_value_heads"]  # like exo's own Nemotron cards
-    choice = fallback.pick(cat(target=SIM_LMSTUDIO_NEMOTRON_ID, fallbacks=()), cluster=exo_cluster(sim))
-    assert choice.route.label == "exo pipeline/ring on 4 nodes"
+    copy_model(tiny_models["nemotron_h-8bit"], lmstudio_home / "models" / EXO_NEMOTRON_ID)
+    h = exo_factory("--nodes", "4", "--rdma")
+    choice = fallback.pick(cat(target=EXO_NEMOTRON_ID, fallbacks=()), cluster=exo_cluster(h))
+    assert choice.route.label == "exo pipeline/ring on 4 nodes", choice.rejections
     tensor = choice.rejections[0]
     assert tensor.route.sharding == "tensor" and "num_key_value_heads" in tensor.reason
 
 
-def test_exo_model_not_downloaded_needs_allow_download(exo_sim, lmstudio_home):
-    three_b = "mlx-community/Llama-3.2-3B-Instruct-4bit"  # exo has its card; the simulator holds no weights
+def test_exo_model_not_downloaded_needs_allow_download(shared_exo, lmstudio_home):
+    three_b = "mlx-community/Llama-3.2-3B-Instruct-4bit"  # exo has its card; no node has its weights
     c = cat(target=three_b, fallbacks=())
     with pytest.raises(NoChoice) as e:
-        fallback.pick(c, cluster=exo_cluster(exo_sim))
+        fallback.pick(c, cluster=exo_cluster(shared_exo))
     assert "--allow-download" in e.value.rejections[0].reason
-    choice = fallback.pick(c, cluster=exo_cluster(exo_sim), allow_download=True)
+    choice = fallback.pick(c, cluster=exo_cluster(shared_exo), allow_download=True)
     assert choice.available.source == "exo-download"
 
 

@@ -59,7 +59,7 @@ def test_relink_is_a_noop_and_pseudo_names_are_stable(src):
     first = do_link(src, RID)
     before = tree(paths.hf_cache()), tree(paths.exo_links_dir())
     again = do_link(src, RID)
-    assert [a.op for a in again.actions] == ["keep", "keep", "keep"] and not again.changed
+    assert [a.op for a in again.actions] == ["keep", "keep"] and not again.changed
     assert again.commit == first.commit
     assert (tree(paths.hf_cache()), tree(paths.exo_links_dir())) == before
 
@@ -137,7 +137,7 @@ def test_dry_run_changes_nothing(src):
     home = Path(os.environ["HOME"])
     before = tree(home)
     res = do_link(src, RID, dry_run=True)
-    assert [a.op for a in res.actions] == ["create", "create", "create"] and res.dry_run
+    assert [a.op for a in res.actions] == ["create", "create"] and res.dry_run
     assert tree(home) == before
 
 
@@ -326,8 +326,8 @@ def test_unlink_removes_only_ours(src):
     assert linker.where_linked(RID, "/somewhere/else") == []
     before = content_hashes(src)
     out = linker.unlink(RID)
-    assert set(out.removed) == {str(res.hf_repo), str(res.exo_link), str(res.card)}
-    assert not os.path.lexists(res.hf_repo) and not os.path.lexists(res.exo_link) and not res.card.exists()
+    assert set(out.removed) == {str(res.hf_repo), str(res.exo_link)} and res.card is None  # no card file any more
+    assert not os.path.lexists(res.hf_repo) and not os.path.lexists(res.exo_link)
     assert content_hashes(src) == before and linker.where_linked(RID) == []
 
 
@@ -344,7 +344,7 @@ def test_cli_link_json_and_errors(src):
     r = runner.invoke(app, ["link", "--all", "--dry-run"])
     assert r.exit_code == 0 and "Tiny-Llama-MLX-4bit" in r.output
     r = runner.invoke(app, ["unlink", "tiny-nemotronh-mlx-8bit", "--json"])
-    assert r.exit_code == 0 and len(json.loads(r.stdout)["removed"]) == 3
+    assert r.exit_code == 0 and len(json.loads(r.stdout)["removed"]) == 2
     r = runner.invoke(app, ["unlink", "tiny-nemotronh-mlx-8bit"])
     assert r.exit_code == 1 and "nothing made by arthur-cluster" in r.output
 

@@ -1,152 +1,168 @@
-"""The exo side: read-only link directory, exo's completeness rule, custom cards exo would accept."""
+"""The exo side of the linker: a real folder of per-file links (never a directory symlink into the user's
+folder), an index exo can build a card from without Hugging Face, no card file, and unlink that removes only
+what the linker made, with its record last."""
 
 from __future__ import annotations
 
 import json
 import os
-import shlex
-import tomllib
 from pathlib import Path
 
 import pytest
 
 from arthur_cluster import exocard, linker, paths, sources
-from arthur_cluster.modelfiles import read_header
-from tests import realshape
-from tests.conftest import NEMOTRON_CONFIG, copy_model
+from arthur_cluster.modelfiles import INDEX_NAME
+from tests.conftest import copy_model
 from tests.linkhelp import content_hashes, do_link, tree
 
 NEMO = "lmstudio-community/Tiny-NemotronH-MLX-8bit"
-LLAMA = "mlx-community/Tiny-Llama-MLX-4bit"
-REAL_ID = "lmstudio-community/NVIDIA-Nemotron-3-Nano-30B-A3B-MLX-8bit"
-
-# exo's card schema (strict, unknown keys forbidden): the required keys and the accepted enum values.
-REQUIRED = {"model_id", "storage_size", "n_layers", "hidden_size", "supports_tensor", "tasks", "backends"}
-TASKS = {"TextGeneration", "TextToImage", "ImageToImage"}
-BACKENDS = {"MlxMetal", "MlxCpu", "MlxCuda", "Vllm"}
+ENTRY = "lmstudio-community--Tiny-NemotronH-MLX-8bit"
 
 
-def exo_would_accept(card: dict) -> None:
-    assert REQUIRED <= set(card), REQUIRED - set(card)
-    assert set(card) <= exocard.ALLOWED_KEYS
-    assert set(card["storage_size"]) == {"in_bytes"} and type(card["storage_size"]["in_bytes"]) is int
-    assert type(card["n_layers"]) is int and card["n_layers"] > 0
-    assert type(card["hidden_size"]) is int and card["hidden_size"] > 0
-    assert type(card["supports_tensor"]) is bool and type(card["trust_remote_code"]) is bool
-    assert set(card["tasks"]) <= TASKS and set(card["backends"]) <= BACKENDS and card["backends"]
-    if "num_key_value_heads" in card:
-        assert type(card["num_key_value_heads"]) is int and card["num_key_value_heads"] > 0
+def entry_of(repo_id: str = NEMO) -> Path:
+    return paths.exo_links_dir() / paths.exo_model_dirname(repo_id)
 
 
-@pytest.fixture(scope="module")
-def real_shape(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("lms") / REAL_ID
-    return realshape.build(folder, NEMOTRON_CONFIG)
-
-
-def test_exo_link_is_complete_and_card_is_valid(lmstudio_home):
+def test_entry_is_a_folder_of_file_links_and_what_exo_replaces_is_a_link(lmstudio_home):
     src = lmstudio_home / "models" / NEMO
-    res = do_link(src, NEMO)
-    entry = paths.exo_links_dir() / "lmstudio-community--Tiny-NemotronH-MLX-8bit"
-    assert res.exo_link == entry and entry.is_symlink() and os.readlink(entry) == str(src)
-    assert linker.exo_complete(entry)
-    assert res.env_line == f"EXO_MODELS_READ_ONLY_DIRS={paths.exo_links_dir()}"
-    card = tomllib.loads(res.card.read_text())
-    exo_would_accept(card)
-    config = json.loads((src / "config.json").read_text())
-    index = json.loads((src / "model.safetensors.index.json").read_text())
-    assert card["model_id"] == NEMO and card["n_layers"] == config["num_hidden_layers"]
-    assert card["hidden_size"] == config["hidden_size"]
-    assert card["num_key_value_heads"] == config["num_key_value_heads"]
-    assert card["storage_size"]["in_bytes"] == index["metadata"]["total_size"]
-    assert card["supports_tensor"] is True and card["family"] == "nemotron" and card["quantization"] == "8bit"
-    assert card["is_custom"] is True and card["trust_remote_code"] is False
-    assert res.card.name == "lmstudio-community--Tiny-NemotronH-MLX-8bit.toml"
-    assert res.card.parent == paths.exo_custom_cards_dir()
-    found = sources.exo([paths.exo_links_dir()])
-    assert [(f.repo_id, f.linked) for f in found] == [(NEMO, True)]
-
-
-def test_real_shape_card_matches_exos_own_card(real_shape):
-    """exo ships a card for the mlx-community 8-bit conversion: same weights, same numbers."""
-    res = do_link(real_shape, REAL_ID, hf=False)
-    card = tomllib.loads(res.card.read_text())
-    exo_would_accept(card)
-    assert card["storage_size"]["in_bytes"] == 33559880448
-    assert (card["n_layers"], card["hidden_size"], card["context_length"]) == (52, 2688, 262144)
-    assert card["num_key_value_heads"] == 2 and card["supports_tensor"] is True
-    assert card["base_model"] == "NVIDIA Nemotron 3 Nano 30B A3B"
-    assert linker.exo_complete(res.exo_link)
-
-
-def test_llama_card(lmstudio_home):
-    res = do_link(lmstudio_home / "models" / LLAMA, LLAMA, hf=False)
-    card = tomllib.loads(res.card.read_text())
-    exo_would_accept(card)
-    assert card["family"] == "llama" and card["quantization"] == "4bit" and card["supports_tensor"] is True
-
-
-def test_no_index_explained_then_exo_index(tmp_path, tiny_models):
-    src = copy_model(tiny_models["llama-4bit"], tmp_path / "lib" / "org" / "No-Index")
-    os.unlink(src / "model.safetensors.index.json")
-    before = tree(src), content_hashes(src)
-    res = do_link(src, "org/No-Index")
-    assert res.exo_link is None and any("never treats such a folder as complete" in w for w in res.warnings)
-    assert not (paths.exo_links_dir() / "org--No-Index").exists()
-    res = do_link(src, "org/No-Index", exo_index=True)
-    entry = paths.exo_links_dir() / "org--No-Index"
-    assert res.exo_mode == "index-dir" and entry.is_dir() and not entry.is_symlink()
-    assert linker.exo_complete(entry)
-    index = json.loads((entry / "model.safetensors.index.json").read_text())
-    header, _, _ = read_header(src / "model.safetensors")
-    assert set(index["weight_map"]) == set(header) and set(index["weight_map"].values()) == {"model.safetensors"}
-    assert all((entry / f).is_symlink() for f in os.listdir(src))
-    assert (tree(src), content_hashes(src)) == before  # nothing written into the source
-    assert [a.op for a in do_link(src, "org/No-Index", exo_index=True).actions] == ["keep", "keep", "keep"]
-    assert linker.doctor().ok
-    linker.unlink("org/No-Index")
-    assert not entry.exists() and (tree(src), content_hashes(src)) == before
-
-
-def test_foreign_exo_entry_refused(lmstudio_home):
-    src = lmstudio_home / "models" / NEMO
-    entry = paths.exo_links_dir() / "lmstudio-community--Tiny-NemotronH-MLX-8bit"
-    entry.mkdir(parents=True)
+    before = content_hashes(src)
+    res = do_link(src, NEMO, hf=False)
+    entry = entry_of()
+    assert res.exo_link == entry and entry.is_dir() and not entry.is_symlink()
+    names = sorted(p.relative_to(src).as_posix() for p in src.rglob("*") if p.is_file())
+    assert sorted(p.relative_to(entry).as_posix() for p in entry.rglob("*")) == names
+    for name in names:  # the source index has total_size, so every file, the index too, is a link
+        assert os.readlink(entry / name) == str(src / name)
+    assert linker.exo_complete(entry) and res.card is None
+    assert not paths.exo_custom_cards_dir().exists()  # exo deletes card files it did not put in its state
+    assert [(f.repo_id, f.linked) for f in sources.exo([paths.exo_links_dir()])] == [(NEMO, True)]
+    # What exo's downloader does on a size mismatch (remove, then write its own file in place) hits the link.
+    os.remove(entry / "config.json")
     (entry / "config.json").write_text("{}")
-    home = Path(os.environ["HOME"])
-    before = tree(home)
-    with pytest.raises(linker.LinkError, match="not made by arthur-cluster"):
-        do_link(src, NEMO)
-    assert tree(home) == before
-    assert any(f.kind == "foreign" for f in linker.doctor().findings)
+    assert content_hashes(src) == before
+    rep = linker.doctor()
+    assert any(f.kind == "foreign" and "config.json" in f.path for f in rep.findings)
 
 
-def test_card_not_ours_left_alone(lmstudio_home):
-    src = lmstudio_home / "models" / NEMO
+@pytest.mark.parametrize("index", ["none", "no-total"])
+def test_an_index_with_total_size_is_generated_beside_the_links(tmp_path, tiny_models, index):
+    src = copy_model(tiny_models["nemotron_h-8bit"], tmp_path / "lib" / NEMO)
+    source_index = json.loads((src / INDEX_NAME).read_text())
+    if index == "none":
+        (src / INDEX_NAME).unlink()
+    else:
+        (src / INDEX_NAME).write_text(json.dumps({"weight_map": source_index["weight_map"]}))
+    before = content_hashes(src)
+    res = do_link(src, NEMO, hf=False)
+    made = res.exo_link / INDEX_NAME
+    assert made.is_file() and not made.is_symlink()
+    generated = json.loads(made.read_text())
+    assert generated["metadata"]["total_size"] == source_index["metadata"]["total_size"]
+    assert generated["weight_map"] == source_index["weight_map"]
+    assert linker.exo_complete(res.exo_link) and content_hashes(src) == before
+    assert linker.doctor().ok
+    out = linker.unlink(NEMO)
+    assert out.removed == [str(res.exo_link)] and not os.path.lexists(res.exo_link)
+
+
+def old_style_entry(src: Path) -> tuple[Path, Path]:
+    """What earlier versions made: a directory symlink into the source and a custom card file."""
+    entry = entry_of()
+    entry.parent.mkdir(parents=True, exist_ok=True)
+    os.symlink(src, entry)
     card = paths.exo_custom_cards_dir() / exocard.card_filename(NEMO)
     card.parent.mkdir(parents=True)
-    card.write_text('model_id = "mine"\n')
-    res = do_link(src, NEMO)
-    assert card.read_text() == 'model_id = "mine"\n' and res.card is None
-    assert any("not written by arthur-cluster" in w for w in res.warnings)
-    linker.unlink(NEMO)
-    assert card.read_text() == 'model_id = "mine"\n'
+    card.write_text(exocard.CARD_HEADER + "\nmodel_id = \"x\"\n")
+    record = {"tool": "arthur-cluster", "version": 1, "kind": "exo", "repo_id": NEMO, "source": str(src),
+              "mode": "symlink", "files": [], "card": str(card), "card_sha256": None}
+    rec = paths.exo_links_dir() / linker.EXO_RECORDS / f"{ENTRY}.json"
+    rec.parent.mkdir(parents=True)
+    rec.write_text(json.dumps(record))
+    return entry, card
 
 
-def test_env_line_keeps_other_dirs_and_quotes(lmstudio_home, monkeypatch, tmp_path):
-    monkeypatch.setenv("EXO_MODELS_READ_ONLY_DIRS", "/srv/shared models")
-    links = tmp_path / "my links"
-    res = do_link(lmstudio_home / "models" / NEMO, NEMO, exo_dir=links, hf=False)
-    assert res.env_line == "EXO_MODELS_READ_ONLY_DIRS=" + shlex.quote(f"{links}:/srv/shared models")
-    assert shlex.split(res.env_line)[0].split("=", 1)[1].split(":") == [str(links), "/srv/shared models"]
+def test_an_old_directory_symlink_entry_is_reported_and_converted(lmstudio_home):
+    src = lmstudio_home / "models" / NEMO
+    before = content_hashes(src)
+    entry, card = old_style_entry(src)
+    rep = linker.doctor()
+    assert any(f.kind == "dangerous" and f.path == str(entry) and "directory-symlink" in f.message
+               for f in rep.findings) and not rep.ok
+    res = do_link(src, NEMO, hf=False)
+    assert res.actions[0].op == "replace" and "converts" in res.actions[0].detail
+    assert entry.is_dir() and not entry.is_symlink() and linker.exo_complete(entry)
+    assert not card.exists() and linker.doctor().ok and content_hashes(src) == before
 
 
-def test_switching_modes_replaces_the_entry(tmp_path, tiny_models):
-    src = copy_model(tiny_models["llama-4bit"], tmp_path / "lib" / "org" / "Switch")
-    index = (src / "model.safetensors.index.json").read_text()
-    os.unlink(src / "model.safetensors.index.json")
-    do_link(src, "org/Switch", exo_index=True, hf=False)
-    (src / "model.safetensors.index.json").write_text(index)  # the user re-downloaded the index
-    res = do_link(src, "org/Switch", hf=False)
-    assert res.exo_mode == "symlink" and res.exo_link.is_symlink() and linker.exo_complete(res.exo_link)
-    assert linker.doctor().ok
+def test_unlink_removes_an_old_symlink_entry_and_its_card(lmstudio_home):
+    src = lmstudio_home / "models" / NEMO
+    before = content_hashes(src)
+    entry, card = old_style_entry(src)
+    out = linker.unlink(NEMO)
+    assert set(out.removed) == {str(entry), str(card)} and not os.path.lexists(entry) and not card.exists()
+    assert content_hashes(src) == before and linker.linked_ids() == []
+
+
+@pytest.mark.parametrize("put", ["folder", "file", "file-inside", "other-link"])
+def test_unlink_never_deletes_what_the_user_put_in_place(lmstudio_home, tmp_path, put):
+    src = lmstudio_home / "models" / NEMO
+    res = do_link(src, NEMO, hf=False)
+    entry = res.exo_link
+    if put == "folder":  # the user's own copy, with its real index, where the link folder was
+        os.rename(entry, tmp_path / "gone")
+        copy_model(src, entry)
+    elif put == "file":
+        os.rename(entry, tmp_path / "gone")
+        entry.write_text("mine")
+    elif put == "file-inside":
+        os.remove(entry / INDEX_NAME)
+        (entry / INDEX_NAME).write_text("{\"mine\": true}")
+    else:
+        os.rename(entry, tmp_path / "gone")
+        os.symlink(tmp_path, entry)
+    before = tree(entry) if not entry.is_symlink() else os.readlink(entry)
+    out = linker.unlink(NEMO)
+    assert out.removed == [] and out.kept == [str(entry)] and "left in place" in out.warnings[0] \
+        or "nothing removed" in out.warnings[0]
+    assert (tree(entry) if not entry.is_symlink() else os.readlink(entry)) == before
+    assert linker.linked_ids() == [NEMO]  # the record stays: the tools still know the entry
+
+
+def test_unlink_killed_at_every_step_can_be_finished(lmstudio_home, monkeypatch):
+    """A crash after any number of deletions (kill -9 between two of them) leaves the record, so a second
+    unlink finishes and nothing of the source is touched."""
+    src = lmstudio_home / "models" / NEMO
+    before = content_hashes(src)
+    real_unlink, real_rmdir = os.unlink, os.rmdir
+    step = 0
+    while True:
+        (src / "notes.txt").exists()  # noqa: B018 (the source is never written)
+        do_link(src, NEMO, hf=False)
+        calls = 0
+
+        def crash(fn):
+            def wrapped(path, *a, **k):
+                nonlocal calls
+                calls += 1
+                if calls > step:
+                    raise KeyboardInterrupt("killed")
+                return fn(path, *a, **k)
+            return wrapped
+
+        monkeypatch.setattr(os, "unlink", crash(real_unlink))
+        monkeypatch.setattr(os, "rmdir", crash(real_rmdir))
+        try:
+            linker.unlink(NEMO)
+            finished = True
+        except KeyboardInterrupt:
+            finished = False
+        monkeypatch.setattr(os, "unlink", real_unlink)
+        monkeypatch.setattr(os, "rmdir", real_rmdir)
+        if finished:
+            break
+        assert linker.linked_ids() == [NEMO], f"killed after {step} deletions: the record went first"
+        assert all(f.kind != "foreign" for f in linker.doctor().findings)
+        out = linker.unlink(NEMO)
+        assert not out.kept and linker.linked_ids() == [] and not os.path.lexists(entry_of())
+        step += 1
+    assert step > 5 and content_hashes(src) == before

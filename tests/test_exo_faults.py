@@ -1,0 +1,138 @@
+"""Faults exo's real code cannot produce, served by tests/exo_faults.py: the client must stay bounded and turn
+every malformed answer into one ExoProtocolError naming the URL."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import threading
+import time
+
+import pytest
+
+from arthur_cluster.exo_client import ExoClient, ExoProtocolError, ExoTimeout, InstanceNotReady
+from tests.exo_faults import MALFORMED, WELL_FORMED, FaultServer
+from tests.fixtures_exo import VENDOR_SRC, exo_python
+
+CHECK = """
+import importlib, json, sys
+from pydantic import TypeAdapter
+answers = json.load(sys.stdin)
+for path, (type_path, answer) in answers.items():
+    module, name = type_path.split(":")
+    TypeAdapter(getattr(importlib.import_module(module), name)).validate_json(json.dumps(answer))
+    print("valid", path)
+"""
+
+
+@pytest.fixture
+def fault_server():
+    started: list[FaultServer] = []
+
+    def make(fault: str | None = None, trickle: float = 0.0, answers: dict | None = None) -> FaultServer:
+        started.append(FaultServer(fault, trickle, answers))
+        return started[-1]
+
+    yield make
+    for s in started:
+        s.stop()
+
+
+def validate_with_exo(answers: dict, tmp_path) -> None:
+    """Every answer parses as exo's own pydantic type (in the exo-real venv, from exo's vendored source)."""
+    res = subprocess.run([exo_python(), "-c", CHECK], input=json.dumps(answers), capture_output=True,
+                         text=True, timeout=120, env={"EXO_HOME": str(tmp_path), "PYTHONPATH": str(VENDOR_SRC),
+                                                      "HOME": str(tmp_path)})
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert sorted(res.stdout.split()[1::2]) == sorted(answers)
+
+
+def test_the_stand_ins_well_formed_answers_are_exos_own_types(tmp_path, fault_server):
+    validate_with_exo(WELL_FORMED, tmp_path)
+    client = ExoClient(fault_server().url)  # and the client reads every one of them
+    assert client.node_id() == "exonode-0" and client.state().nodes["exonode-0"].ram_available == 48 << 30
+    assert [m.id for m in client.models()] == [WELL_FORMED["/v1/models"][1]["data"][0]["id"]]
+    assert client.previews("x") == []
+
+
+def test_an_answer_trickling_in_one_byte_every_2_s_is_cut_at_the_total_limit(fault_server):
+    server = fault_server(trickle=2.0)
+    client = ExoClient(server.url, read_timeout=3.0, retries=2)
+    outcome: list[BaseException | None] = []
+
+    def call() -> None:
+        try:
+            client.state()
+            outcome.append(None)
+        except BaseException as exc:  # noqa: BLE001 (handed to the test thread)
+            outcome.append(exc)
+
+    worker = threading.Thread(target=call, daemon=True)
+    start = time.monotonic()
+    worker.start()
+    worker.join(timeout=30)  # the answer would take minutes to trickle in
+    assert not worker.is_alive(), "the call hung past its total limit"
+    assert isinstance(outcome[0], ExoTimeout), outcome
+    assert "within 3 s (a limit on the whole answer)" in str(outcome[0]) and server.url in str(outcome[0])
+    assert time.monotonic() - start < 30
+
+
+CALLS = {"/state": lambda c: c.state(), "/v1/models": lambda c: c.models(),
+         "/instance/previews": lambda c: c.previews("mlx-community/Llama-3.2-1B-Instruct-4bit")}
+
+
+@pytest.mark.parametrize("fault", sorted(MALFORMED))
+def test_a_malformed_answer_is_one_protocol_error_naming_the_url(fault_server, fault):
+    server = fault_server(fault)
+    (path,) = MALFORMED[fault]
+    with pytest.raises(ExoProtocolError) as err:
+        CALLS[path](ExoClient(server.url, retries=0))
+    text = str(err.value)
+    assert server.url in text and "\n" not in text and len(text) < 600
+
+
+def test_an_ongoing_download_is_progress_and_the_wait_says_where_it_stood(shared_exo, fault_server, tmp_path):
+    """exo-real never downloads; a state with DownloadOngoing is built from the state exo's own code made for
+    a placed instance, checked against exo's State type, and served by the stand-in."""
+    from tests.fixtures_exo import LLAMA_ID
+
+    client = ExoClient(shared_exo.url)
+    inst = client.place_and_wait(LLAMA_ID, timeout=60, poll=0.02)
+    state = shared_exo.get("/state")
+    client.delete_instance(inst.instance_id)
+    tagged = state["instances"][inst.instance_id]
+    body = next(iter(tagged.values()))
+    rid, shard = next(iter(body["shardAssignments"]["runnerToShard"].items()))
+    node = next(n for n, r in body["shardAssignments"]["nodeToRunner"].items() if r == rid)
+    total, done = 729_808_896, 182_452_224
+
+    def mem(n: int) -> dict:
+        return {"inBytes": n}
+
+    ongoing = {"DownloadOngoing": {"nodeId": node, "shardMetadata": shard, "modelDirectory": "/models/x",
+                                   "downloadProgress": {"total": mem(total), "downloaded": mem(done),
+                                                        "downloadedThisSession": mem(done), "completedFiles": 1,
+                                                        "totalFiles": 4, "speed": 1e6, "etaMs": 9000,
+                                                        "files": {}}}}
+    fake = {**state, "instances": {inst.instance_id: tagged}, "runners": {rid: {"RunnerIdle": {}}},
+            "downloads": {node: [ongoing]}, "tasks": {}}
+    answers = {"/state": ("exo.shared.types.state:State", fake)}
+    validate_with_exo(answers, tmp_path)
+    seen: list[tuple[int, int]] = []
+    with pytest.raises(InstanceNotReady, match=f"node {node}: downloading 174/696 MiB"):
+        ExoClient(fault_server(answers=answers).url).wait_ready(LLAMA_ID, timeout=1.0, poll=0.1,
+                                                                on_download=lambda d, t: seen.append((d, t)))
+    assert seen and set(seen) == {(done, total)}
+
+
+@pytest.mark.parametrize("fault", ["node-memory-string", "deep-state"])
+def test_the_commands_say_one_line_naming_exo_never_a_traceback(fault_server, fault, tmp_path):
+    from typer.testing import CliRunner
+
+    from arthur_cluster import cli
+
+    server = fault_server(fault)
+    res = CliRunner().invoke(cli.app, ["up", "--engine", "exo", "--exo", server.url])
+    assert res.exit_code == 1 and server.url in res.output and "Traceback" not in res.output
+    res = CliRunner().invoke(cli.app, ["pick", "--exo", server.url, "--json"])
+    assert "Traceback" not in res.output and not isinstance(res.exception, RecursionError)
