@@ -189,8 +189,10 @@ def _linked_id(model: str, hf_cache: Path | None, exo_dir: Path | None, as_json:
     ids = linker.linked_ids(hf_cache=hf_cache, exo_dir=exo_dir)
     if model in ids:
         return model
+    from ..sources import is_dir
+
     p = Path(model).expanduser()
-    if p.is_dir():
+    if len(model) <= 4096 and is_dir(p):
         want = os.path.abspath(p)
         for rid in ids:
             if any(True for _ in linker.where_linked(rid, want, hf_cache=hf_cache, exo_dir=exo_dir)):
