@@ -9,7 +9,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import paths
+from . import paths, safeio
 from .errors import ArthurError
 
 MAX_NAME = 4096  # a model name or path given on the command line (PATH_MAX)
@@ -58,10 +58,12 @@ def hf_cache(cache_dir: Path | None = None) -> list[Found]:
     for repo in _subdirs(root):
         if not repo.name.startswith("models--") or "--" not in repo.name[len("models--"):]:
             continue
-        repo_id = repo.name[len("models--"):].replace("--", "/", 1)
+        repo_id = _display(repo.name[len("models--"):].replace("--", "/", 1))
         try:
-            commit = (repo / "refs" / "main").read_text(encoding="utf-8")
-        except OSError:
+            commit = safeio.read_regular(repo / "refs" / "main", 1024).decode("ascii")
+        except (OSError, UnicodeDecodeError):
+            continue
+        if not commit or "/" in commit or "\0" in commit or commit in (".", ".."):
             continue
         snap = repo / "snapshots" / commit
         if snap.is_dir():
