@@ -669,7 +669,7 @@ def link(info: ModelInfo, *, repo_id: str | None = None, hf_cache: Path | None =
     res.warnings += [str(p) for p in info.problems if p.severity == "warning"]
     targets = [paths.state_dir()] + ([hf_cache / ".locks"] if hf else [])
     if exo_plan:
-        targets += [exo_dir] + ([exo_plan.card.parent] if exo_plan.card and exo_plan.card_op != "skip" else [])
+        targets += [exo_dir] + ([exo_plan.card.parent] if exo_plan.card else [])
     _writable_targets(targets)
 
     hf_record = None
