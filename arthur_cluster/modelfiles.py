@@ -181,8 +181,8 @@ def list_files(folder: Path, *, outside_file_links: bool | None = None) -> tuple
 
 def _file_entry(e: os.DirEntry, rel: str, depth: int, top: str, outside_file_links: bool,
                 stack: list[tuple[str, int]], problems: list[Problem]) -> FileEntry | None:
-    shown = rel.encode("utf-8", "backslashreplace").decode("utf-8") if not _utf8(rel) else rel
     if not _utf8(rel):
+        shown = os.fsencode(rel).decode("utf-8", "backslashreplace")
         problems.append(Problem(file=shown, message="name is not valid UTF-8: skipped (the hub and exo cannot "
                                 "name it)", fix="rename the file", severity="warning"))
         return None

@@ -121,7 +121,7 @@ def is_dir(p: Path) -> bool:
 
 def _display(name: str) -> str:
     """A folder name as text: bytes that are not UTF-8 shown escaped (the id is then refused where it matters)."""
-    return name.encode("utf-8", "backslashreplace").decode("utf-8")
+    return os.fsencode(name).decode("utf-8", "backslashreplace")
 
 
 def repo_id_of(folder: Path) -> str:
