@@ -67,6 +67,7 @@ class FileEntry(BaseModel):
     size: int
     mtime_ns: int
     kind: Literal["weights", "config", "index", "tokenizer", "other"]
+    outside: bool = False  # a file link leading out of the model folder (the linker links only model files)
 
 
 class ModelInfo(BaseModel):
@@ -140,18 +141,10 @@ MAX_DEPTH = 16  # folder levels below the model folder
 MAX_NAME = 1024  # characters of a file's path inside the folder
 
 
-def _follows_outside(folder: Path) -> bool:
-    """HF cache snapshots are made of links into blobs/ (and on to wherever the blob lives): there a file
-    link out of the folder is the layout, not an intruder."""
-    return folder.parent.name == "snapshots" and folder.parent.parent.name.startswith("models--")
-
-
-def list_files(folder: Path, *, outside_file_links: bool | None = None) -> tuple[list[FileEntry], list[Problem]]:
-    """The regular files inside the folder, sorted by name. Folder links are never followed (a link like
-    `notes -> ~/private` or `usr -> /usr` is not part of the model); file links are followed only when they
-    stay inside the folder (or the folder is a link layout such as an HF snapshot); the walk is capped."""
-    if outside_file_links is None:
-        outside_file_links = _follows_outside(Path(folder))
+def list_files(folder: Path) -> tuple[list[FileEntry], list[Problem]]:
+    """The regular files of the folder, sorted by name. Folder links are never followed (a link like
+    `notes -> ~/private` or `usr -> /usr` is not part of the model); file links are (HF snapshots and link
+    folders are made of them) and marked when they lead out of the folder; the walk is capped."""
     top = os.path.realpath(folder)
     entries: list[FileEntry] = []
     problems: list[Problem] = []
@@ -167,7 +160,7 @@ def list_files(folder: Path, *, outside_file_links: bool | None = None) -> tuple
             if e.name.startswith("."):
                 continue
             rel = f"{rel_dir}/{e.name}" if rel_dir else e.name
-            entry = _file_entry(e, rel, depth, top, outside_file_links, stack, problems)
+            entry = _file_entry(e, rel, depth, top, stack, problems)
             if entry is not None:
                 entries.append(entry)
                 if len(entries) > MAX_FILES:
@@ -179,8 +172,8 @@ def list_files(folder: Path, *, outside_file_links: bool | None = None) -> tuple
     return entries, problems
 
 
-def _file_entry(e: os.DirEntry, rel: str, depth: int, top: str, outside_file_links: bool,
-                stack: list[tuple[str, int]], problems: list[Problem]) -> FileEntry | None:
+def _file_entry(e: os.DirEntry, rel: str, depth: int, top: str, stack: list[tuple[str, int]],
+                problems: list[Problem]) -> FileEntry | None:
     if not _utf8(rel):
         shown = os.fsencode(rel).decode("utf-8", "backslashreplace")
         problems.append(Problem(file=shown, message="name is not valid UTF-8: skipped (the hub and exo cannot "
@@ -196,19 +189,16 @@ def _file_entry(e: os.DirEntry, rel: str, depth: int, top: str, outside_file_lin
         problems.append(Problem(file=rel, message=f"cannot stat ({err.strerror}); a broken link?",
                                 fix="restore the file or re-download the model"))
         return None
+    outside = False
     if e.is_symlink():
         real = os.path.realpath(e.path)
-        inside = real.startswith(top + os.sep)
+        outside = not real.startswith(top + os.sep)
         if stat.S_ISDIR(st.st_mode):
             loop = real == top or top.startswith(real + os.sep)
             problems.append(Problem(file=rel, message=("symlink loop: " if loop else "")
                                     + f"a link to the folder {real}, not followed (a model's files are the files "
                                     "inside its folder)", fix="remove the link, or copy what the model needs into "
                                     "the folder", severity="warning"))
-            return None
-        if not inside and not outside_file_links:
-            problems.append(Problem(file=rel, message=f"a link to {real}, outside the model folder: skipped",
-                                    fix="copy the file into the folder if the model needs it", severity="warning"))
             return None
     if stat.S_ISDIR(st.st_mode):
         if depth + 1 > MAX_DEPTH:
@@ -221,7 +211,7 @@ def _file_entry(e: os.DirEntry, rel: str, depth: int, top: str, outside_file_lin
         problems.append(Problem(file=rel, message="not a regular file (a FIFO, socket or device): never read",
                                 fix="remove it, or put the real file in its place"))
         return None
-    return FileEntry(name=rel, size=st.st_size, mtime_ns=st.st_mtime_ns, kind=_kind(e.name))
+    return FileEntry(name=rel, size=st.st_size, mtime_ns=st.st_mtime_ns, kind=_kind(e.name), outside=outside)
 
 
 def _utf8(name: str) -> bool:
@@ -395,7 +385,7 @@ def inspect(folder: Path | str, *, repo_id: str | None = None, source: str = "pa
                                      "folder", fix="point at the folder that holds the model's config.json and "
                                      "weights (`arthur-cluster models` lists them)"))
         return info
-    info.files, problems = list_files(folder, outside_file_links=True if source in ("hf-cache", "exo") else None)
+    info.files, problems = list_files(folder)
     info.problems += problems
     info.total_bytes = sum(f.size for f in info.files)
     names = {f.name for f in info.files}

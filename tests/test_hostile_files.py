@@ -59,19 +59,24 @@ def test_links_out_of_the_folder_are_not_followed(model, tmp_path):
     os.symlink("/usr", model / "usr")
     os.symlink(tmp_path / "secret.txt", model / "secret.txt")
     os.symlink("config.json", model / "alias.json")  # a link inside the folder is one of its files
+    shard = model / "model.safetensors"  # weights kept elsewhere, linked in: still the model's
+    os.rename(shard, tmp_path / "elsewhere.safetensors")
+    os.symlink(tmp_path / "elsewhere.safetensors", shard)
     with no_hang():
         info = modelfiles.inspect(model)
     names = {f.name for f in info.files}
-    assert "alias.json" in names and not {"notes", "usr", "secret.txt"} & names
+    assert {"alias.json", "secret.txt", "model.safetensors"} <= names and not {"notes", "usr"} & names
     assert not any(n.startswith(("notes/", "usr/")) for n in names) and len(names) < 20
+    assert {f.name for f in info.files if f.outside} == {"secret.txt", "model.safetensors"}
     res = do_link(model, RID, exo=False)
     linked = {p.relative_to(res.snapshot).as_posix() for p in res.snapshot.rglob("*")}
-    assert "alias.json" in linked and not {"notes", "usr", "secret.txt"} & linked
-    assert not any("private" in os.readlink(b) for b in (res.hf_repo / "blobs").iterdir())
+    assert {"alias.json", "model.safetensors"} <= linked and not {"notes", "usr", "secret.txt"} & linked
+    assert (res.snapshot / "model.safetensors").read_bytes() == (tmp_path / "elsewhere.safetensors").read_bytes()
+    assert not any("private" in os.readlink(b) or "secret" in os.readlink(b) for b in (res.hf_repo / "blobs").iterdir())
     assert sum(any(n in w for w in res.warnings) for n in ("notes", "usr", "secret.txt")) == 3
     # The linker's own output is a link layout: its file links out of the snapshot are the model.
     snap = modelfiles.inspect(res.snapshot, repo_id=RID, source="path")
-    assert snap.ok and {f.name for f in snap.files} == names
+    assert snap.ok and {f.name for f in snap.files} == names - {"secret.txt"}
 
 
 def test_walk_caps_name_the_cap(model, monkeypatch):
