@@ -111,7 +111,12 @@ def test_kill_9_at_twenty_points_of_unlink_always_recoverable(many):
         assert content_hashes(many) == before, n
         _hub_sees_whole_or_nothing(full)
         rep = linker.doctor()
-        if repo_dir().exists():
+        if repo_dir().exists() and i % 3 == 0:
+            assert rep.ok, (n, rep.findings)  # still whole: the hub's own delete removes it, links only
+            info = scan_cache_dir(paths.hf_cache())
+            info.delete_revisions(*[rev.commit_hash for r in info.repos for rev in r.revisions]).execute()
+            r = runner.invoke(app, ["doctor"])
+        elif repo_dir().exists():
             assert rep.ok, (n, rep.findings)  # still whole, still ours: plain unlink finishes it
             r = runner.invoke(app, ["unlink", RID, "--json"])
         else:
@@ -321,3 +326,21 @@ def test_unlink_with_unusable_state_folder_is_one_clear_error(some, tmp_path, mo
     with pytest.raises(linker.LinkError, match=f"{paths.ENV_STATE_DIR}.*|state folder"):
         linker.unlink(RID)
     assert tree(paths.hf_cache()) == picture
+
+
+def test_failed_build_leaves_no_staging_debris(some, monkeypatch):
+    """A write failing mid-build (disk full: a fault the real calls raise) removes its half-built entry."""
+    real = os.symlink
+    calls = {"n": 0}
+
+    def disk_full(a, b, *args, **kw):
+        calls["n"] += 1
+        if calls["n"] == 40:
+            raise OSError(28, "No space left on device", str(b))
+        return real(a, b, *args, **kw)
+
+    monkeypatch.setattr(linker.os, "symlink", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        do_link(some, RID, exo=False)
+    assert not os.path.lexists(repo_dir()) and not any(staging().iterdir())
+    assert linker.doctor().ok
