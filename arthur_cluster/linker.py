@@ -8,8 +8,10 @@ exo: a read-only links directory holds <org>--<name> -> source folder (or, with 
 of file links plus a generated index for sources that have none) and a custom model card.
 
 Every entry is built in a staging folder beside its target and renamed into place, under a lock, so a
-killed run leaves no half-made entry and the next run cleans up and repairs. Only entries carrying the
-linker's record are ever replaced or removed; source folders are only read.
+killed run leaves no half-made entry and the next run cleans up and repairs. Removal is the reverse: one
+rename moves the entry into staging, then its links go, its record last. Only entries carrying the
+linker's record (or recognisably left by an interrupted unlink) are ever replaced or removed, and of
+those only links and the linker's own small files are deleted; source folders are only read.
 """
 
 from __future__ import annotations

@@ -123,7 +123,8 @@ def register(app: typer.Typer) -> None:
     @app.command("unlink")
     def unlink_cmd(
         model: Optional[str] = typer.Argument(None, help="Linked model (org/name, name, or its source folder)."),
-        stale: bool = typer.Option(False, "--stale", help="Remove links whose source moved or was deleted."),
+        stale: bool = typer.Option(False, "--stale", help="Remove links whose source moved or was deleted, and "
+                                                          "what interrupted runs left."),
         all_links: bool = typer.Option(False, "--all", help="Remove everything the linker made."),
         hf_cache: Optional[Path] = typer.Option(None, "--hf-cache", help="Hugging Face hub cache folder."),
         exo_dir: Optional[Path] = typer.Option(None, "--exo-dir", help="The linker's exo links directory."),
