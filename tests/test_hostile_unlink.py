@@ -350,3 +350,14 @@ def test_failed_build_leaves_no_staging_debris(some, monkeypatch):
         do_link(some, RID, exo=False)
     assert not os.path.lexists(repo_dir()) and not any(staging().iterdir())
     assert linker.doctor().ok
+
+
+def test_debris_whose_source_is_gone_is_reported_not_removed(some, tmp_path):
+    res = do_link(some, RID, exo=False)
+    _old_debris("half-snapshot", res)
+    shutil.move(str(some), tmp_path / "moved")
+    picture = tree(res.hf_repo)
+    rep = linker.doctor()
+    assert [(f.kind, f.path) for f in rep.findings] == [("broken", str(res.hf_repo))] and not rep.ok
+    linker.unlink(stale=True)
+    assert tree(res.hf_repo) == picture  # cannot be proven ours: reported, left for the user
