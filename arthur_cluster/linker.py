@@ -175,8 +175,10 @@ def _read_json(path: Path) -> dict | None:
     return data if isinstance(data, dict) else None
 
 
-# Regular files the linker writes inside its entries (relative paths); everything else it makes is a link.
-OWN_FILES = frozenset({HF_MARKER, "refs/main", INDEX_NAME})
+# Regular files the linker writes inside an HF entry (relative paths); everything else there is a link.
+OWN_FILES = frozenset({HF_MARKER, "refs/main"})
+# Staging holds only what the linker builds: HF entries and exo link folders with a generated index.
+STAGING_FILES = OWN_FILES | {INDEX_NAME}
 _OWN_FILE_CAP = safeio.MAX_SMALL_FILE
 
 
@@ -229,7 +231,7 @@ def _clean_staging(staging: Path) -> list[str]:
     except OSError:
         return kept
     for entry in entries:
-        kept += remove_own(Path(entry.path))
+        kept += remove_own(Path(entry.path), STAGING_FILES)
     return kept
 
 
@@ -253,9 +255,9 @@ def _swap_in(tmp: Path, target: Path, staging: Path) -> None:
             else:
                 os.replace(tmp, target)
             return
-        old = _trash(target, staging)
+        old = _trash(target, staging)  # the caller checked it is ours
         os.rename(tmp, target)
-        remove_own(old)
+        remove_own(old, STAGING_FILES)
     else:
         os.rename(tmp, target)
 
@@ -750,7 +752,7 @@ def _apply_hf(hf_cache: Path, repo_dir: Path, record: dict, repo_id: str) -> Act
         _swap_in(tmp, repo_dir, staging)
     except BaseException:
         if os.path.lexists(tmp):
-            remove_own(tmp)  # a failed build leaves nothing behind (a kill leaves it to the next run)
+            remove_own(tmp, STAGING_FILES)  # a failed build leaves nothing behind (a kill leaves it to the next run)
         raise
     return action
 
