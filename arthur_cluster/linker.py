@@ -483,12 +483,12 @@ def _looks_like_commit(path: str) -> bool:
         return False
 
 
-def _our_link(rel: str, target: str, cache: etags.EtagCache) -> bool:
+def _our_link(rel: str, target: str, cache: etags.EtagCache | None) -> bool:
     parts = rel.split("/")
     if parts[0] == "snapshots" and len(parts) >= 3:
         etag = target.rsplit("/", 1)[-1]
         return etags.is_etag(etag) and target == _blob_rel("/".join(parts[2:]), etag)
-    if parts[0] == "blobs" and len(parts) == 2 and etags.is_etag(parts[1]) and os.path.isabs(target):
+    if parts[0] == "blobs" and len(parts) == 2 and etags.is_etag(parts[1]) and os.path.isabs(target) and cache:
         return _blob_is_ours(parts[1], target, cache)
     return False
 
@@ -514,6 +514,27 @@ def _blob_is_ours(etag: str, target: str, cache: etags.EtagCache) -> bool:
         return etag in (etags.sha256_file(Path(target)), etags.git_blob_sha1(Path(target), st.st_size))
     except OSError:
         return False
+
+
+def _dead_links_only(repo_dir: Path) -> bool:
+    """A record-less entry of the linker's shape whose blob links all point at files that are gone: it cannot
+    be told apart from a hand-made one, so it is reported, never removed."""
+    blobs = 0
+    for root, dirs, files in os.walk(repo_dir):
+        rel_root = os.path.relpath(root, repo_dir)
+        for name in files + [d for d in dirs if os.path.islink(os.path.join(root, d))]:
+            path = os.path.join(root, name)
+            rel = name if rel_root == "." else f"{rel_root}/{name}"
+            if rel == "refs/main" and _looks_like_commit(path):
+                continue
+            if not os.path.islink(path):
+                return False
+            target, parts = os.readlink(path), rel.split("/")
+            if parts[0] == "blobs" and len(parts) == 2 and os.path.isabs(target) and not os.path.lexists(target):
+                blobs += 1
+            elif not (parts[0] == "snapshots" and len(parts) >= 3 and _our_link(rel, target, None)):
+                return False
+    return blobs > 0
 
 
 def _hf_debris_entries(hf_cache: Path) -> list[Path]:
@@ -642,12 +663,25 @@ def _writable_targets(folders: list[Path]) -> None:
             raise LinkError(f"{bad.message}; nothing was changed. Make it writable, or choose another folder")
 
 
+def _model_files_only(info: ModelInfo) -> tuple[ModelInfo, list[str]]:
+    """Links in a source that lead out of it are linked only when they are model files (weights kept on
+    another disk); anything else (`notes.txt -> ~/private.txt`) is not the model's to publish."""
+    skip = [f.name for f in info.files if f.outside and f.kind == "other"]
+    if not skip:
+        return info, []
+    kept = [f for f in info.files if f.name not in skip]
+    warnings = [f"{n}: a link to {os.path.realpath(info.path / n)}, outside the model folder and no model file: "
+                "not linked" for n in skip]
+    return info.model_copy(update={"files": kept, "total_bytes": sum(f.size for f in kept)}), warnings
+
+
 def link(info: ModelInfo, *, repo_id: str | None = None, hf_cache: Path | None = None, exo_dir: Path | None = None,
          cards_dir: Path | None = None, hf: bool = True, exo: bool = True, true_hashes: bool = False,
          exo_index: bool = False, dry_run: bool = False, progress: Progress | None = None) -> LinkResult:
     """Link one inspected model folder. Raises ModelFileError (bad folder) or LinkError (refusal);
     either way nothing has changed."""
     require_ok(info)
+    info, skipped = _model_files_only(info)
     if info.format != "mlx":
         raise LinkError(f"{info.path} holds {info.format.upper()} weights; mlx-lm and exo need MLX safetensors "
                         "(GGUF models run in LM Studio or llama.cpp)")
@@ -673,7 +707,7 @@ def link(info: ModelInfo, *, repo_id: str | None = None, hf_cache: Path | None =
         state, previous = _hf_state(repo_dir)
         _refuse_foreign_hf(repo_dir, state, repo_id)
     exo_plan = _plan_exo(info, repo_id, source, exo_dir, cards_dir, exo_index, res) if exo else None
-    res.warnings += [str(p) for p in info.problems if p.severity == "warning"]
+    res.warnings += [str(p) for p in info.problems if p.severity == "warning"] + skipped
     targets = [paths.state_dir()] + ([hf_cache / ".locks"] if hf else [])
     if exo_plan:
         targets += [exo_dir] + ([exo_plan.card.parent] if exo_plan.card else [])
@@ -1094,6 +1128,13 @@ def _doctor_hf(hf_cache: Path, rep: DoctorReport) -> None:
                                                 "gone; the hub can neither list nor delete it)",
                                         fix=f"run `arthur-cluster unlink --stale` (or `arthur-cluster link {rid}` "
                                             "to rebuild it)"))
+        elif _dead_links_only(repo_dir):
+            foreign += 1
+            rep.findings.append(Finding(kind="broken", severity="warning", path=str(repo_dir),
+                                        repo_id=_repo_id_of_folder(e.name),
+                                        message="an entry without a record that holds only links to files that "
+                                                "are gone (left by an interrupted unlink, or made by hand)",
+                                        fix=f"delete it (it holds only links): `rm -r {shlex.quote(str(repo_dir))}`"))
         else:
             foreign += 1
             rep.findings += _hand_made_links(repo_dir)
