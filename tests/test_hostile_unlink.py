@@ -225,8 +225,9 @@ def test_unlink_keeps_a_file_put_into_the_entry(some):
 def test_every_target_inside_a_source_is_refused(some, monkeypatch, target):
     inside = some / "sub" / "target"
     kw = {}
-    if target == "state":
+    if target == "state":  # the exo links dir, by default inside the state folder, given elsewhere
         monkeypatch.setenv(paths.ENV_STATE_DIR, str(inside))
+        kw["exo_dir"] = Path(os.environ["HOME"]) / "exo-links"
     else:
         kw[target] = inside
     home = Path(os.environ["HOME"])
