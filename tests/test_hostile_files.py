@@ -299,3 +299,18 @@ def test_huge_tensor_shape_is_a_bad_shape(tmp_path):
     raw = json.dumps({"a.weight": {"dtype": "F32", "shape": [0, 10**30], "data_offsets": [0, 0]}}).encode()
     (folder / "model.safetensors").write_bytes(struct.pack("<Q", len(raw)) + raw)
     assert any("bad shape" in e for e in errors_of(folder))
+
+
+def test_fifo_catalogue_settings_and_etag_cache(tmp_path):
+    os.mkfifo(tmp_path / "models.toml")
+    with no_hang(), pytest.raises(catalog.CatalogError, match="regular file"):
+        catalog.load(tmp_path / "models.toml")
+    lms = tmp_path / "lms"
+    lms.mkdir()
+    os.mkfifo(lms / "settings.json")
+    with no_hang():
+        assert paths.lmstudio_models(lms) == lms / "models"
+    etags.cache_file().parent.mkdir(parents=True, exist_ok=True)
+    os.mkfifo(etags.cache_file())
+    with no_hang():
+        assert etags.EtagCache().entries == {}
