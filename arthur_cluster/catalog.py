@@ -11,7 +11,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from . import paths
+from . import paths, safeio
 
 REPO_ROOT_CATALOG = Path(__file__).resolve().parent.parent / "models.toml"
 
@@ -96,7 +96,12 @@ def find() -> Path:
 def load(path: Path | str | None = None) -> Catalog:
     path = Path(path) if path else find()
     try:
-        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+        raw = tomllib.loads(safeio.read_regular(path, 1024 * 1024).decode("utf-8"))
+        if safeio.too_deep(raw, 16):
+            raise CatalogError(f"{path}: nested deeper than 16 levels (the cap); a catalogue is a few flat tables")
+    except RecursionError:
+        raise CatalogError(f"{path}: nested too deeply to read (the cap is 16 levels); a catalogue is a few flat "
+                           "tables") from None
     except FileNotFoundError:
         raise CatalogError(
             f"{path}: catalogue not found; pass --catalog FILE or set {paths.ENV_CATALOG}"

@@ -15,7 +15,7 @@ import tempfile
 from pathlib import Path
 from typing import Callable, Literal
 
-from . import paths
+from . import paths, safeio
 
 # The Hub stores files of 10 MB and more in LFS, and every file matching its default .gitattributes.
 LFS_MIN_BYTES = 10 * 1024 * 1024
@@ -36,7 +36,7 @@ def is_lfs(name: str, size: int) -> bool:
 def _stream(path: Path, h, progress: Progress | None, name: str) -> str:
     buf = bytearray(CHUNK)
     view = memoryview(buf)
-    with open(path, "rb", buffering=0) as f:
+    with safeio.open_regular(path) as f:  # a FIFO put in a file's place would block the read forever
         if hasattr(os, "posix_fadvise"):
             os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_SEQUENTIAL)
         while n := f.readinto(buf):
@@ -88,7 +88,7 @@ class EtagCache:
         self.entries: dict[str, str] = {}
         self.dirty = False
         try:
-            data = json.loads(self.path.read_text(encoding="utf-8"))
+            data = safeio.read_json(self.path)
             if isinstance(data, dict) and isinstance(data.get("etags"), dict):
                 self.entries = {k: v for k, v in data["etags"].items() if isinstance(v, str) and is_etag(v)}
         except (OSError, ValueError):

@@ -11,8 +11,10 @@ symlink: whatever exo deletes or downloads in that folder replaces a link, never
 is written (exo deletes card files it did not put in its state): `up` registers the model through exo's API.
 
 Every entry is built in a staging folder beside its target and renamed into place, under a lock, so a
-killed run leaves no half-made entry and the next run cleans up and repairs. Only entries carrying the
-linker's record are ever replaced or removed; source folders are only read.
+killed run leaves no half-made entry and the next run cleans up and repairs. Removal is the reverse: one
+rename moves the entry into staging, then its links go, its record last. Only entries carrying the
+linker's record (or recognisably left by an interrupted unlink) are ever replaced or removed, and of
+those only links and the linker's own small files are deleted; source folders are only read.
 """
 
 from __future__ import annotations
@@ -25,15 +27,16 @@ import json
 import os
 import re
 import secrets
-import shlex
 import shutil
+import shlex
+import stat
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator, Literal
 
 from pydantic import BaseModel, Field
 
-from . import etags, exocard, paths
+from . import etags, exocard, paths, safeio
 from .modelfiles import INDEX_NAME, ModelFileError, ModelInfo, read_header, require_ok
 
 TOOL = "arthur-cluster"
@@ -93,7 +96,8 @@ class UnlinkResult(BaseModel):
 
 
 class Finding(BaseModel):
-    kind: Literal["broken", "drift", "damaged", "foreign", "dangerous", "stale-record", "leftover", "note"]
+    kind: Literal["broken", "drift", "damaged", "foreign", "dangerous", "stale-record", "leftover", "unusable",
+                  "note"]
     severity: Literal["error", "warning", "note"]
     path: str
     message: str
@@ -153,8 +157,13 @@ def env_line(links_dir: Path) -> str:
 def _lock() -> Iterator[None]:
     """One linker at a time per state dir: concurrent runs queue instead of interleaving renames."""
     state = paths.state_dir()
-    state.mkdir(parents=True, exist_ok=True)
-    with open(state / LOCK_NAME, "a+") as f:
+    try:
+        state.mkdir(parents=True, exist_ok=True)
+        f = open(state / LOCK_NAME, "a+")
+    except OSError as e:
+        raise LinkError(f"cannot use the state folder {state} ({e.strerror}); nothing was changed. Make it "
+                        f"writable, or set {paths.ENV_STATE_DIR} to a writable folder") from None
+    with f:
         fcntl.flock(f.fileno(), fcntl.LOCK_EX)
         try:
             yield
@@ -164,21 +173,79 @@ def _lock() -> Iterator[None]:
 
 def _read_json(path: Path) -> dict | None:
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError, UnicodeDecodeError):
+        data = safeio.read_json(path)
+    except (OSError, ValueError):
         return None
     return data if isinstance(data, dict) else None
 
 
-def _clean_staging(staging: Path) -> None:
-    """Remove what a killed run left. Called under the lock, so nothing in there is in use."""
-    if not staging.is_dir():
-        return
-    for entry in os.scandir(staging):
-        if entry.is_dir(follow_symlinks=False):
-            shutil.rmtree(entry.path)  # holds only links and our small files; rmtree never follows links
-        else:
-            os.unlink(entry.path)
+# Regular files the linker writes inside an HF entry (relative paths); everything else there is a link.
+OWN_FILES = frozenset({HF_MARKER, "refs/main"})
+# Staging holds only what the linker builds: HF entries and exo link folders with a generated index.
+STAGING_FILES = OWN_FILES | {INDEX_NAME}
+_OWN_FILE_CAP = safeio.MAX_SMALL_FILE
+
+
+def remove_own(top: Path, own_files: frozenset[str] = OWN_FILES, *, last: str | None = HF_MARKER) -> list[str]:
+    """Delete what the linker makes under top: links, its own small files (relative names in own_files) and
+    the folders holding them, never following a link. Anything else is left in place and returned, so a
+    file the linker did not make is never deleted. `last` (the record) goes last: a run killed midway
+    leaves an entry that still says whose it is."""
+    if os.path.islink(top) or not os.path.isdir(top):
+        if os.path.islink(top):
+            os.unlink(top)
+            return []
+        return [str(top)] if os.path.lexists(top) else []
+    kept: list[str] = []
+    for root, dirs, files in os.walk(top, topdown=False):
+        rel_root = os.path.relpath(root, top)
+        for name in files + [d for d in dirs if os.path.islink(os.path.join(root, d))]:
+            path = os.path.join(root, name)
+            rel = name if rel_root == "." else f"{rel_root}/{name}"
+            if rel == last:
+                continue
+            if os.path.islink(path):
+                os.unlink(path)
+            elif rel in own_files and os.path.isfile(path) and os.lstat(path).st_size <= _OWN_FILE_CAP:
+                os.unlink(path)
+            else:
+                kept.append(path)
+        if root != str(top):
+            try:
+                os.rmdir(root)
+            except OSError:
+                pass  # still holds something kept
+    if last and os.path.lexists(top / last):
+        if kept:
+            return kept  # the record stays with what is left, so the tools still recognise the entry
+        os.unlink(top / last)
+    try:
+        os.rmdir(top)
+    except OSError:
+        kept = kept or [str(top)]
+    return kept
+
+
+def _clean_staging(staging: Path) -> list[str]:
+    """Remove what a killed run left (half-built entries, entries moved aside to be deleted). Called under
+    the lock, so nothing in there is in use. Returns what was not ours and so was left."""
+    kept: list[str] = []
+    try:
+        entries = list(os.scandir(staging))
+    except OSError:
+        return kept
+    for entry in entries:
+        kept += remove_own(Path(entry.path), STAGING_FILES)
+    return kept
+
+
+def _trash(target: Path, staging: Path) -> Path:
+    """Move an entry out of sight in one rename: it is then either whole where it was, or in staging,
+    which every later run empties."""
+    staging.mkdir(parents=True, exist_ok=True)
+    trash = staging / f"{target.name}.trash.{os.getpid()}.{secrets.token_hex(4)}"
+    os.rename(target, trash)
+    return trash
 
 
 def _swap_in(tmp: Path, target: Path, staging: Path) -> None:
@@ -192,10 +259,9 @@ def _swap_in(tmp: Path, target: Path, staging: Path) -> None:
             else:
                 os.replace(tmp, target)
             return
-        old = staging / f"{target.name}.old.{os.getpid()}.{secrets.token_hex(4)}"
-        os.rename(target, old)
+        old = _trash(target, staging)  # the caller checked it is ours
         os.rename(tmp, target)
-        shutil.rmtree(old)
+        remove_own(old, STAGING_FILES)
     else:
         os.rename(tmp, target)
 
@@ -301,13 +367,16 @@ def check_hf_entry(repo_dir: Path, record: dict) -> list[Finding]:
                            message="the source folder was moved or deleted; every link of this entry is broken",
                            fix=f"run `arthur-cluster unlink --stale`, or link {rid} again from its new place"))
         return out
+    first: dict[str, str] = {}  # files with equal contents share one blob, made for the first of them
+    for f in record.get("files", []):
+        first.setdefault(f["etag"], f["name"])
     for f in record.get("files", []):
         snap = repo_dir / "snapshots" / commit / f["name"]
         blob = repo_dir / "blobs" / f["etag"]
         want_src = os.path.join(source, f["name"])
         try:
             links_ok = (os.readlink(snap) == _blob_rel(f["name"], f["etag"])
-                        and os.readlink(blob) == want_src)
+                        and os.readlink(blob) == os.path.join(source, first[f["etag"]]))
         except OSError:
             links_ok = False
         if not links_ok:
@@ -365,15 +434,124 @@ def _hf_foreign_content(repo_dir: Path) -> list[str]:
     return found
 
 
-def _hf_state(repo_dir: Path) -> tuple[Literal["absent", "ours", "foreign"], dict | None]:
+def _hf_state(repo_dir: Path) -> tuple[Literal["absent", "ours", "debris", "foreign"], dict | None]:
     if not os.path.lexists(repo_dir):
         return "absent", None
     if repo_dir.is_symlink() or not repo_dir.is_dir():
         return "foreign", None
     marker = repo_dir / HF_MARKER
     if not marker.is_file():
-        return "foreign", None
+        return ("debris", None) if hf_debris(repo_dir) else ("foreign", None)
     return "ours", _read_json(marker) or {}
+
+
+_DEBRIS_WALK_CAP = 200_000  # entries looked at before giving up on recognising one
+
+
+def hf_debris(repo_dir: Path) -> bool:
+    """A cache entry without the linker's record that only the linker can have made: nothing but empty
+    folders, refs/main, snapshot links of the linker's relative form and blob links whose names are the
+    etags the linker gives the files they point at. An unlink killed by an earlier version, which deleted
+    the record first, leaves these; the hub cannot list or delete them."""
+    if repo_dir.is_symlink() or not repo_dir.is_dir() or os.path.lexists(repo_dir / HF_MARKER):
+        return False
+    seen = links = 0
+    ref = False
+    cache = etags.EtagCache()
+    for root, dirs, files in os.walk(repo_dir):
+        rel_root = os.path.relpath(root, repo_dir)
+        for name in files + [d for d in dirs if os.path.islink(os.path.join(root, d))]:
+            seen += 1
+            path = os.path.join(root, name)
+            rel = name if rel_root == "." else f"{rel_root}/{name}"
+            if seen > _DEBRIS_WALK_CAP:
+                return False
+            if rel == "refs/main" and _looks_like_commit(path):
+                ref = True
+                continue
+            if not os.path.islink(path) or not _our_link(rel, os.readlink(path), cache):
+                return False
+            links += 1
+        if rel_root == ".":
+            if any(d not in ("blobs", "snapshots", "refs", ".no_exist") for d in dirs):
+                return False
+    return links > 0 or not ref
+
+
+def _looks_like_commit(path: str) -> bool:
+    try:
+        if os.path.islink(path) or os.lstat(path).st_size != 40:
+            return False
+        return etags.is_etag(safeio.read_regular(path, 40).decode("ascii"))
+    except (OSError, ValueError):
+        return False
+
+
+def _our_link(rel: str, target: str, cache: etags.EtagCache | None) -> bool:
+    parts = rel.split("/")
+    if parts[0] == "snapshots" and len(parts) >= 3:
+        etag = target.rsplit("/", 1)[-1]
+        return etags.is_etag(etag) and target == _blob_rel("/".join(parts[2:]), etag)
+    if parts[0] == "blobs" and len(parts) == 2 and etags.is_etag(parts[1]) and os.path.isabs(target) and cache:
+        return _blob_is_ours(parts[1], target, cache)
+    return False
+
+
+def _blob_is_ours(etag: str, target: str, cache: etags.EtagCache) -> bool:
+    """The blob name is the etag the linker gives this file: pseudo (from where the file is, its size and
+    time), or true (from the hash cache, or hashed here when small)."""
+    try:
+        st = os.stat(target)
+    except OSError:
+        return False
+    if not stat.S_ISREG(st.st_mode):
+        return False
+    comps = target.strip("/").split("/")
+    names = ["/".join(comps[-k:]) for k in range(1, min(len(comps), 17))]
+    if any(etags.pseudo_etag(Path(target), n, st.st_size, st.st_mtime_ns) == etag for n in names):
+        return True
+    if cache.get(Path(target), st.st_size, st.st_mtime_ns) == etag:
+        return True
+    if st.st_size > etags.LFS_MIN_BYTES:
+        return False  # too large to hash just to recognise it
+    try:
+        return etag in (etags.sha256_file(Path(target)), etags.git_blob_sha1(Path(target), st.st_size))
+    except OSError:
+        return False
+
+
+def _dead_links_only(repo_dir: Path) -> bool:
+    """A record-less entry of the linker's shape whose blob links all point at files that are gone: it cannot
+    be told apart from a hand-made one, so it is reported, never removed."""
+    blobs = 0
+    for root, dirs, files in os.walk(repo_dir):
+        rel_root = os.path.relpath(root, repo_dir)
+        for name in files + [d for d in dirs if os.path.islink(os.path.join(root, d))]:
+            path = os.path.join(root, name)
+            rel = name if rel_root == "." else f"{rel_root}/{name}"
+            if rel == "refs/main" and _looks_like_commit(path):
+                continue
+            if not os.path.islink(path):
+                return False
+            target, parts = os.readlink(path), rel.split("/")
+            if parts[0] == "blobs" and len(parts) == 2 and os.path.isabs(target) and not os.path.lexists(target):
+                blobs += 1
+            elif not (parts[0] == "snapshots" and len(parts) >= 3 and _our_link(rel, target, None)):
+                return False
+    return blobs > 0
+
+
+def _hf_debris_entries(hf_cache: Path) -> list[Path]:
+    try:
+        entries = sorted(os.scandir(hf_cache), key=lambda e: e.name)
+    except OSError:
+        return []
+    return [Path(e.path) for e in entries if e.name.startswith("models--") and e.is_dir(follow_symlinks=False)
+            and not os.path.lexists(os.path.join(e.path, HF_MARKER)) and hf_debris(Path(e.path))]
+
+
+def _repo_id_of_folder(name: str) -> str:
+    return name[len("models--"):].replace("--", "/", 1)
 
 
 # --- exo -------------------------------------------------------------------------------------------
@@ -520,16 +698,40 @@ def check_exo_entry(entry: Path, record: dict) -> list[Finding]:
 # --- link ------------------------------------------------------------------------------------------
 
 
-def _refuse_sources_in_targets(source: Path, hf_cache: Path, exo_dir: Path) -> None:
+def _refuse_sources_in_targets(source: Path, hf_cache: Path, exo_dir: Path, cards_dir: Path | None = None) -> None:
     if _inside(source, hf_cache):
         raise LinkError(f"{source} is inside the Hugging Face cache {hf_cache}: it is already usable there; "
                         "link LM Studio folders, not cache entries")
     if _inside(source, exo_dir):
         raise LinkError(f"{source} is inside the exo links directory {exo_dir}; link the original folder")
-    for target in (hf_cache, exo_dir):
-        if _inside(target, source):
-            raise LinkError(f"{target} lies inside the model folder {source}; choose a cache or exo directory "
-                            "outside it (the linker never writes into a source)")
+    targets = [("the Hugging Face cache", hf_cache, "--hf-cache or HF_HUB_CACHE"),
+               ("the exo links directory", exo_dir, "--exo-dir"),
+               ("the exo cards folder", cards_dir, "--cards-dir or EXO_HOME"),
+               ("arthur-cluster's state folder", paths.state_dir(), paths.ENV_STATE_DIR)]
+    for what, target, option in targets:
+        if target is not None and _inside(target, source):
+            raise LinkError(f"{what} {target} lies inside the model folder {source}; choose one outside it with "
+                            f"{option} (the linker never writes into a source)")
+
+
+def _writable_targets(folders: list[Path]) -> None:
+    """Every folder the link will write, checked before anything is made, so a refusal leaves nothing."""
+    for folder in folders:
+        bad = _unusable_dir(folder, "the target", "")
+        if bad:
+            raise LinkError(f"{bad.message}; nothing was changed. Make it writable, or choose another folder")
+
+
+def _model_files_only(info: ModelInfo) -> tuple[ModelInfo, list[str]]:
+    """Links in a source that lead out of it are linked only when they are model files (weights kept on
+    another disk); anything else (`notes.txt -> ~/private.txt`) is not the model's to publish."""
+    skip = [f.name for f in info.files if f.outside and f.kind == "other"]
+    if not skip:
+        return info, []
+    kept = [f for f in info.files if f.name not in skip]
+    warnings = [f"{n}: a link to {os.path.realpath(info.path / n)}, outside the model folder and no model file: "
+                "not linked" for n in skip]
+    return info.model_copy(update={"files": kept, "total_bytes": sum(f.size for f in kept)}), warnings
 
 
 def link(info: ModelInfo, *, repo_id: str | None = None, hf_cache: Path | None = None, exo_dir: Path | None = None,
@@ -540,6 +742,7 @@ def link(info: ModelInfo, *, repo_id: str | None = None, hf_cache: Path | None =
     the source's lacks it): `exo_index` is kept for older callers and changes nothing; no card is written to
     `cards_dir` any more (a card file of an older link is removed)."""
     require_ok(info)
+    info, skipped = _model_files_only(info)
     if info.format != "mlx":
         raise LinkError(f"{info.path} holds {info.format.upper()} weights; mlx-lm and exo need MLX safetensors "
                         "(GGUF models run in LM Studio or llama.cpp)")
@@ -548,7 +751,12 @@ def link(info: ModelInfo, *, repo_id: str | None = None, hf_cache: Path | None =
     exo_dir = Path(os.path.abspath(exo_dir or paths.exo_links_dir()))
     cards_dir = Path(os.path.abspath(cards_dir or paths.exo_custom_cards_dir()))
     source = _source_abs(info)
-    _refuse_sources_in_targets(source, hf_cache, exo_dir)
+    try:
+        str(source).encode("utf-8")
+    except UnicodeEncodeError:
+        raise LinkError(f"{str(source).encode('utf-8', 'backslashreplace').decode()}: the folder's path is not "
+                        "valid UTF-8, which the cache records and exo cannot hold; rename the folder") from None
+    _refuse_sources_in_targets(source, hf_cache, exo_dir, cards_dir)
     for f in info.files:
         _check_rel(f.name)
     res = LinkResult(repo_id=repo_id, source=source, dry_run=dry_run)
@@ -560,6 +768,11 @@ def link(info: ModelInfo, *, repo_id: str | None = None, hf_cache: Path | None =
         state, previous = _hf_state(repo_dir)
         _refuse_foreign_hf(repo_dir, state, repo_id)
     exo_plan = _plan_exo(info, repo_id, source, exo_dir, res) if exo else None
+    res.warnings += [str(p) for p in info.problems if p.severity == "warning"] + skipped
+    targets = [paths.state_dir()] + ([hf_cache / ".locks"] if hf else [])
+    if exo_plan:
+        targets.append(exo_dir)
+    _writable_targets(targets)
 
     hf_record = None
     if hf:
@@ -583,7 +796,15 @@ def link(info: ModelInfo, *, repo_id: str | None = None, hf_cache: Path | None =
         if hf_record:
             res.actions.append(_apply_hf(hf_cache, res.hf_repo, hf_record, repo_id))
         if exo_plan:
-            res.actions += _apply_exo(exo_plan)
+            try:
+                res.actions += _apply_exo(exo_plan)
+            except OSError as e:
+                if not hf_record:
+                    raise
+                # Say what is in place: the HF entry is whole and usable, exo's part is not made.
+                raise LinkError(f"the Hugging Face cache entry {res.hf_repo} was made, but the exo link failed "
+                                f"({e.filename or exo_plan.entry}: {e.strerror}); fix that and run link again "
+                                "(it keeps the cache entry), or pass --no-exo") from None
     _verify(res, hf_record, exo_plan)
     return res
 
@@ -621,8 +842,13 @@ def _apply_hf(hf_cache: Path, repo_dir: Path, record: dict, repo_id: str) -> Act
         return action
     staging.mkdir(parents=True, exist_ok=True)
     tmp = staging / f"{repo_dir.name}.{os.getpid()}.{secrets.token_hex(4)}"
-    _build_hf(tmp, record)
-    _swap_in(tmp, repo_dir, staging)
+    try:
+        _build_hf(tmp, record)
+        _swap_in(tmp, repo_dir, staging)
+    except BaseException:
+        if os.path.lexists(tmp):
+            remove_own(tmp, STAGING_FILES)  # a failed build leaves nothing behind (a kill leaves it to the next run)
+        raise
     return action
 
 
@@ -779,7 +1005,9 @@ def where_linked(repo_id: str, source: Path | str | None = None, *, hf_cache: Pa
 
 
 def linked_ids(*, hf_cache: Path | None = None, exo_dir: Path | None = None) -> list[str]:
+    """Repo ids the linker made something for, including entries an interrupted unlink left."""
     ids = {r.get("repo_id") for _, r in _hf_records(hf_cache or paths.hf_cache())}
+    ids |= {_repo_id_of_folder(p.name) for p in _hf_debris_entries(hf_cache or paths.hf_cache())}
     ids |= {r.get("repo_id") for _, _, r in _exo_records(exo_dir or paths.exo_links_dir())}
     return sorted(i for i in ids if isinstance(i, str))
 
@@ -808,9 +1036,18 @@ def unlink(repo_id: str | None = None, *, all: bool = False, stale: bool = False
         return stale and _stale(findings())
 
     with _lock():
+        if not dry_run:
+            left = _clean_staging(hf_cache / ".locks" / STAGING)
+            if left:
+                res.kept += left
+                res.warnings.append(f"the linker's staging folder holds files it did not make ({left[0]}): left "
+                                    "in place; move them out")
         for repo_dir, record in _hf_records(hf_cache):
             if wanted(record, lambda: check_hf_entry(repo_dir, record)):
                 _unlink_hf(repo_dir, record, res, dry_run)
+        for repo_dir in _hf_debris_entries(hf_cache):
+            if all or stale or _repo_id_of_folder(repo_dir.name) == repo_id:
+                _unlink_hf(repo_dir, {"repo_id": _repo_id_of_folder(repo_dir.name)}, res, dry_run)
         for entry, rec_path, record in _exo_records(exo_dir):
             if wanted(record, lambda: check_exo_entry(entry, record)):
                 _unlink_exo(entry, rec_path, record, res, dry_run)
@@ -825,7 +1062,14 @@ def _unlink_hf(repo_dir: Path, record: dict, res: UnlinkResult, dry_run: bool) -
                             f"left in place; use `hf cache rm model/{record.get('repo_id')}` to delete it")
         return
     if not dry_run:
-        shutil.rmtree(repo_dir)  # links and our own small files only (checked above); rmtree never follows links
+        # One rename takes the entry out of the hub's sight; a kill after it leaves only staging, which
+        # every later link, unlink or `unlink --stale` empties. Deleting in place would leave a half entry.
+        left = remove_own(_trash(repo_dir, repo_dir.parent / ".locks" / STAGING))
+        if left:
+            res.kept.append(str(repo_dir))
+            res.warnings.append(f"{repo_dir}: {', '.join(left[:3])} appeared meanwhile and were not made by "
+                                "arthur-cluster: left in the linker's staging folder; move them out")
+            return
     res.removed.append(str(repo_dir))
 
 
@@ -881,14 +1125,38 @@ def doctor(*, hf_cache: Path | None = None, exo_dir: Path | None = None, cards_d
     exo_dir = Path(os.path.abspath(exo_dir or paths.exo_links_dir()))
     cards_dir = Path(os.path.abspath(cards_dir or paths.exo_custom_cards_dir()))
     rep = DoctorReport(hf_cache=hf_cache, exo_dir=exo_dir, cards_dir=cards_dir)
+    for folder, what in ((exo_dir, "the exo links directory"), (cards_dir, "exo's custom model cards folder"),
+                         (paths.state_dir(), "arthur-cluster's state folder")):
+        bad = _unusable_dir(folder, what, "move what is in the way, or choose another folder (--exo-dir, "
+                                          f"--cards-dir, {paths.ENV_STATE_DIR})")
+        if bad:
+            rep.findings.append(bad)
     _doctor_hf(hf_cache, rep)
     _doctor_exo(exo_dir, rep)
     _doctor_exo_writable(exo_dir, rep)
     return rep
 
 
+def _unusable_dir(path: Path, what: str, fix: str) -> Finding | None:
+    """A configured folder that exists but cannot hold anything (a file, or a folder we cannot write)."""
+    probe = path
+    while not os.path.lexists(probe) and probe.parent != probe:
+        probe = probe.parent
+    if not os.path.isdir(probe):
+        return Finding(kind="unusable", severity="error", path=str(probe),
+                       message=f"{what} {path} cannot be created or used: {probe} is not a folder", fix=fix)
+    if not os.access(probe, os.W_OK | os.X_OK):
+        return Finding(kind="unusable", severity="warning", path=str(probe),
+                       message=f"{what} {path} is not writable here ({probe})", fix=fix)
+    return None
+
+
 def _doctor_hf(hf_cache: Path, rep: DoctorReport) -> None:
     ours = foreign = 0
+    bad = _unusable_dir(hf_cache, "the Hugging Face cache",
+                        "point HF_HUB_CACHE (or HF_HOME) at a folder, or move the file away")
+    if bad:
+        rep.findings.append(bad)
     try:
         entries = sorted(os.scandir(hf_cache), key=lambda e: e.name)
     except OSError:
@@ -907,14 +1175,31 @@ def _doctor_hf(hf_cache: Path, rep: DoctorReport) -> None:
                                             fix="delete the entry with `hf cache rm` and link again"))
                 continue
             rep.findings += check_hf_entry(repo_dir, record)
+        elif hf_debris(repo_dir):
+            ours += 1
+            rid = _repo_id_of_folder(e.name)
+            rep.findings.append(Finding(kind="leftover", severity="warning", path=str(repo_dir), repo_id=rid,
+                                        message="what an interrupted unlink left of a linked entry (its record is "
+                                                "gone; the hub can neither list nor delete it)",
+                                        fix=f"run `arthur-cluster unlink --stale` (or `arthur-cluster link {rid}` "
+                                            "to rebuild it)"))
+        elif _dead_links_only(repo_dir):
+            foreign += 1
+            rep.findings.append(Finding(kind="broken", severity="warning", path=str(repo_dir),
+                                        repo_id=_repo_id_of_folder(e.name),
+                                        message="an entry without a record that holds only links to files that "
+                                                "are gone (left by an interrupted unlink, or made by hand)",
+                                        fix=f"delete it (it holds only links): `rm -r {shlex.quote(str(repo_dir))}`"))
         else:
             foreign += 1
             rep.findings += _hand_made_links(repo_dir)
     staging = hf_cache / ".locks" / STAGING
     if staging.is_dir() and any(staging.iterdir()):
         rep.findings.append(Finding(kind="leftover", severity="warning", path=str(staging),
-                                    message="an interrupted link left a half-built entry here (not visible to the hub)",
-                                    fix="run any `arthur-cluster link`: it cleans this up first"))
+                                    message="an interrupted link or unlink left an entry here (not visible to the "
+                                            "hub)",
+                                    fix="run `arthur-cluster unlink --stale` or any `arthur-cluster link`: both "
+                                        "clean this up first"))
     rep.checked["hf_linked"] = ours
     rep.checked["hf_other"] = foreign
 

@@ -9,14 +9,17 @@ from __future__ import annotations
 
 from .errors import ArthurError
 
-import json
+import errno
 import math
 import os
+import stat
 import struct
 from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, Field
+
+from . import safeio
 
 INDEX_NAME = "model.safetensors.index.json"
 GGUF_MAGIC = 0x46554747
@@ -30,6 +33,10 @@ DTYPE_BITS = {
 }
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tiktoken.model")
 LAYER_KINDS = {"M": "mamba", "E": "moe", "*": "attention", "-": "mlp"}
+MAX_RANK = 8  # tensor dimensions
+MAX_DIM = 2**40  # one dimension; a larger one could never fit any file
+MAX_LAYERS = 100_000  # num_hidden_layers and layer patterns; real models have a few hundred at most
+MAX_CONFIG_INT = 2**40  # sizes in config.json (hidden size, vocabulary, context ...)
 
 
 class ModelFileError(ArthurError, ValueError):
@@ -60,6 +67,7 @@ class FileEntry(BaseModel):
     size: int
     mtime_ns: int
     kind: Literal["weights", "config", "index", "tokenizer", "other"]
+    outside: bool = False  # a file link leading out of the model folder (the linker links only model files)
 
 
 class ModelInfo(BaseModel):
@@ -128,39 +136,95 @@ def _kind(name: str) -> str:
     return "other"
 
 
+MAX_FILES = 20_000  # per model folder; the largest real ones hold a few thousand
+MAX_DEPTH = 16  # folder levels below the model folder
+MAX_NAME = 1024  # characters of a file's path inside the folder
+
+
 def list_files(folder: Path) -> tuple[list[FileEntry], list[Problem]]:
-    """Every file below the folder (links followed, loops refused), sorted by name."""
+    """The regular files of the folder, sorted by name. Folder links are never followed (a link like
+    `notes -> ~/private` or `usr -> /usr` is not part of the model); file links are (HF snapshots and link
+    folders are made of them) and marked when they lead out of the folder; the walk is capped."""
+    top = os.path.realpath(folder)
     entries: list[FileEntry] = []
     problems: list[Problem] = []
-    seen_dirs: set[tuple[int, int]] = set()
-    for root, dirs, names in os.walk(folder, followlinks=True):
-        st = os.stat(root)
-        if (st.st_dev, st.st_ino) in seen_dirs:
-            problems.append(Problem(file=os.path.relpath(root, folder), message="symlink loop",
-                                    fix="remove the link that points back into the folder"))
-            dirs[:] = []
+    stack: list[tuple[str, int]] = [("", 0)]
+    while stack:
+        rel_dir, depth = stack.pop()
+        try:
+            listing = sorted(os.scandir(os.path.join(folder, rel_dir)), key=lambda e: e.name)
+        except OSError as e:
+            problems.append(Problem(file=rel_dir, message=f"cannot list ({e.strerror})", fix="check its permissions"))
             continue
-        seen_dirs.add((st.st_dev, st.st_ino))
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        for n in sorted(names):
-            if n.startswith("."):
+        for e in listing:
+            if e.name.startswith("."):
                 continue
-            full = Path(root) / n
-            rel = full.relative_to(folder).as_posix()
-            try:
-                fst = full.stat()
-            except OSError as e:
-                problems.append(Problem(file=rel, message=f"cannot stat ({e.strerror}); a broken link?",
-                                        fix="restore the file or re-download the model"))
-                continue
-            entries.append(FileEntry(name=rel, size=fst.st_size, mtime_ns=fst.st_mtime_ns, kind=_kind(n)))
+            rel = f"{rel_dir}/{e.name}" if rel_dir else e.name
+            entry = _file_entry(e, rel, depth, top, stack, problems)
+            if entry is not None:
+                entries.append(entry)
+                if len(entries) > MAX_FILES:
+                    problems.append(Problem(file="", message=f"more than {MAX_FILES} files (the cap per model "
+                                            "folder): this is not a model folder",
+                                            fix="point at the folder that holds config.json and the weights"))
+                    return [], problems
     entries.sort(key=lambda e: e.name)
     return entries, problems
 
 
+def _file_entry(e: os.DirEntry, rel: str, depth: int, top: str, stack: list[tuple[str, int]],
+                problems: list[Problem]) -> FileEntry | None:
+    if not _utf8(rel):
+        shown = os.fsencode(rel).decode("utf-8", "backslashreplace")
+        problems.append(Problem(file=shown, message="name is not valid UTF-8: skipped (the hub and exo cannot "
+                                "name it)", fix="rename the file", severity="warning"))
+        return None
+    if len(rel) > MAX_NAME:
+        problems.append(Problem(file=rel[:80] + "...", message=f"path longer than {MAX_NAME} characters (the cap)",
+                                fix="rename or remove it"))
+        return None
+    try:
+        st = os.stat(e.path)  # follows a link: what would be read
+    except OSError as err:
+        problems.append(Problem(file=rel, message=f"cannot stat ({err.strerror}); a broken link?",
+                                fix="restore the file or re-download the model"))
+        return None
+    outside = False
+    if e.is_symlink():
+        real = os.path.realpath(e.path)
+        outside = not real.startswith(top + os.sep)
+        if stat.S_ISDIR(st.st_mode):
+            loop = real == top or top.startswith(real + os.sep)
+            problems.append(Problem(file=rel, message=("symlink loop: " if loop else "")
+                                    + f"a link to the folder {real}, not followed (a model's files are the files "
+                                    "inside its folder)", fix="remove the link, or copy what the model needs into "
+                                    "the folder", severity="warning"))
+            return None
+    if stat.S_ISDIR(st.st_mode):
+        if depth + 1 > MAX_DEPTH:
+            problems.append(Problem(file=rel, message=f"nested deeper than {MAX_DEPTH} folders (the cap)",
+                                    fix="this is not a model folder's layout; point at the model folder"))
+        else:
+            stack.append((rel, depth + 1))
+        return None
+    if not stat.S_ISREG(st.st_mode):
+        problems.append(Problem(file=rel, message="not a regular file (a FIFO, socket or device): never read",
+                                fix="remove it, or put the real file in its place"))
+        return None
+    return FileEntry(name=rel, size=st.st_size, mtime_ns=st.st_mtime_ns, kind=_kind(e.name), outside=outside)
+
+
+def _utf8(name: str) -> bool:
+    try:
+        name.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
+
+
 def is_gguf(path: Path) -> bool:
     try:
-        with open(path, "rb") as f:
+        with safeio.open_regular(path) as f:
             head = f.read(4)
     except OSError:
         return False
@@ -170,8 +234,8 @@ def is_gguf(path: Path) -> bool:
 def read_header(path: Path) -> tuple[dict, int, int]:
     """Return (tensors, data_start, file_size) for a safetensors file; raise ModelFileError with the reason."""
     try:
-        size = path.stat().st_size
-        with open(path, "rb") as f:
+        with safeio.open_regular(path) as f:
+            size = os.fstat(f.fileno()).st_size
             head = f.read(8)
             if head.startswith(b"version "):
                 raise ModelFileError("a git-lfs pointer, not weights: fetch the real file (git lfs pull) "
@@ -183,12 +247,14 @@ def read_header(path: Path) -> tuple[dict, int, int]:
                 raise ModelFileError(f"header length {n} does not fit the {size}-byte file: the file is "
                                      "truncated or not safetensors; re-download it")
             raw = f.read(n)
+    except safeio.UnsafeFileError as e:
+        raise ModelFileError(str(e)) from None
     except OSError as e:
         raise ModelFileError(f"cannot read ({e.strerror})") from None
     try:
-        header = json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
-        raise ModelFileError("header is not valid JSON: the file is corrupt; re-download it") from None
+        header = safeio.loads_json(raw)
+    except ValueError as e:  # UnicodeDecodeError included
+        raise ModelFileError(f"header is not valid JSON ({e}): the file is corrupt; re-download it") from None
     if not isinstance(header, dict):
         raise ModelFileError("header is not a JSON object: the file is corrupt; re-download it")
     header.pop("__metadata__", None)
@@ -207,7 +273,8 @@ def check_tensors(header: dict, data_len: int) -> list[str]:
         if dtype not in DTYPE_BITS:
             reasons.append(f"tensor {name}: unknown dtype {dtype!r}")
             continue
-        if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)):
+        if not (isinstance(shape, list) and len(shape) <= MAX_RANK
+                and all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d <= MAX_DIM for d in shape)):
             reasons.append(f"tensor {name}: bad shape {shape!r}")
             continue
         if not (isinstance(offs, list) and len(offs) == 2 and all(isinstance(o, int) for o in offs)):
@@ -258,9 +325,30 @@ def layer_pattern(config: dict) -> str | None:
                  "full_attention": "*", "sliding_attention": "*", "mlp": "-"}
         return "".join(table.get(str(n), "?") for n in names)
     n = config.get("num_hidden_layers")
-    if isinstance(n, int) and n > 0:
+    if isinstance(n, int) and 0 < n <= MAX_LAYERS:
         return "*" * n
     return None
+
+
+_SIZE_KEYS = ("hidden_size", "d_model", "num_attention_heads", "num_key_value_heads", "head_dim", "vocab_size",
+              "intermediate_size", "max_position_embeddings", "max_seq_len", "seq_length")
+
+
+def _config_caps(config: dict) -> list[Problem]:
+    """Numbers no real model has (10**13 layers) would otherwise exhaust memory further down."""
+    out = []
+    checks = [("num_hidden_layers", MAX_LAYERS)] + [(k, MAX_CONFIG_INT) for k in _SIZE_KEYS]
+    for key, cap in checks:
+        v = config.get(key)
+        if isinstance(v, int) and not isinstance(v, bool) and not 0 <= v <= cap:
+            out.append(Problem(file="config.json", message=f"{key} = {v} is outside 0..{cap} (the cap)",
+                               fix="config.json is corrupt; re-download it"))
+    for key in ("hybrid_override_pattern", "layers_block_type", "layer_types"):
+        v = config.get(key)
+        if isinstance(v, (str, list)) and len(v) > MAX_LAYERS:
+            out.append(Problem(file="config.json", message=f"{key} has {len(v)} entries, over the cap of "
+                               f"{MAX_LAYERS} layers", fix="config.json is corrupt; re-download it"))
+    return out
 
 
 def _quant_config(config: dict) -> dict | None:
@@ -283,9 +371,19 @@ def inspect(folder: Path | str, *, repo_id: str | None = None, source: str = "pa
     """Inspect a model folder from headers; problems are recorded on the result, never raised."""
     folder = Path(folder)
     info = ModelInfo(path=folder, repo_id=repo_id, source=source)
-    if not folder.is_dir():
-        info.problems.append(Problem(file="", message="not a directory (moved or deleted?)",
+    try:
+        top = [e.name for e in os.scandir(folder)]
+    except OSError as e:
+        why = "not a directory (moved or deleted?)" if e.errno in (errno.ENOENT, errno.ENOTDIR) else \
+            f"cannot be listed ({e.strerror})"
+        info.problems.append(Problem(file="", message=why,
                                      fix="check the path, or run `arthur-cluster models` to list what exists"))
+        return info
+    if not any(n == "config.json" or n.endswith((".safetensors", ".gguf")) for n in top):
+        # Checked before walking: `probe /` must not walk the whole disk.
+        info.problems.append(Problem(file="", message="no config.json, *.safetensors or *.gguf in it: not a model "
+                                     "folder", fix="point at the folder that holds the model's config.json and "
+                                     "weights (`arthur-cluster models` lists them)"))
         return info
     info.files, problems = list_files(folder)
     info.problems += problems
@@ -313,12 +411,15 @@ def inspect(folder: Path | str, *, repo_id: str | None = None, source: str = "pa
 def _read_config(folder: Path, info: ModelInfo) -> None:
     path = folder / "config.json"
     try:
-        config = json.loads(path.read_text(encoding="utf-8"))
+        config = safeio.read_json(path)
     except FileNotFoundError:
         info.problems.append(Problem(file="config.json", message="missing",
                                      fix="copy config.json from the original repo or re-download the model"))
         return
-    except (OSError, ValueError, UnicodeDecodeError) as e:
+    except safeio.UnsafeFileError as e:
+        info.problems.append(Problem(file="config.json", message=str(e), fix="re-download config.json"))
+        return
+    except (OSError, ValueError) as e:
         info.problems.append(Problem(file="config.json", message=f"not valid JSON ({e})",
                                      fix="re-download config.json"))
         return
@@ -327,6 +428,10 @@ def _read_config(folder: Path, info: ModelInfo) -> None:
         return
     info.config = config
     tc = text_config(config)
+    capped = _config_caps(tc)
+    if capped:
+        info.problems += capped
+        return
     info.model_type = tc.get("model_type") if isinstance(tc.get("model_type"), str) else None
     if not info.model_type:
         info.problems.append(Problem(file="config.json", message="no model_type",
@@ -361,7 +466,7 @@ def _shard_list(folder: Path, info: ModelInfo, names: set[str]) -> tuple[list[st
         return sorted(n for n in names if "/" not in n and n.startswith("model") and n.endswith(".safetensors")), None, {}
     info.has_index = True
     try:
-        index = json.loads(index_path.read_text(encoding="utf-8"))
+        index = safeio.read_json(index_path)
         weight_map = index["weight_map"]
         if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
             raise ValueError("weight_map is not an object of file names")
@@ -460,8 +565,14 @@ def _check_quantization(info: ModelInfo, tensors: dict) -> None:
             quantized += 1
             scales = tensors[name[:-7] + ".scales"]
             group = _group_size(info, name[:-7])
-            if group and scales["shape"] and t["shape"]:
-                bits = t["shape"][-1] * 32 / (scales["shape"][-1] * group)
+            per_row = scales["shape"][-1] * group if group and scales["shape"] and t["shape"] else 0
+            bits = t["shape"][-1] * 32 / per_row if per_row > 0 else 0
+            if group and scales["shape"] and t["shape"] and not 1 <= round(bits) <= 32:
+                info.problems.append(Problem(
+                    file=t["_shard"], message=f"{name[:-7]}: weight {t['shape']} and scales {scales['shape']} with "
+                    f"group size {group} give no usable bit width", fix="the file is corrupt; re-download it"))
+                params += numel
+            elif per_row > 0:
                 expected = _bits_for(info, name[:-7])
                 if expected and abs(bits - expected) > 1e-6:
                     info.problems.append(Problem(
@@ -507,7 +618,7 @@ def _has_chat_template(folder: Path, names: set[str]) -> bool:
     if "tokenizer_config.json" not in names:
         return False
     try:
-        cfg = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError, UnicodeDecodeError):
+        cfg = safeio.read_json(folder / "tokenizer_config.json")
+    except (OSError, ValueError):
         return False
     return isinstance(cfg, dict) and bool(cfg.get("chat_template"))

@@ -6,11 +6,13 @@ see docs in the README. Functions, not constants: tests and the demo change the 
 
 from __future__ import annotations
 
-import json
 import os
 import secrets
 import sys
 from pathlib import Path
+
+from . import safeio
+from .errors import ArthurError
 
 ENV_LMSTUDIO_HOME = "ARTHUR_LMSTUDIO_HOME"
 ENV_LMSTUDIO_MODELS = "ARTHUR_LMSTUDIO_MODELS"
@@ -22,6 +24,10 @@ _TRUE = {"1", "on", "yes", "true"}
 # The record the linker leaves in every HF-cache repo folder and exo link it made: what it linked,
 # from where, with each file's size and mtime. Only entries carrying it are ever changed or removed.
 LINK_MARKER = ".arthur-cluster.json"
+
+
+class LocationError(ArthurError):
+    """A file that says where something lives cannot be read; the message names it and the fix."""
 
 
 def home() -> Path:
@@ -62,9 +68,15 @@ def lmstudio_home() -> Path:
         return Path(os.environ[ENV_LMSTUDIO_HOME]).expanduser()
     pointer = home() / ".lmstudio-home-pointer"
     try:
-        text = pointer.read_text(encoding="utf-8").strip()
-    except OSError:
+        text = safeio.read_regular(pointer, 64 * 1024).decode("utf-8").strip()
+    except FileNotFoundError:
         text = ""
+    except (OSError, UnicodeDecodeError) as e:
+        raise LocationError(f"{pointer}: LM Studio's home pointer cannot be read ({e}); write the path of LM "
+                            f"Studio's home folder in it as UTF-8 text, or set {ENV_LMSTUDIO_HOME}") from None
+    if "\0" in text or len(text) > 4096:
+        raise LocationError(f"{pointer}: LM Studio's home pointer does not hold a path; write the path of LM "
+                            f"Studio's home folder in it, or set {ENV_LMSTUDIO_HOME}")
     if text:
         return Path(text).expanduser()
     legacy = home() / ".cache" / "lm-studio"
@@ -79,9 +91,9 @@ def lmstudio_models(lms_home: Path | None = None) -> Path:
         return Path(os.environ[ENV_LMSTUDIO_MODELS]).expanduser()
     base = lms_home or lmstudio_home()
     try:
-        settings = json.loads((base / "settings.json").read_text(encoding="utf-8"))
+        settings = safeio.read_json(base / "settings.json")
     except (OSError, ValueError):
-        settings = {}
+        settings = {}  # LM Studio's own file: unreadable means its default folder
     folder = settings.get("downloadsFolder") if isinstance(settings, dict) else None
     if isinstance(folder, str) and folder.strip():
         return Path(folder).expanduser()

@@ -9,7 +9,14 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import paths
+from . import paths, safeio
+from .errors import ArthurError
+
+MAX_NAME = 4096  # a model name or path given on the command line (PATH_MAX)
+
+
+class SourceError(ArthurError, ValueError):
+    """A model name that cannot name anything; the message says why and what to give instead."""
 
 ALL_SOURCES = ("lmstudio", "hf-cache", "exo")
 
@@ -40,7 +47,7 @@ def lmstudio(models_dir: Path | None = None) -> list[Found]:
     for pub in _subdirs(root):
         for repo in _subdirs(pub):
             if _is_model_dir(repo):
-                out.append(Found(f"{pub.name}/{repo.name}", repo, "lmstudio"))
+                out.append(Found(f"{_display(pub.name)}/{_display(repo.name)}", repo, "lmstudio"))
     return out
 
 
@@ -51,10 +58,12 @@ def hf_cache(cache_dir: Path | None = None) -> list[Found]:
     for repo in _subdirs(root):
         if not repo.name.startswith("models--") or "--" not in repo.name[len("models--"):]:
             continue
-        repo_id = repo.name[len("models--"):].replace("--", "/", 1)
+        repo_id = _display(repo.name[len("models--"):].replace("--", "/", 1))
         try:
-            commit = (repo / "refs" / "main").read_text(encoding="utf-8")
-        except OSError:
+            commit = safeio.read_regular(repo / "refs" / "main", 1024).decode("ascii")
+        except (OSError, UnicodeDecodeError):
+            continue
+        if not commit or "/" in commit or "\0" in commit or commit in (".", ".."):
             continue
         snap = repo / "snapshots" / commit
         if snap.is_dir():
@@ -88,8 +97,11 @@ def discover(sources: tuple[str, ...] = ALL_SOURCES, *, lmstudio_dir: Path | Non
 
 def resolve(name: str, found: list[Found]) -> list[Found]:
     """Entries matching a repo id, a case-insensitive id, a unique name suffix, or a folder path."""
+    if len(name) > MAX_NAME or "\0" in name:
+        raise SourceError(f"a model name of {len(name)} characters (the cap is {MAX_NAME}, no NUL) names nothing; "
+                          "give org/name, a short name, or a folder path (`arthur-cluster models` lists them)")
     p = Path(name).expanduser()
-    if p.is_dir() and _is_model_dir(p):
+    if is_dir(p) and _is_model_dir(p):
         return [Found(repo_id_of(p), p.resolve(), "path")]
     exact = [f for f in found if f.repo_id == name]
     if exact:
@@ -99,6 +111,19 @@ def resolve(name: str, found: list[Found]) -> list[Found]:
     if ci:
         return ci
     return [f for f in found if f.repo_id.lower().split("/", 1)[-1] == lower]
+
+
+def is_dir(p: Path) -> bool:
+    """Path.is_dir that answers False for names the OS refuses (too long, bad bytes) instead of raising."""
+    try:
+        return p.is_dir()
+    except (OSError, ValueError):
+        return False
+
+
+def _display(name: str) -> str:
+    """A folder name as text: bytes that are not UTF-8 shown escaped (the id is then refused where it matters)."""
+    return os.fsencode(name).decode("utf-8", "backslashreplace")
 
 
 def repo_id_of(folder: Path) -> str:

@@ -144,7 +144,8 @@ def register(app: typer.Typer) -> None:
     @app.command("unlink")
     def unlink_cmd(
         model: Optional[str] = typer.Argument(None, help="Linked model (org/name, name, or its source folder)."),
-        stale: bool = typer.Option(False, "--stale", help="Remove links whose source moved or was deleted."),
+        stale: bool = typer.Option(False, "--stale", help="Remove links whose source moved or was deleted, and "
+                                                          "what interrupted runs left."),
         all_links: bool = typer.Option(False, "--all", help="Remove everything the linker made."),
         hf_cache: Optional[Path] = typer.Option(None, "--hf-cache", help="Hugging Face hub cache folder."),
         exo_dir: Optional[Path] = typer.Option(None, "--exo-dir", help="The linker's exo links directory."),
@@ -212,8 +213,10 @@ def _linked_id(model: str, hf_cache: Path | None, exo_dir: Path | None, as_json:
     ids = linker.linked_ids(hf_cache=hf_cache, exo_dir=exo_dir)
     if model in ids:
         return model
+    from ..sources import is_dir
+
     p = Path(model).expanduser()
-    if p.is_dir():
+    if len(model) <= 4096 and is_dir(p):
         want = os.path.abspath(p)
         for rid in ids:
             if any(True for _ in linker.where_linked(rid, want, hf_cache=hf_cache, exo_dir=exo_dir)):
