@@ -9,7 +9,7 @@ from pathlib import Path
 import typer
 
 from arthur_cluster import linker, modelfiles
-from arthur_cluster.commands import link as link_cmd
+from arthur_cluster.commands import _errors, link as link_cmd
 
 
 def tree(root: Path) -> dict[str, tuple]:
@@ -51,4 +51,5 @@ def cli_app() -> typer.Typer:
     """Only the linker's commands, as the real CLI registers them."""
     app = typer.Typer()
     link_cmd.register(app)
+    _errors.guard_all(app)
     return app

@@ -106,15 +106,11 @@ def test_every_registered_command_is_guarded():
 def test_version_and_debug_in_a_real_process(tmp_path):
     proc = cli("--version")
     assert proc.returncode == 0 and proc.stdout.startswith("arthur-cluster ")
-    deep = tmp_path / "lms" / "org" / "deep"
-    deep.mkdir(parents=True)
-    (deep / "config.json").write_text("[" * 100_000 + "]" * 100_000)
-    (deep / "model.safetensors").write_bytes(b"")
-    proc = cli("probe", str(deep), "--static-only")
+    proc = cli("probe", "")
     assert "Traceback" not in proc.stderr and proc.returncode == 1, proc.stderr
-    assert proc.stderr.startswith(f"error: {deep / 'config.json'}: nested too deeply"), proc.stderr
-    proc = cli("--debug", "probe", str(deep), "--static-only")
-    assert "Traceback" in proc.stderr and "RecursionError" in proc.stderr
+    assert proc.stderr.startswith("error: an empty model name"), proc.stderr
+    proc = cli("--debug", "probe", "")
+    assert "Traceback" in proc.stderr and "ModelNameError" in proc.stderr
 
 
 # --- damaged jobs ------------------------------------------------------------------------------------------
