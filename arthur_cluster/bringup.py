@@ -178,7 +178,8 @@ def engine_for(dep: Deployment) -> Engine:
 
 def start_resident(path: Path, model_id: str, route: Route, hosts: list[dict] | None = None, *,
                    bind: str = "127.0.0.1", timeout: float = DEFAULT_TIMEOUT, hooks: Hooks | None = None,
-                   n: int | None = None) -> Resident:
+                   n: int | None = None, prefill_step: int = 2048, cache_block: int | None = None,
+                   cache_window: int | None = None) -> Resident:
     """Ranks that stay up for a route: on `hosts` through mlx.launch, else `n` (default: the route's node
     count) ranks on this machine over loopback. Raises AttemptFailed with the ranks' own reason."""
     from .hostfile import hosts_from
@@ -187,8 +188,11 @@ def start_resident(path: Path, model_id: str, route: Route, hosts: list[dict] | 
     count = len(hosts) if hosts else (n or route.nodes)
     mode = route.sharding if count > 1 else "single"
     try:
+        extra = [*(["--block", str(cache_block)] if cache_block else []),
+                 *(["--window", str(cache_window)] if cache_window else [])]
         return resident.start(path, model_id, mode=mode, n=count, hosts=hosts_from(hosts) if hosts else None,
-                              backend=route.backend or "ring", bind=bind, timeout=timeout, say=hooks.say)
+                              backend=route.backend or "ring", bind=bind, timeout=timeout, say=hooks.say,
+                              prefill_step=prefill_step, extra=extra)
     except (ResidentError, ArthurError, OSError) as exc:
         raise AttemptFailed(f"the resident ranks did not come up: {exc}") from None
 

@@ -130,7 +130,7 @@ class Answer(BaseModel):
     ttft: float = 0.0
     peak_memory_bytes: int | None = None
     finish_reason: str | None = None
-    cache: str | None = None  # memory | disk | prefill | none
+    cache: str | None = None  # memory | disk | prefill | resident (the serving ranks' prefix cache) | none
 
     @property
     def answer(self) -> str:
@@ -353,6 +353,7 @@ class LocalRunner:
             reporter.token(r.generation_tokens)
         end = time.perf_counter()
         first_at = first_at or end
+        cached = stats.cached_tokens if stats else 0
         return Answer(
             unit=unit, text="".join(text), token_ids=ids, prompt_tokens=prompt.tokens, cached_tokens=cached,
             generation_tokens=last.generation_tokens if last else 0, prefill_seconds=first_at - t0,
@@ -410,12 +411,14 @@ class EngineRunner:
                               "(`arthur-cluster doc --resume`)") from None
         end = time.perf_counter()
         first_at = first_at or end
+        cached = stats.cached_tokens if stats else 0
         return Answer(
             unit=unit, text="".join(parts), prompt_tokens=(stats.prompt_tokens if stats else 0) or prompt.tokens,
             generation_tokens=(stats.generation_tokens if stats else 0) or n, prefill_seconds=first_at - t0,
             decode_seconds=end - first_at, ttft=first_at - t0,
             peak_memory_bytes=stats.peak_memory_bytes if stats else None,
-            finish_reason=stats.finish_reason if stats else None, cache="none")
+            finish_reason=stats.finish_reason if stats else None, cached_tokens=cached,
+            cache="resident" if cached else "none")  # resident MLX ranks keep the document's prefix
 
     def close(self) -> None:
         self.eng.close()
@@ -921,7 +924,8 @@ def _result(job: Job, plan: Plan, runner: Any, state: RunState) -> dict:
     prefilled = sum(u.prompt_tokens - u.cached_tokens for u in fresh)
     peak = max((u.peak_memory_bytes or 0 for u in state.units), default=0) or None
     hits = {"memory": sum(u.cache == "memory" for u in state.units), "disk": sum(u.cache == "disk" for u in state.units),
-            "prefill": sum(u.cache == "prefill" for u in state.units), "none": sum(u.cache == "none" for u in state.units)}
+            "prefill": sum(u.cache == "prefill" for u in state.units), "none": sum(u.cache == "none" for u in state.units),
+            "resident": sum(u.cache == "resident" for u in state.units)}
     return {
         "job": job.dir.name, "dir": str(job.dir), "model": plan.model, "engine": plan.engine, "route": plan.route,
         "fallback_reason": plan.fallback_reason, "mode": plan.mode, "chunks": len(plan.chunks),

@@ -543,30 +543,35 @@ def serve(args) -> int:
         job = None
         if rank == 0:
             job = state.jobs.get()
-            if state.status == "failed" and job is not None:
+            if state.status == "failed":  # nothing more runs on the group; shutdown just ends this process
+                if job is None:
+                    break
                 job.out.put(("error", state.reason))
                 continue
             state.active = job
-            op, prompt, params = broadcast(group, OP_STOP if job is None else OP_GENERATE,
-                                           job.prompt if job else None, job.params if job else None)
-        else:
-            op, prompt, params = broadcast(group, 0)
-        if op == OP_STOP:
-            stopping.set()
-            if control:
-                control.close()
-            break
-        mx.reset_peak_memory()
-        emit = _emitter(job, tokenizer) if rank == 0 else (lambda ev: None)
         try:
-            info = run_request(model, pc, prompt, params, step=args.prefill_step, eos=eos, emit=emit)
-        except Exception as e:  # noqa: BLE001 - a lost peer or a bad input: the deployment cannot go on
             if rank == 0:
-                state.fail(f"rank 0 failed during a request: {type(e).__name__}: {e}")
-                continue
-            raise
-        per_rank = gather_ints([loads, info["prefilled_tokens"], int(mx.get_peak_memory()), weight_bytes(model),
-                                os.getpid()], group)
+                op, prompt, params = broadcast(group, OP_STOP if job is None else OP_GENERATE,
+                                               job.prompt if job else None, job.params if job else None)
+            else:
+                op, prompt, params = broadcast(group, 0)
+            if op == OP_STOP:
+                break
+            mx.reset_peak_memory()
+            emit = _emitter(job, tokenizer) if rank == 0 else (lambda ev: None)
+            info = run_request(model, pc, prompt, params, step=args.prefill_step, eos=eos, emit=emit)
+            per_rank = gather_ints([loads, info["prefilled_tokens"], int(mx.get_peak_memory()), weight_bytes(model),
+                                    os.getpid()], group)
+        except Exception as e:  # noqa: BLE001 - a lost peer or a bad input: the deployment cannot go on
+            if rank != 0:
+                raise
+            end = time.monotonic() + 2.0  # a lost peer is usually the cause: let the control port name it
+            while state.status != "failed" and time.monotonic() < end:
+                time.sleep(0.05)
+            state.fail(f"rank 0 failed during a request: {type(e).__name__}: {e}")
+            control.close()
+            pc.forget()
+            continue
         if rank == 0:
             emit(("flush",))
             info.update({"weight_loads": [r[0] for r in per_rank], "prefilled_per_rank": [r[1] for r in per_rank],
@@ -576,6 +581,9 @@ def serve(args) -> int:
                                "rank_pids": info["rank_pids"], "last": {k: v for k, v in info.items() if k != "ids"}})
             state.active = None
             job.out.put(("done", info))
+    stopping.set()
+    if control:
+        control.close()
     if httpd is not None:
         httpd.shutdown()
     return 0
