@@ -353,7 +353,6 @@ class LocalRunner:
             reporter.token(r.generation_tokens)
         end = time.perf_counter()
         first_at = first_at or end
-        cached = stats.cached_tokens if stats else 0
         return Answer(
             unit=unit, text="".join(text), token_ids=ids, prompt_tokens=prompt.tokens, cached_tokens=cached,
             generation_tokens=last.generation_tokens if last else 0, prefill_seconds=first_at - t0,
