@@ -923,8 +923,9 @@ def _result(job: Job, plan: Plan, runner: Any, state: RunState) -> dict:
     prefilled = sum(u.prompt_tokens - u.cached_tokens for u in fresh)
     peak = max((u.peak_memory_bytes or 0 for u in state.units), default=0) or None
     hits = {"memory": sum(u.cache == "memory" for u in state.units), "disk": sum(u.cache == "disk" for u in state.units),
-            "prefill": sum(u.cache == "prefill" for u in state.units), "none": sum(u.cache == "none" for u in state.units),
-            "resident": sum(u.cache == "resident" for u in state.units)}
+            "prefill": sum(u.cache == "prefill" for u in state.units), "none": sum(u.cache == "none" for u in state.units)}
+    if any(u.cache == "resident" for u in state.units):  # answers from resident MLX ranks' prefix cache
+        hits["resident"] = sum(u.cache == "resident" for u in state.units)
     return {
         "job": job.dir.name, "dir": str(job.dir), "model": plan.model, "engine": plan.engine, "route": plan.route,
         "fallback_reason": plan.fallback_reason, "mode": plan.mode, "chunks": len(plan.chunks),
