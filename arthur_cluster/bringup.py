@@ -539,6 +539,13 @@ def stale_notes() -> list[str]:
     return [why] if why else []
 
 
+def doctor_findings() -> list[dict]:
+    """`doctor`'s view of the deployment: resident ranks that are gone or failed (linker.Finding fields)."""
+    return [{"kind": "stale-record", "severity": "error", "path": str(paths.deployment_file()), "message": line,
+             "fix": "run `arthur-cluster down` (it stops what is left and removes the record), then `up`"}
+            for line in stale_notes()]
+
+
 def down(*, record_path: Path | None = None) -> DownResult:
     """Stop what the record says runs (exo: delete its instance), then remove the record."""
     from .exo_client import ExoClient, ExoError, ExoHTTPError

@@ -175,3 +175,32 @@ def test_killing_rank_0_stops_the_others_and_leaves_a_stale_record(tiny_models, 
         assert bringup.down().had_deployment and not paths.deployment_file().exists()
     finally:
         resident.stop(res)
+
+
+def test_ranks_outlive_an_up_killed_while_they_load_and_down_stops_them(tiny_models, tmp_path, monkeypatch):
+    import subprocess
+    import sys
+
+    monkeypatch.setenv(paths.ENV_STATE_DIR, str(tmp_path / "state"))
+    script = ("import sys; from pathlib import Path; from arthur_cluster import bringup; "
+              "from arthur_cluster.fallback import Route; "
+              "bringup.start_resident(Path(sys.argv[1]), 'tiny', Route(engine='mlx', sharding='pipeline', "
+              "backend='ring', nodes=2), timeout=120)")
+    up = subprocess.Popen([sys.executable, "-c", script, str(tiny_models["nemotron_h-8bit"])])
+    deadline = time.monotonic() + 60
+    while resident.read_state() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    os.kill(up.pid, signal.SIGKILL)  # before the ranks are ready, and before any deployment record
+    up.wait()
+    res = resident.read_state()
+    assert res is not None and len(res.pids) == 2 and not paths.deployment_file().exists()
+    try:
+        while resident.problem(res) is not None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert resident.problem(res) is None and all(_alive(p) for p in res.pids)  # detached: they live on
+        assert bringup.stale_notes() == []
+        out = bringup.down()
+        assert out.had_deployment and any("stopped the resident ranks" in a for a in out.actions)
+        assert not any(_alive(p) for p in res.pids) and not resident.state_file().exists()
+    finally:
+        resident.stop(res)
