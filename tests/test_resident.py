@@ -57,8 +57,13 @@ def scratch(tiny_models):
 
 
 @pytest.fixture(scope="module")
-def served(tiny_models, tmp_path_factory):
-    res = _start(tiny_models["nemotron_h-f32"], "tensor", tmp_path_factory.mktemp("resident"))
+def home(tmp_path_factory):
+    return tmp_path_factory.mktemp("resident")
+
+
+@pytest.fixture(scope="module")
+def served(tiny_models, home):
+    res = _start(tiny_models["nemotron_h-f32"], "tensor", home)
     yield res
     resident.stop(res)
 
@@ -128,6 +133,23 @@ def test_document_job_on_a_multi_node_deployment_prefills_the_document_once(serv
         q = a["question"]
         ids = scratch[q][1] if q in scratch else None
         assert a["answer"] is not None and (ids is None or a["finish_reason"] in ("stop", "length"))
+
+
+def test_new_ranks_resume_a_document_from_their_own_disks(served, home, scratch, tiny_models):
+    eng = bringup.engine_for(_deployment(served))
+    for q in ("What is it?", "How many nodes?"):  # a document asked twice: each rank saves its shard
+        collect(eng.stream(_messages(q), max_tokens=MAX_TOKENS))
+    files = list((home / "prompt-cache" / "resident").glob("*.safetensors"))
+    assert len(files) >= 2  # one per rank
+    again = _start(tiny_models["nemotron_h-f32"], "tensor", home)  # as after `down` and `up`
+    try:
+        eng = bringup.engine_for(_deployment(again))
+        result = collect(eng.stream(_messages("zebra quantum 42"), max_tokens=MAX_TOKENS))
+        assert eng.last_done["weight_loads"] == [1, 1] and result.stats.cached_tokens > 0.8 * len(
+            scratch["zebra quantum 42"][0])
+        assert eng.last_done["ids"] == scratch["zebra quantum 42"][1]
+    finally:
+        resident.stop(again)
 
 
 def test_a_killed_rank_ends_the_deployment_clearly_and_down_cleans_up(tiny_models, tmp_path, monkeypatch):

@@ -49,3 +49,23 @@ def test_a_prompt_repeated_exactly_still_prefills_its_last_token(model):
     first = server.run_request(model, pc, p, server.Params(max_tokens=N), step=STEP, eos=set(), emit=lambda e: None)
     again = server.run_request(model, pc, p, server.Params(max_tokens=N), step=STEP, eos=set(), emit=lambda e: None)
     assert again["ids"] == first["ids"] and again["cached_tokens"] == 56 and again["prefilled_tokens"] == 8
+
+
+def test_a_prefix_reused_once_is_saved_and_a_new_process_resumes_from_disk(model, tmp_path):
+    doc = _ids(0, 290)
+    a, b, d = doc + _ids(1000, 40), doc + _ids(2000, 12), doc + _ids(4000, 6)
+    store = server.DiskStore(tmp_path, "model-identity:single:0/1")
+    first = server.PrefixCache(model, block=BLOCK, window=WINDOW, disk=store)
+    for prompt in (a, b):
+        server.run_request(model, first, prompt, server.Params(max_tokens=N), step=STEP, eos=set(),
+                           emit=lambda e: None)
+        first.flush()
+    assert len(list(tmp_path.glob("*.safetensors"))) == 1  # only the point b resumed from: the document
+    fresh = server.PrefixCache(model, block=BLOCK, window=WINDOW, disk=store)  # as after `down` and `up`
+    info = server.run_request(model, fresh, d, server.Params(max_tokens=N), step=STEP, eos=set(), emit=lambda e: None)
+    assert info["cached_tokens"] == 288
+    assert {c.offset for c in fresh.cache if c.is_trimmable()} == {len(d) + N - 1}  # KV holds exactly the tokens
+    assert info["ids"] == [t for t, _ in generate(model, d, max_tokens=N, prefill_step=STEP)]
+    other = server.PrefixCache(model, block=BLOCK, window=WINDOW, disk=server.DiskStore(tmp_path, "other-weights"))
+    info = server.run_request(model, other, d, server.Params(max_tokens=N), step=STEP, eos=set(), emit=lambda e: None)
+    assert info["cached_tokens"] == 0  # another model's (or split's, or rank's) files are never used

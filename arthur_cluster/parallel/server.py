@@ -67,6 +67,38 @@ def common_prefix(a: list[int], b: list[int]) -> int:
     return i
 
 
+class DiskStore:
+    """One rank's saved prefixes on its own disk (paths.prompt_cache_dir()/resident on that node): a file per
+    (model files, split, rank, prefix tokens), written atomically as the document job's prompt cache is."""
+
+    def __init__(self, folder: Path, identity: str):
+        self.folder, self.identity = Path(folder), identity
+
+    def paths(self, prompt: list[int], points: list[int]) -> dict[int, Path]:
+        """The file for each prefix length in `points` (ascending), hashed in one pass over the prompt."""
+        import hashlib
+        from array import array
+
+        from ..promptcache import FORMAT
+
+        h = hashlib.sha256(f"{FORMAT}:resident:{self.identity}:".encode())
+        out, done = {}, 0
+        for p in points:
+            h.update(array("i", prompt[done:p]).tobytes())
+            done = p
+            out[p] = self.folder / f"{h.copy().hexdigest()[:32]}.safetensors"
+        return out
+
+
+def _all_ranks(flags: list[int], group) -> list[int]:
+    """Each flag set on every rank (a rank decides nothing alone: the ranks must stay in step)."""
+    import mlx.core as mx
+
+    if group is None or group.size() == 1 or not flags:
+        return flags
+    return [int(x) for x in mx.distributed.all_min(mx.array(flags, dtype=mx.int32), group=group).tolist()]
+
+
 class PrefixCache:
     """One rank's shard of the cache of the last prompt, with restore points near its end.
 
@@ -82,13 +114,19 @@ class PrefixCache:
     Cost: window/block copies of the Mamba state (Nemotron-3-Nano: 49 MB for all 23 Mamba layers, so 16 points
     hold about 0.8 GB over all ranks together) and one cache: the last prompt's, so documents asked in turn
     each prefill again.
+
+    On disk (`disk`): a point that a request resumed from is a prefix shared by two prompts (a document asked
+    twice), so after that request each rank saves its shard of the cache at that point. A prompt that misses in
+    memory looks for its restore points on disk, longest first, and resumes from the longest one every rank has.
     """
 
-    def __init__(self, model: Any, block: int = 128, window: int = 2048):
-        self.model, self.block, self.window = model, block, window
+    def __init__(self, model: Any, block: int = 128, window: int = 2048, disk: DiskStore | None = None,
+                 group=None):
+        self.model, self.block, self.window, self.disk, self.group = model, block, window, disk, group
         self.tokens: list[int] = []
         self.cache: list[Any] | None = None
         self.points: dict[int, list[Any]] = {}  # restore point -> per layer: copied Mamba state or None
+        self.pending: tuple[Path, int, list[Any]] | None = None  # a shard to save once the request is answered
 
     def begin(self, prompt: list[int]) -> tuple[list[Any], int]:
         """The cache to run `prompt` with and how many of its tokens are already in it."""
@@ -99,7 +137,8 @@ class PrefixCache:
         self.tokens = list(prompt)
         if self.cache is None or not usable:
             self.cache, self.points = make_prompt_cache(self.model), {}
-            return self.cache, 0
+            start = self._from_disk(prompt)  # may replace self.cache
+            return self.cache, start
         start = max(usable)
         for c, saved in zip(self.cache, self.points[start]):
             if c.is_trimmable():
@@ -108,7 +147,47 @@ class PrefixCache:
                 c.state = ([_copy(x) for x in saved[0]], *saved[1:])
         # what lies past `start` is overwritten now; points far before the new prompt's end are not needed again
         self.points = {p: s for p, s in self.points.items() if p == start or len(prompt) - self.window < p < start}
+        if self.disk is not None:
+            path = self.disk.paths(prompt, [start])[start]
+            if not path.is_file():
+                self.pending = (path, start, [_shard_copy(c) for c in self.cache])
         return self.cache, start
+
+    def _from_disk(self, prompt: list[int]) -> int:
+        """Resume from the longest restore point saved on every rank's disk; 0 when none (nothing changes)."""
+        if self.disk is None:
+            return 0
+        from mlx_lm.models.cache import load_prompt_cache
+
+        points = [p for p in range(self.block, len(prompt), self.block) if p > len(prompt) - self.window]
+        files = self.disk.paths(prompt, points)
+        found = _all_ranks([int(files[p].is_file()) for p in points], self.group)
+        best = max((p for p, ok in zip(points, found) if ok), default=0)
+        if not best:
+            return 0
+        try:
+            cache, meta = load_prompt_cache(str(files[best]), return_metadata=True)
+            ok = meta.get("tokens") == str(best) and len(cache) == len(self.cache)
+        except Exception:  # noqa: BLE001 - a damaged or foreign file: prefill instead
+            cache, ok = None, False
+        if not all(_all_ranks([int(ok)], self.group)):
+            return 0
+        self.cache = cache
+        self.save_point(best)
+        return best
+
+    def flush(self) -> None:
+        """Write the shard a request resumed from (after its answer, so the answer does not wait for the disk)."""
+        if self.pending is None:
+            return
+        from ..promptcache import save
+
+        path, start, shard = self.pending
+        self.pending = None
+        try:
+            save(path, shard, {"tokens": str(start), "model": self.disk.identity})
+        except (OSError, RuntimeError):
+            pass  # a full or read-only disk only costs a later prefill
 
     def is_point(self, done: int, total: int) -> bool:
         return done % self.block == 0 and done > total - self.window
@@ -129,6 +208,24 @@ class PrefixCache:
 
     def forget(self) -> None:
         self.tokens, self.cache, self.points = [], None, {}
+
+
+def _shard_copy(c):
+    """A copy of one layer's cache as it stands (KV trimmed to its offset), as a plain mlx-lm cache object."""
+    import mlx.core as mx
+    from mlx_lm.models.cache import ArraysCache, KVCache
+
+    if c.is_trimmable():
+        out = KVCache()
+        if c.keys is not None:
+            n = c.offset
+            out.keys, out.values, out.offset = _copy(c.keys[..., :n, :]), _copy(c.values[..., :n, :]), n
+            mx.eval(out.keys, out.values)
+        return out
+    out = ArraysCache(size=len(c.state[0]))  # also for a pipeline stage's link cache: it loads as this class
+    out.state = ([_copy(x) for x in c.state[0]], *c.state[1:])
+    mx.eval([x for x in out.state[0] if x is not None])
+    return out
 
 
 # --- one request, the same on every rank -----------------------------------------------------------------
@@ -532,7 +629,14 @@ def serve(args) -> int:
     loads += 1
     if group is not None:
         mx.eval(mx.distributed.all_sum(mx.array(1.0), group=group))
-    pc = PrefixCache(model, block=args.block, window=args.window)
+    disk = None
+    if not args.no_disk_cache:
+        from .. import paths
+        from ..promptcache import model_identity
+
+        disk = DiskStore(paths.prompt_cache_dir() / "resident",
+                         f"{model_identity(Path(args.model))}:{args.mode}:{rank}/{size}")
+    pc = PrefixCache(model, block=args.block, window=args.window, disk=disk, group=group)
     eos = set(tokenizer.eos_token_ids or [])
     if rank == 0:
         if not control.ready.wait(CONNECT_WAIT):
@@ -584,6 +688,7 @@ def serve(args) -> int:
                                "rank_pids": info["rank_pids"], "last": {k: v for k, v in info.items() if k != "ids"}})
             state.active = None
             job.out.put(("done", info))
+        pc.flush()
     stopping.set()
     if control:
         control.close()
@@ -627,6 +732,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--control-port", type=int, default=0)
     p.add_argument("--prefill-step", type=int, default=2048)
     p.add_argument("--block", type=int, default=128, help="prefix cache: restore points every this many tokens")
+    p.add_argument("--no-disk-cache", action="store_true", help="keep prefixes in memory only")
     p.add_argument("--window", type=int, default=2048, help="prefix cache: ... within the prompt's last tokens")
     return p
 
