@@ -505,11 +505,12 @@ def open_runner(model: str | None = None, *, use_cache: bool = True, step: int =
 
 def _from_deployment(dep: Any, *, use_cache: bool, step: int) -> Any:
     """A runner on what bring-up deployed: mlx-lm in this process for one node (so the prompt cache is ours),
-    otherwise the deployment's own engine (exo's API, or MLX ranks through mlx.launch)."""
+    otherwise the deployment's own engine: exo's API, or the resident MLX ranks' endpoint (which keep the
+    document's prefix cache themselves, so later questions prefill only themselves)."""
     from . import bringup
 
     route, reason = dep.route.label, dep.fallback_reason
-    if dep.engine == "mlx" and dep.route.nodes <= 1 and dep.model_path is not None:
+    if dep.engine == "mlx" and dep.route.nodes <= 1 and dep.model_path is not None and dep.resident is None:
         return load_local(dep.model_path, dep.model, route=route, fallback_reason=reason,
                           use_cache=use_cache, step=step)
     try:

@@ -483,7 +483,7 @@ def make_handler(state: State):
 
         def do_POST(self) -> None:
             if self.path == "/admin/shutdown":
-                if self.headers.get("Authorization") != f"Bearer {state.token}":
+                if not state.token or self.headers.get("Authorization") != f"Bearer {state.token}":
                     self._error(403, "wrong or missing token", "forbidden")
                     return
                 self._json(200, {"status": "stopping"})
@@ -633,9 +633,10 @@ def serve(args) -> int:
     if not args.no_disk_cache:
         from .. import paths
         from ..promptcache import model_identity
+        from .worker import model_folder
 
-        disk = DiskStore(paths.prompt_cache_dir() / "resident",
-                         f"{model_identity(Path(args.model))}:{args.mode}:{rank}/{size}")
+        disk = DiskStore(paths.prompt_cache_dir() / "resident",  # this node's folder and weight files
+                         f"{model_identity(model_folder(args.model, args.repo_id))}:{args.mode}:{rank}/{size}")
     pc = PrefixCache(model, block=args.block, window=args.window, disk=disk, group=group)
     eos = set(tokenizer.eos_token_ids or [])
     if rank == 0:
