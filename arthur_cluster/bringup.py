@@ -5,6 +5,10 @@ machine), pick a model and route (fallback.pick), make the weights visible (link
 exact command, or it runs over ssh when models.toml names a host), register exo's custom card, place or load,
 wait with progress (bounded), and ask a short question. Any failure is recorded with its reason and the next
 candidate is tried. The Deployment record (paths.deployment_file()) is what `doc` and `down` read.
+
+MLX across nodes (or on one node with serve=True) starts ranks that stay up (parallel/resident.py): rank 0 serves
+OpenAI chat completions, the record's `resident` says where and which processes; `down` stops them, and
+`doctor`/`up` say when a recorded one is gone or has failed. One node without serve stays in-process, as before.
 """
 
 from __future__ import annotations
@@ -386,8 +390,7 @@ def _up_mlx(choice: Choice, cat: Catalog, timeout: float, prompt: str, max_token
         raise AttemptFailed(f"loaded, but the test question failed: {exc}") from None
     finally:
         engine.close()
-    notes.append("MLX runs inside the process that uses it: `doc` loads the model again from model_path"
-                 + (" and starts the ranks on the hosts recorded" if hosts else ""))
+    notes.append("MLX runs inside the process that uses it: `doc` loads the model again from model_path")
     return Deployment(model=choice.model, served_id=served, engine="mlx", route=choice.route, nodes=choice.nodes,
                       model_path=path, hosts=hosts, context=choice.context, smoke=smoke, notes=notes)
 

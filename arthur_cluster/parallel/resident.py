@@ -7,7 +7,6 @@ a start killed at any point leaves a file `down` reads to stop them, and `doctor
 
 from __future__ import annotations
 
-import json
 import os
 import secrets
 import shutil
