@@ -226,3 +226,22 @@ def test_ranks_outlive_an_up_killed_while_they_load_and_down_stops_them(tiny_mod
         assert not any(_alive(p) for p in res.pids) and not resident.state_file().exists()
     finally:
         resident.stop(res)
+
+
+def test_a_multi_node_route_starts_its_ranks_through_mlx_launch(tiny_models, tmp_path, monkeypatch):
+    # mlx.launch runs a host named 127.0.0.1 without ssh: the real launcher path, on this machine twice.
+    monkeypatch.setenv(paths.ENV_STATE_DIR, str(tmp_path / "state"))
+    here = {"ssh": "127.0.0.1", "ips": ["127.0.0.1"], "rdma": []}
+    res = bringup.start_resident(tiny_models["nemotron_h-8bit"], "tiny",
+                                 Route(engine="mlx", sharding="pipeline", backend="ring", nodes=2), [here, here],
+                                 timeout=120)
+    try:
+        assert len(res.pids) == 1 and res.hosts == ["127.0.0.1", "127.0.0.1"]  # the launcher
+        eng = bringup.engine_for(_deployment(res))
+        assert collect(eng.stream(_messages("Why?"), max_tokens=2)).stats.generation_tokens == 2
+        ranks = eng.rank_pids
+        assert len(ranks) == 2 and res.pids[0] not in ranks
+        resident.stop(res)
+        assert not any(_alive(p) for p in [*ranks, *res.pids])
+    finally:
+        resident.stop(res)

@@ -86,12 +86,13 @@ def start(path: Path, model_id: str, *, mode: str, n: int, hosts: list[Host] | N
     logdir = paths.state_dir() / "resident" / (datetime.now().strftime("%Y%m%d-%H%M%S-") + secrets.token_hex(3))
     logdir.mkdir(parents=True, exist_ok=True)
     port = port or free_ports(1, bind if bind not in ("0.0.0.0", "::") else "127.0.0.1")[0]
-    ctrl_host = hosts[0].ips[0] if hosts and hosts[0].ips else "127.0.0.1"
+    # The other ranks reach rank 0 (this machine, hosts[0]) at its first IP, else at its ssh name.
+    ctrl_host = (hosts[0].ips[0] if hosts[0].ips else hosts[0].ssh) if hosts else "127.0.0.1"
     ctrl_port = free_ports(1)[0]
     entry = entry or ["-m", "arthur_cluster.parallel.server"]
     args = [*entry, "--model", str(path), "--model-id", model_id, "--mode", mode, "--backend", backend,
             "--bind", bind, "--port", str(port), "--control", f"{ctrl_host}:{ctrl_port}",
-            "--control-bind", ctrl_host if hosts else "127.0.0.1", "--control-port", str(ctrl_port),
+            "--control-bind", "0.0.0.0" if hosts else "127.0.0.1", "--control-port", str(ctrl_port),
             "--prefill-step", str(prefill_step), *(extra or [])]
     token = secrets.token_hex(16)
     env = {"ARTHUR_RESIDENT_TOKEN": token, "PYTHONUNBUFFERED": "1"}
