@@ -314,6 +314,9 @@ def test_up_with_serve_keeps_the_model_behind_an_openai_endpoint_and_down_stops_
         result = collect(engine.stream([{"role": "user", "content": "What is 2+2?"}], max_tokens=4))
         assert result.stats.generation_tokens == 4 and engine.last_done["weight_loads"] == [1]
         assert bringup.stale_notes() == [] and not any(f.kind == "stale-record" for f in linker.doctor().findings)
+        old, dep = dep, bringup.up(catalogue(), engine="mlx", serve=True)  # again: the old ranks go first
+        assert dep.resident.url != old.resident.url and not any(resident._alive(p) for p in old.resident.pids)
+        assert any("stopped the previous resident ranks" in n for n in dep.notes)
         out = bringup.down()
         assert any("stopped the resident ranks" in a for a in out.actions)
         assert not paths.deployment_file().exists() and not resident.state_file().exists()
