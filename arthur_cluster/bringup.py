@@ -5,6 +5,10 @@ machine), pick a model and route (fallback.pick), make the weights visible (link
 exact command, or it runs over ssh when models.toml names a host), register exo's custom card, place or load,
 wait with progress (bounded), and ask a short question. Any failure is recorded with its reason and the next
 candidate is tried. The Deployment record (paths.deployment_file()) is what `doc` and `down` read.
+
+MLX across nodes (or on one node with serve=True) starts ranks that stay up (parallel/resident.py): rank 0 serves
+OpenAI chat completions, the record's `resident` says where and which processes; `down` stops them, and
+`doctor`/`up` say when a recorded one is gone or has failed. One node without serve stays in-process, as before.
 """
 
 from __future__ import annotations
@@ -25,6 +29,8 @@ from .cluster import ClusterError, ClusterInfo, Discovery, discover
 from .engines.base import ChatResult, Engine, EngineError, collect
 from .fallback import Choice, NoChoice, Rejection, Route
 from .hostfile import RemoteError, over_ssh
+from .parallel import resident
+from .parallel.resident import Resident, ResidentError
 
 SMOKE_PROMPT = "What is 2+2?"
 SMOKE_MAX_TOKENS = 50
@@ -68,10 +74,11 @@ class Deployment(BaseModel):
     engine: Literal["exo", "mlx"]
     route: Route
     nodes: list[str] = Field(default_factory=list)
-    endpoint: str | None = None  # exo's API; None for MLX in-process
+    endpoint: str | None = None  # exo's API, or the resident MLX ranks' (rank 0's /v1); None for MLX in-process
     instance_id: str | None = None
     model_path: Path | None = None
     hosts: list[dict] = Field(default_factory=list)  # MLX across nodes: what mlx.launch gets, in rank order
+    resident: Resident | None = None  # MLX ranks that stay up: where rank 0 listens, their pids, logs
     context: int = fallback.DEFAULT_CONTEXT
     fallback_reason: str | None = None
     rejections: list[Rejection] = Field(default_factory=list)
@@ -161,9 +168,37 @@ def engine_for(dep: Deployment) -> Engine:
         from .exo_client import ExoClient
 
         return ExoEngine(ExoClient(dep.endpoint), dep.served_id)
+    if dep.resident is not None:
+        from .engines.mlx import MlxEngine
+
+        if (why := resident.problem(dep.resident)) is not None:
+            raise DeploymentError(f"{paths.deployment_file()}: {why}")
+        return MlxEngine(dep.served_id, mode=dep.route.sharding if dep.route.nodes > 1 else "single",
+                         endpoint=dep.resident.url)
     if dep.model_path is None:
         raise DeploymentError(f"{paths.deployment_file()}: an MLX deployment without model_path; run `up` again")
     return open_mlx(dep.model_path, dep.served_id, dep.route, dep.hosts or None)
+
+
+def start_resident(path: Path, model_id: str, route: Route, hosts: list[dict] | None = None, *,
+                   bind: str = "127.0.0.1", timeout: float = DEFAULT_TIMEOUT, hooks: Hooks | None = None,
+                   n: int | None = None, prefill_step: int = 2048, cache_block: int | None = None,
+                   cache_window: int | None = None) -> Resident:
+    """Ranks that stay up for a route: on `hosts` through mlx.launch, else `n` (default: the route's node
+    count) ranks on this machine over loopback. Raises AttemptFailed with the ranks' own reason."""
+    from .hostfile import hosts_from
+
+    hooks = hooks or Hooks()
+    count = len(hosts) if hosts else (n or route.nodes)
+    mode = route.sharding if count > 1 else "single"
+    try:
+        extra = [*(["--block", str(cache_block)] if cache_block else []),
+                 *(["--window", str(cache_window)] if cache_window else [])]
+        return resident.start(path, model_id, mode=mode, n=count, hosts=hosts_from(hosts) if hosts else None,
+                              backend=route.backend or "ring", bind=bind, timeout=timeout, say=hooks.say,
+                              prefill_step=prefill_step, extra=extra)
+    except (ResidentError, ArthurError, OSError) as exc:
+        raise AttemptFailed(f"the resident ranks did not come up: {exc}") from None
 
 
 def smoke_test(engine: Engine, prompt: str = SMOKE_PROMPT, max_tokens: int = SMOKE_MAX_TOKENS) -> Smoke:
@@ -404,12 +439,14 @@ def _download(model_id: str, hooks: Hooks) -> Path:
 
 
 def _up_mlx(choice: Choice, cat: Catalog, timeout: float, prompt: str, max_tokens: int,
-            hooks: Hooks) -> Deployment:
+            hooks: Hooks, serve: bool = False, bind: str = "127.0.0.1") -> Deployment:
     served = choice.available.served_id
     path = choice.available.path or _download(served, hooks)
     notes = weights_elsewhere(choice, cat, hooks)
     hooks.say(f"loading {served} with MLX ({choice.route.label})")
     hosts = mlx_hosts(choice.cluster, choice.route) if choice.route.nodes > 1 else []
+    if hosts or serve:
+        return _up_resident(choice, path, hosts, notes, timeout, prompt, max_tokens, hooks, bind)
     try:
         engine = open_mlx(path, served, choice.route, hosts or None, timeout=timeout)
     except EngineError as exc:
@@ -421,10 +458,45 @@ def _up_mlx(choice: Choice, cat: Catalog, timeout: float, prompt: str, max_token
         raise AttemptFailed(f"loaded, but the test question failed: {exc}") from None
     finally:
         engine.close()
-    notes.append("MLX runs inside the process that uses it: `doc` loads the model again from model_path"
-                 + (" and starts the ranks on the hosts recorded" if hosts else ""))
+    notes.append("MLX runs inside the process that uses it: `doc` loads the model again from model_path")
     return Deployment(model=choice.model, served_id=served, engine="mlx", route=choice.route, nodes=choice.nodes,
                       model_path=path, hosts=hosts, context=choice.context, smoke=smoke, notes=notes)
+
+
+def _recorded_residents() -> list[Resident]:
+    try:
+        dep = read_record()
+    except DeploymentError:
+        dep = None
+    found = [r for r in (dep.resident if dep else None, resident.read_state()) if r is not None]
+    return list({r.url: r for r in found}.values())
+
+
+def _up_resident(choice: Choice, path: Path, hosts: list[dict], notes: list[str], timeout: float, prompt: str,
+                 max_tokens: int, hooks: Hooks, bind: str) -> Deployment:
+    """Multi-node MLX (or --serve): ranks that stay up, rank 0 serving chat completions."""
+    from .engines.mlx import MlxEngine
+
+    served = choice.available.served_id
+    for old in _recorded_residents():  # two copies of the weights would not fit: the old ranks go first
+        hooks.say(f"stopping the resident ranks already up ({old.model} at {old.url})")
+        notes.append(f"stopped the previous resident ranks of {old.model} at {old.url}")
+        resident.stop(old)
+    res = start_resident(path, served, choice.route, hosts or None, bind=bind, timeout=timeout, hooks=hooks)
+    try:
+        hooks.say(f"asking {served} at {res.url}: {prompt!r}")
+        smoke = smoke_test(MlxEngine(served, mode=res.mode, endpoint=res.url), prompt, max_tokens)
+    except (EngineError, ArthurError) as exc:
+        resident.stop(res)
+        raise AttemptFailed(f"the ranks came up, but the test question failed: {exc}") from None
+    except BaseException:
+        resident.stop(res)
+        raise
+    notes.append(f"MLX ranks stay up: rank 0 serves OpenAI chat completions at {res.endpoint} (pids {res.pids}, "
+                 f"logs {res.logdir}); `arthur-cluster down` stops them")
+    return Deployment(model=choice.model, served_id=served, engine="mlx", route=choice.route, nodes=choice.nodes,
+                      endpoint=res.endpoint, model_path=path, hosts=hosts, resident=res, context=choice.context,
+                      smoke=smoke, notes=notes)
 
 
 # --- up / down --------------------------------------------------------------------------------------------------
@@ -447,13 +519,16 @@ def up(cat: Catalog, *, model: str | None = None, fallbacks: list[str] | None = 
        engine: Literal["exo", "mlx"] | None = None, exo_url: str | None = None,
        context: int | None = None, timeout: float = DEFAULT_TIMEOUT, allow_download: bool = False,
        prompt: str = SMOKE_PROMPT, max_tokens: int = SMOKE_MAX_TOKENS, probe_fn: fallback.ProbeFn | None = None,
-       hooks: Hooks | None = None, record: bool = True) -> Deployment:
+       hooks: Hooks | None = None, record: bool = True, serve: bool = False, bind: str = "127.0.0.1") -> Deployment:
     """Bring up the first candidate that answers; raise BringUpError with every reason when none does.
 
     engine None: exo when reachable, then MLX (models.toml [cluster], else this machine) — the embedded default.
-    The demo calls `up(catalog.for_demo(), engine="mlx")` inside its demo home.
+    The demo calls `up(catalog.for_demo(), engine="mlx")` inside its demo home. MLX across nodes (or any MLX
+    route with serve=True) starts ranks that stay up, rank 0's HTTP server on `bind` (default loopback).
     """
     hooks = hooks or Hooks()
+    for line in stale_notes():
+        hooks.say(line)
     target = model or cat.target
     found = discover(cat, engine=engine, exo_url=exo_url)  # ClusterError when engine="exo" and exo fails
     for note in found.notes:
@@ -481,7 +556,7 @@ def up(cat: Catalog, *, model: str | None = None, fallbacks: list[str] | None = 
             if choice.route.engine == "exo":
                 dep = _up_exo(choice, cat, timeout, prompt, max_tokens, hooks, no_card)
             else:
-                dep = _up_mlx(choice, cat, timeout, prompt, max_tokens, hooks)
+                dep = _up_mlx(choice, cat, timeout, prompt, max_tokens, hooks, serve=serve, bind=bind)
         except AttemptFailed as exc:
             hooks.say(f"failed: {exc}; falling back")
             prior = list(choice.rejections) + [Rejection(model=choice.model, stage="bringup", reason=str(exc),
@@ -505,6 +580,11 @@ def _retire_previous(dep: Deployment, hooks: Hooks) -> None:
         old = read_record()
     except DeploymentError:
         return  # unreadable: it is replaced below
+    if old is not None and old.resident is not None and old.resident != dep.resident:
+        resident.stop(old.resident)
+        dep.notes.append(f"stopped the previous deployment's resident ranks of {old.served_id}")
+        hooks.say(dep.notes[-1])
+        return
     if old is None or old.engine != "exo" or not old.instance_id or old.instance_id == dep.instance_id:
         return
     from .exo_client import ExoClient
@@ -518,14 +598,39 @@ def _retire_previous(dep: Deployment, hooks: Hooks) -> None:
     hooks.say(dep.notes[-1])
 
 
+def stale_notes() -> list[str]:
+    """What is wrong with the recorded resident ranks (gone, failed), one line each; [] when all is well."""
+    try:
+        dep = read_record()
+    except DeploymentError as exc:
+        return [str(exc)]
+    res = dep.resident if dep is not None else resident.read_state()
+    if res is None:
+        return []
+    why = resident.problem(res)
+    return [why] if why else []
+
+
+def doctor_findings() -> list[dict]:
+    """`doctor`'s view of the deployment: resident ranks that are gone or failed (linker.Finding fields)."""
+    return [{"kind": "stale-record", "severity": "error", "path": str(paths.deployment_file()), "message": line,
+             "fix": "run `arthur-cluster down` (it stops what is left and removes the record), then `up`"}
+            for line in stale_notes()]
+
+
 def down(*, record_path: Path | None = None) -> DownResult:
     """Stop what the record says runs (exo: delete its instance), then remove the record."""
     from .exo_client import ExoClient, ExoError, ExoHTTPError
 
     path = record_path or paths.deployment_file()
     dep = read_record(path)
+    orphan = resident.read_state()  # ranks whose `up` was killed before it wrote the record
     if dep is None:
-        return DownResult(had_deployment=False, actions=[f"no deployment recorded at {path}"])
+        actions = [f"no deployment recorded at {path}"]
+        if orphan is not None:
+            actions += resident.stop(orphan)
+        return DownResult(had_deployment=orphan is not None, model=orphan.model if orphan else None,
+                          engine="mlx" if orphan else None, actions=actions)
     out = DownResult(had_deployment=True, model=dep.model, engine=dep.engine, instance_id=dep.instance_id)
     if dep.engine == "exo" and dep.instance_id:
         client = ExoClient(dep.endpoint)
@@ -540,8 +645,12 @@ def down(*, record_path: Path | None = None) -> DownResult:
         except ExoError as exc:
             raise DeploymentError(f"{exc} The record stays at {path}: run `arthur-cluster down` again once exo "
                                   "answers, or delete the instance from exo's dashboard.") from None
+    elif dep.resident is not None:
+        out.actions += resident.stop(dep.resident)
     else:
         out.actions.append("MLX ran in-process: nothing left running")
+    if orphan is not None and (dep.resident is None or orphan.url != dep.resident.url):
+        out.actions += resident.stop(orphan)
     path.unlink(missing_ok=True)
     out.actions.append(f"removed {path}")
     return out

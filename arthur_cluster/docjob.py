@@ -134,7 +134,7 @@ class Answer(BaseModel):
     ttft: float = 0.0
     peak_memory_bytes: int | None = None
     finish_reason: str | None = None
-    cache: str | None = None  # memory | disk | prefill | none
+    cache: str | None = None  # memory | disk | prefill | resident (the serving ranks' prefix cache) | none
 
     @property
     def answer(self) -> str:
@@ -417,12 +417,14 @@ class EngineRunner:
                               "(`arthur-cluster doc --resume`)") from None
         end = time.perf_counter()
         first_at = first_at or end
+        cached = stats.cached_tokens if stats else 0
         return Answer(
             unit=unit, text="".join(parts), prompt_tokens=(stats.prompt_tokens if stats else 0) or prompt.tokens,
             generation_tokens=(stats.generation_tokens if stats else 0) or n, prefill_seconds=first_at - t0,
             decode_seconds=end - first_at, ttft=first_at - t0,
             peak_memory_bytes=stats.peak_memory_bytes if stats else None,
-            finish_reason=stats.finish_reason if stats else None, cache="none")
+            finish_reason=stats.finish_reason if stats else None, cached_tokens=cached,
+            cache="resident" if cached else "none")  # resident MLX ranks keep the document's prefix
 
     def close(self) -> None:
         self.eng.close()
@@ -592,11 +594,12 @@ def open_runner(model: str | None = None, *, use_cache: bool = True, step: int =
 
 def _from_deployment(dep: Any, *, use_cache: bool, step: int) -> Any:
     """A runner on what bring-up deployed: mlx-lm in this process for one node (so the prompt cache is ours),
-    otherwise the deployment's own engine (exo's API, or MLX ranks through mlx.launch)."""
+    otherwise the deployment's own engine: exo's API, or the resident MLX ranks' endpoint (which keep the
+    document's prefix cache themselves, so later questions prefill only themselves)."""
     from . import bringup
 
     route, reason = dep.route.label, dep.fallback_reason
-    if dep.engine == "mlx" and dep.route.nodes <= 1 and dep.model_path is not None:
+    if dep.engine == "mlx" and dep.route.nodes <= 1 and dep.model_path is not None and dep.resident is None:
         return load_local(dep.model_path, dep.model, route=route, fallback_reason=reason,
                           use_cache=use_cache, step=step)
     try:
@@ -1206,6 +1209,8 @@ def _result(job: Job, plan: Plan, runner: Any, state: RunState) -> dict:
     peak = max((u.peak_memory_bytes or 0 for u in state.units), default=0) or None
     hits = {"memory": sum(u.cache == "memory" for u in state.units), "disk": sum(u.cache == "disk" for u in state.units),
             "prefill": sum(u.cache == "prefill" for u in state.units), "none": sum(u.cache == "none" for u in state.units)}
+    if any(u.cache == "resident" for u in state.units):  # answers from resident MLX ranks' prefix cache
+        hits["resident"] = sum(u.cache == "resident" for u in state.units)
     return {
         "job": job.dir.name, "dir": str(job.dir), "model": plan.model, "engine": plan.engine, "route": plan.route,
         "fallback_reason": plan.fallback_reason, "mode": plan.mode, "chunks": len(plan.chunks),

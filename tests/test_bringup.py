@@ -306,3 +306,56 @@ def test_a_previous_instance_that_cannot_be_stopped_is_said_so(exo_factory, libr
     second = bringup.up(catalogue(), engine="exo", exo_url=new.url, timeout=60)
     note = next(n for n in second.notes if first.instance_id in n)
     assert note.startswith("could not stop") and "dashboard" in note
+
+
+# --- MLX ranks that stay up (--serve on one node; always across nodes) ---------------------------------------
+
+
+def test_up_with_serve_keeps_the_model_behind_an_openai_endpoint_and_down_stops_it(library):
+    import requests
+
+    from arthur_cluster import linker
+    from arthur_cluster.engines.base import collect
+    from arthur_cluster.parallel import resident
+
+    dep = bringup.up(catalogue(), engine="mlx", serve=True)
+    try:
+        assert dep.resident is not None and dep.endpoint == dep.resident.url + "/v1"
+        assert dep.smoke.generation_tokens > 0 and bringup.read_record() == dep
+        models = requests.get(dep.endpoint + "/models", timeout=5).json()  # any OpenAI client finds it
+        assert [m["id"] for m in models["data"]] == [dep.served_id]
+        engine = bringup.engine_for(dep)
+        result = collect(engine.stream([{"role": "user", "content": "What is 2+2?"}], max_tokens=4))
+        assert result.stats.generation_tokens == 4 and engine.last_done["weight_loads"] == [1]
+        assert bringup.stale_notes() == [] and not any(f.kind == "stale-record" for f in linker.doctor().findings)
+        old, dep = dep, bringup.up(catalogue(), engine="mlx", serve=True)  # again: the old ranks go first
+        assert dep.resident.url != old.resident.url and not any(resident._alive(p) for p in old.resident.pids)
+        assert any("stopped the previous resident ranks" in n for n in dep.notes)
+        out = bringup.down()
+        assert any("stopped the resident ranks" in a for a in out.actions)
+        assert not paths.deployment_file().exists() and not resident.state_file().exists()
+        with pytest.raises(requests.ConnectionError):
+            requests.get(dep.endpoint + "/models", timeout=5)
+    finally:
+        if dep.resident is not None:
+            resident.stop(dep.resident)
+
+
+def test_doctor_names_a_stale_resident_record(library):
+    from arthur_cluster import linker
+    from arthur_cluster.parallel.resident import Resident
+
+    gone = Resident(url=f"http://127.0.0.1:{hostfile.free_ports(1)[0]}", model="m", model_path="/x", mode="single",
+                    backend="ring", n=1, pids=[2 ** 22 + 7], started_at="2026-01-01T00:00:00+00:00")
+    dep = bringup.Deployment(model="m", served_id="m", engine="mlx", route=bringup.Route(engine="mlx",
+                             sharding="single"), endpoint=gone.endpoint, resident=gone,
+                             smoke=bringup.Smoke(question="q", answer="a"))
+    bringup.write_record(dep)
+    findings = [f for f in linker.doctor().findings if f.kind == "stale-record"]
+    assert len(findings) == 1 and "nothing answers at " + gone.url in findings[0].message
+    assert "all its processes are gone" in findings[0].message and "down" in findings[0].fix
+    hooks = Recorder()
+    with pytest.raises(bringup.BringUpError):
+        bringup.up(Catalog(target="nobody/none"), engine="mlx", hooks=hooks)
+    assert any("stale record" in line for line in hooks.lines)  # `up` says so too
+    assert bringup.down().had_deployment and not paths.deployment_file().exists()

@@ -86,3 +86,13 @@ def test_refusals_are_clear(tiny_models):
     with pytest.raises(EngineError, match="ring backend needs IP addresses; give them for mac2"):
         eng = MlxEngine(tiny_models["nemotron_h-8bit"], mode="pipeline", hosts=["mac1=10.0.0.1", "mac2"])
         list(eng.stream(MSGS, max_tokens=1))
+
+
+def test_an_endpoint_with_nothing_behind_it_is_a_clear_error():
+    from arthur_cluster.hostfile import free_ports
+
+    url = f"http://127.0.0.1:{free_ports(1)[0]}"
+    eng = MlxEngine("some/model", mode="tensor", endpoint=url)  # nothing is loaded here: the ranks hold it
+    assert eng.model is None
+    with pytest.raises(EngineError, match=rf"nothing answers at {url}/v1/chat/completions .*not running"):
+        list(eng.stream(MSGS, max_tokens=1))

@@ -150,6 +150,10 @@ def register(app: typer.Typer) -> None:
         prompt: str = typer.Option("What is 2+2?", "--prompt", help="The test question."),
         max_tokens: int = typer.Option(50, "--max-tokens", min=1, help="Tokens of the test answer."),
         catalog_path: Optional[Path] = typer.Option(None, "--catalog", help="models.toml to use."),
+        serve: bool = typer.Option(False, "--serve", help="MLX on one node: keep it loaded in a server process "
+                                                          "too (across nodes the ranks always stay up)."),
+        bind: str = typer.Option("127.0.0.1", "--bind", help="Address of rank 0's HTTP server (OpenAI chat "
+                                                             "completions); 0.0.0.0 to serve other machines."),
         as_json: bool = typer.Option(False, "--json", help="Print the deployment record as JSON."),
     ) -> None:
         """Bring a model up on exo or MLX, ask it a test question, and record the deployment.
@@ -165,7 +169,8 @@ def register(app: typer.Typer) -> None:
             with rep.bar:
                 dep = bringup.up(cat, model=model, fallbacks=fallbacks, engine=engine, exo_url=exo, context=context,
                                  timeout=timeout, allow_download=allow_download, prompt=prompt,
-                                 max_tokens=max_tokens, hooks=bringup.Hooks(say=rep.say, progress=rep.progress))
+                                 max_tokens=max_tokens, hooks=bringup.Hooks(say=rep.say, progress=rep.progress),
+                                 serve=serve, bind=bind)
         except cluster.ClusterError as exc:
             _out.fail(str(exc), as_json=as_json)
         except bringup.BringUpError as exc:

@@ -22,6 +22,7 @@ class Stats:
     generation_tps: float = 0.0
     peak_memory_bytes: int | None = None
     finish_reason: str | None = None  # "stop" | "length" | "error"
+    cached_tokens: int = 0  # prompt tokens a prefix cache held, so they were not prefilled again
 
 
 @dataclass

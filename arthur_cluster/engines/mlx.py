@@ -1,4 +1,9 @@
-"""MlxEngine: a model run by mlx-lm in this process, or split across rank processes (pipeline or tensor).
+"""MlxEngine: a model run by mlx-lm in this process, split across rank processes (pipeline or tensor), or
+served by a deployment's resident ranks (`endpoint`: rank 0's HTTP address, see parallel/server.py).
+
+With an endpoint, stream() posts an OpenAI-style streaming chat completion to rank 0 and turns its server-sent
+events (and its `: prefill d/t` comments) into Events; the ranks keep the weights and a prefix cache between
+calls, so nothing is loaded here and a second question on the same document prefills only the question.
 
 Single mode loads in-process (`.model`, `.tokenizer` are there for prompt-cache work). Distributed mode starts
 the ranks for every `stream()` call: on this machine over loopback (`hosts=None`, `n` ranks) or on `hosts` via
@@ -14,6 +19,7 @@ import shlex
 import shutil
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Iterator
 
@@ -24,6 +30,14 @@ from ..parallel.registry import supported, tensor_blockers
 from .base import EngineError, Event, Message, Stats
 
 MODES = ("single", "pipeline", "tensor")
+IDLE_TIMEOUT = 600.0  # seconds without a byte from rank 0 (it sends a prefill line per chunk) before giving up
+
+
+def _error_text(resp) -> str:
+    try:
+        return str(resp.json()["error"]["message"])
+    except (ValueError, KeyError, TypeError):
+        return resp.text[:300]
 
 
 def resolve_model(model: str | Path) -> Path:
@@ -59,10 +73,11 @@ class MlxEngine:
 
     def __init__(self, model: str | Path, *, mode: str = "single", hosts: list | None = None,
                  backend: str = "ring", n: int = 1, prefill_step: int = 2048, timeout: float = 3600.0,
-                 python: str | None = None):
+                 python: str | None = None, endpoint: str | None = None):
         if mode not in MODES:
             raise EngineError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
-        self.path = resolve_model(model)
+        self.endpoint = endpoint.rstrip("/") if endpoint else None
+        self.path = Path(model) if endpoint else resolve_model(model)
         self.model_id = str(model)
         self.mode, self.backend, self.prefill_step, self.timeout = mode, backend, prefill_step, timeout
         self.hosts = hosts_from(hosts) if hosts else None
@@ -71,6 +86,8 @@ class MlxEngine:
         self.model = self.tokenizer = None
         self._procs: RankProcesses | None = None
         self.last_done: dict | None = None  # distributed: rank 0's final line (per-rank memory and weights)
+        if endpoint:
+            return  # the resident ranks hold the model
         if mode == "single":
             if self.n != 1 or self.hosts:
                 raise EngineError("single mode runs one process; choose mode 'pipeline' or 'tensor' for several")
@@ -108,6 +125,8 @@ class MlxEngine:
 
     def stream(self, messages: list[Message], *, max_tokens: int = 256, temperature: float = 0.0,
                enable_thinking: bool | None = None) -> Iterator[Event]:
+        if self.endpoint:
+            return self._stream_http(messages, max_tokens, temperature, enable_thinking)
         if self.mode == "single":
             return self._stream_local(messages, max_tokens, temperature, enable_thinking)
         return self._stream_ranks(messages, max_tokens, temperature, enable_thinking)
@@ -199,9 +218,58 @@ class MlxEngine:
                 procs.kill()
             shutil.rmtree(tmp, ignore_errors=True)
 
+    def _stream_http(self, messages, max_tokens, temperature, enable_thinking) -> Iterator[Event]:
+        import requests
+
+        body = {"model": self.model_id, "messages": messages, "max_tokens": max_tokens,
+                "temperature": temperature, "stream": True}
+        if enable_thinking is not None:
+            body["chat_template_kwargs"] = {"enable_thinking": enable_thinking}
+        url = self.endpoint + "/v1/chat/completions"
+        deadline = time.monotonic() + self.timeout
+        try:
+            resp = requests.post(url, json=body, stream=True, timeout=(10, IDLE_TIMEOUT))
+        except requests.RequestException as e:
+            raise EngineError(f"nothing answers at {url} ({type(e).__name__}): the resident ranks of {self.model_id} "
+                              "are not running; `arthur-cluster down`, then `up` again") from None
+        try:
+            if resp.status_code != 200:
+                raise EngineError(f"rank 0 at {self.endpoint} answered {resp.status_code}: {_error_text(resp)}")
+            for line in resp.iter_lines(decode_unicode=True):
+                if time.monotonic() > deadline:
+                    raise EngineError(f"no complete answer from {self.endpoint} within {self.timeout:.0f} s")
+                if line.startswith(": prefill "):
+                    done, total = line[len(": prefill "):].split("/")
+                    yield Event("prefill", done=int(done), total=int(total))
+                elif line.startswith("data: ") and line != "data: [DONE]":
+                    yield from self._chunk_events(json.loads(line[6:]))
+        except requests.RequestException as e:
+            raise EngineError(f"the answer from {self.endpoint} broke off ({type(e).__name__}: {e})") from None
+        finally:
+            resp.close()
+
+    def _chunk_events(self, obj: dict) -> Iterator[Event]:
+        if "error" in obj:
+            raise EngineError(f"rank 0 at {self.endpoint}: {obj['error'].get('message')}")
+        choice = (obj.get("choices") or [{}])[0]
+        text = (choice.get("delta") or {}).get("content")
+        if text:
+            yield Event("token", text=text)
+        if choice.get("finish_reason"):
+            info, usage = obj.get("arthur") or {}, obj.get("usage") or {}
+            self.last_done = info
+            peaks = info.get("peak_memory_bytes") or []
+            yield Event("done", stats=Stats(
+                prompt_tokens=usage.get("prompt_tokens", 0), generation_tokens=usage.get("completion_tokens", 0),
+                prompt_tps=info.get("prompt_tps", 0.0), generation_tps=info.get("generation_tps", 0.0),
+                peak_memory_bytes=max(peaks) if peaks else None, finish_reason=choice["finish_reason"],
+                cached_tokens=(usage.get("prompt_tokens_details") or {}).get("cached_tokens", 0)))
+
     @property
     def rank_pids(self) -> list[int]:
-        """Process ids of the running job's processes (ranks, or the launcher)."""
+        """Process ids of the running job's processes (ranks, or the launcher; resident: as of the last answer)."""
+        if self.endpoint:
+            return list((self.last_done or {}).get("rank_pids") or [])
         return self._procs.pids if self._procs else []
 
     def close(self) -> None:

@@ -1,0 +1,756 @@
+"""Resident ranks: load a model once, keep a prefix cache, serve OpenAI-style chat completions from rank 0.
+
+    python -m arthur_cluster.parallel.server --model PATH --mode tensor --port 8765 [--bind 127.0.0.1]
+
+Every rank loads its share of the weights once and then loops: rank 0 takes HTTP requests (one at a time), turns
+the messages into token ids and broadcasts them over mlx.core.distributed; every rank then runs the same
+generation in lockstep, and rank 0 streams the text back. Routes on rank 0:
+
+    POST /v1/chat/completions   {"messages": [...], "max_tokens": n, "temperature": t, "stream": bool,
+                                 "chat_template_kwargs": {"enable_thinking": bool}}
+    GET  /v1/models, GET /health (503 with the reason once the deployment has failed), POST /admin/shutdown
+
+Streaming answers are server-sent events: `data: {chunk}` lines with choices[0].delta.content, then a last
+chunk with finish_reason and usage, then `data: [DONE]`. Prefill progress goes out as SSE comment lines
+(`: prefill done/total`), which OpenAI clients ignore. Non-standard facts (per-rank weight loads, prompt
+tokens actually prefilled, generated ids) ride in an "arthur" object on the last chunk and in usage.
+
+Health: besides the MLX group, every other rank keeps one TCP connection to rank 0's control port. A rank
+that dies (even by SIGKILL) closes it: rank 0 then answers every request 503 with which rank went away,
+and closes the connections of the others, which exit. Rank 0 dying closes them all the same way.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import queue
+import socket
+import sys
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any, Callable
+
+from ..errors import ArthurError
+
+OP_GENERATE, OP_STOP = 1, 2
+HEADER = 8  # int32 words: op, prompt length, max tokens, temperature * 1e6, seed, 0, 0, 0
+MAX_BODY = 64 * 1024 * 1024  # bytes of one request body (a 262k-token document is about 1 MB of text)
+CONNECT_WAIT = 120.0  # seconds a rank keeps trying to reach rank 0's control port
+REQUEST_TIMEOUT = 3600.0  # seconds one request may take in total
+
+
+class ServerError(ArthurError, RuntimeError):
+    pass
+
+
+# --- the prefix cache ----------------------------------------------------------------------------------
+
+
+def _copy(x):
+    """A new array with the same values (None stays None): a snapshot never shares a buffer with the cache."""
+    import mlx.core as mx
+
+    return None if x is None else (x + 0 if mx.issubdtype(x.dtype, mx.number) else mx.array(x))
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+class DiskStore:
+    """One rank's saved prefixes on its own disk (paths.prompt_cache_dir()/resident on that node): a file per
+    (model files, split, rank, prefix tokens), written atomically as the document job's prompt cache is."""
+
+    def __init__(self, folder: Path, identity: str):
+        self.folder, self.identity = Path(folder), identity
+
+    def paths(self, prompt: list[int], points: list[int]) -> dict[int, Path]:
+        """The file for each prefix length in `points` (ascending), hashed in one pass over the prompt."""
+        import hashlib
+        from array import array
+
+        from ..promptcache import FORMAT
+
+        h = hashlib.sha256(f"{FORMAT}:resident:{self.identity}:".encode())
+        out, done = {}, 0
+        for p in points:
+            h.update(array("i", prompt[done:p]).tobytes())
+            done = p
+            out[p] = self.folder / f"{h.copy().hexdigest()[:32]}.safetensors"
+        return out
+
+
+def _all_ranks(flags: list[int], group) -> list[int]:
+    """Each flag set on every rank (a rank decides nothing alone: the ranks must stay in step)."""
+    import mlx.core as mx
+
+    if group is None or group.size() == 1 or not flags:
+        return flags
+    return [int(x) for x in mx.distributed.all_min(mx.array(flags, dtype=mx.int32), group=group).tolist()]
+
+
+class PrefixCache:
+    """One rank's shard of the cache of the last prompt, with restore points near its end.
+
+    How a request reuses it: the new prompt's token ids are compared with the previous prompt's; with L the
+    length of their longest common prefix, the cache rewinds to the last restore point p <= L (and p <
+    len(prompt), so one token is left to give the first logits) and only prompt[p:] is prefilled.
+    Attention layers (KVCache) rewind by trimming to p. Mamba layers (ArraysCache: conv and SSM state) cannot
+    rewind, so at each restore point their state is copied; restoring puts copies of the copies back, so the
+    saved point survives the next request too. Restore points are the multiples of `block` in the last
+    `window` tokens of a prompt (prefill chunks are cut there): a document followed by a question shorter
+    than `window - block` tokens always finds one past the document's end minus `block` tokens. There is no
+    point without a cache: an unrelated prompt (L < first point) starts from an empty cache.
+    Cost: window/block copies of the Mamba state (Nemotron-3-Nano: 49 MB for all 23 Mamba layers, so 16 points
+    hold about 0.8 GB over all ranks together) and one cache: the last prompt's, so documents asked in turn
+    each prefill again.
+
+    On disk (`disk`): a point that a request resumed from is a prefix shared by two prompts (a document asked
+    twice), so after that request each rank saves its shard of the cache at that point. A prompt that misses in
+    memory looks for its restore points on disk, longest first, and resumes from the longest one every rank has.
+    """
+
+    def __init__(self, model: Any, block: int = 128, window: int = 2048, disk: DiskStore | None = None,
+                 group=None):
+        self.model, self.block, self.window, self.disk, self.group = model, block, window, disk, group
+        self.tokens: list[int] = []
+        self.cache: list[Any] | None = None
+        self.points: dict[int, list[Any]] = {}  # restore point -> per layer: copied Mamba state or None
+        self.pending: tuple[Path, int, list[Any]] | None = None  # a shard to save once the request is answered
+
+    def begin(self, prompt: list[int]) -> tuple[list[Any], int]:
+        """The cache to run `prompt` with and how many of its tokens are already in it."""
+        from mlx_lm.models.cache import make_prompt_cache
+
+        limit = min(common_prefix(self.tokens, prompt), len(prompt) - 1)
+        usable = [p for p in self.points if p <= limit]
+        self.tokens = list(prompt)
+        if self.cache is None or not usable:
+            self.cache, self.points = make_prompt_cache(self.model), {}
+            start = self._from_disk(prompt)  # may replace self.cache
+            return self.cache, start
+        start = max(usable)
+        for c, saved in zip(self.cache, self.points[start]):
+            if c.is_trimmable():
+                c.trim(c.offset - start)
+            else:
+                c.state = ([_copy(x) for x in saved[0]], *saved[1:])
+        # what lies past `start` is overwritten now; points far before the new prompt's end are not needed again
+        self.points = {p: s for p, s in self.points.items() if p == start or len(prompt) - self.window < p < start}
+        if self.disk is not None:
+            path = self.disk.paths(prompt, [start])[start]
+            if not path.is_file():
+                self.pending = (path, start, [_shard_copy(c) for c in self.cache])
+        return self.cache, start
+
+    def _from_disk(self, prompt: list[int]) -> int:
+        """Resume from the longest restore point saved on every rank's disk; 0 when none (nothing changes)."""
+        if self.disk is None:
+            return 0
+        from mlx_lm.models.cache import load_prompt_cache
+
+        points = [p for p in range(self.block, len(prompt), self.block) if p > len(prompt) - self.window]
+        files = self.disk.paths(prompt, points)
+        found = _all_ranks([int(files[p].is_file()) for p in points], self.group)
+        best = max((p for p, ok in zip(points, found) if ok), default=0)
+        if not best:
+            return 0
+        try:
+            cache, meta = load_prompt_cache(str(files[best]), return_metadata=True)
+            ok = meta.get("tokens") == str(best) and len(cache) == len(self.cache)
+        except Exception:  # noqa: BLE001 - a damaged or foreign file: prefill instead
+            cache, ok = None, False
+        if not all(_all_ranks([int(ok)], self.group)):
+            return 0
+        self.cache = cache
+        self.save_point(best)
+        return best
+
+    def flush(self) -> None:
+        """Write the shard a request resumed from (after its answer, so the answer does not wait for the disk)."""
+        if self.pending is None:
+            return
+        from ..promptcache import save
+
+        path, start, shard = self.pending
+        self.pending = None
+        try:
+            save(path, shard, {"tokens": str(start), "model": self.disk.identity})
+        except (OSError, RuntimeError):
+            pass  # a full or read-only disk only costs a later prefill
+
+    def is_point(self, done: int, total: int) -> bool:
+        return done % self.block == 0 and done > total - self.window
+
+    def next_cut(self, done: int, total: int) -> int | None:
+        """The first restore point after `done` (prefill chunks end there), or None."""
+        p = (done // self.block + 1) * self.block
+        p = max(p, ((total - self.window) // self.block + 1) * self.block)
+        return p if p < total else None
+
+    def save_point(self, done: int) -> None:
+        import mlx.core as mx
+
+        saved = [None if c.is_trimmable() else ([_copy(x) for x in c.state[0]], *c.state[1:])
+                 for c in self.cache]
+        mx.eval([s[0] for s in saved if s is not None])
+        self.points[done] = saved
+
+    def forget(self) -> None:
+        self.tokens, self.cache, self.points = [], None, {}
+
+
+def _shard_copy(c):
+    """A copy of one layer's cache as it stands (KV trimmed to its offset), as a plain mlx-lm cache object."""
+    import mlx.core as mx
+    from mlx_lm.models.cache import ArraysCache, KVCache
+
+    if c.is_trimmable():
+        out = KVCache()
+        if c.keys is not None:
+            n = c.offset
+            out.keys, out.values, out.offset = _copy(c.keys[..., :n, :]), _copy(c.values[..., :n, :]), n
+            mx.eval(out.keys, out.values)
+        return out
+    out = ArraysCache(size=len(c.state[0]))  # also for a pipeline stage's link cache: it loads as this class
+    out.state = ([_copy(x) for x in c.state[0]], *c.state[1:])
+    mx.eval([x for x in out.state[0] if x is not None])
+    return out
+
+
+# --- one request, the same on every rank -----------------------------------------------------------------
+
+
+@dataclass
+class Params:
+    max_tokens: int = 256
+    temperature: float = 0.0
+    seed: int = 0
+
+
+def run_request(model, pc: PrefixCache, prompt: list[int], params: Params, *, step: int, eos: set[int],
+                emit: Callable[[tuple], None]) -> dict:
+    """Prefill what the prefix cache lacks (cut at restore points), then decode; emit() gets
+    ("prefill", done, total) and ("token", id) on every rank (only rank 0's reaches a client)."""
+    import mlx.core as mx
+
+    cache, start = pc.begin(prompt)
+    total, done = len(prompt), start
+    ids = mx.array(prompt, dtype=mx.int32)[None]
+    mx.random.seed(params.seed)
+    tic = time.perf_counter()
+    while total - done > 1:
+        n = min(step, total - done - 1)
+        cut = pc.next_cut(done, total)
+        if cut is not None and cut < done + n:
+            n = cut - done
+        model(ids[:, done:done + n], cache=cache)
+        mx.eval([c.state for c in cache])
+        done += n
+        if pc.is_point(done, total):
+            pc.save_point(done)
+        emit(("prefill", done, total))
+    logits = model(ids[:, done:], cache=cache)[:, -1, :]
+    out: list[int] = []
+    t_first = None
+    for i in range(params.max_tokens):
+        logits = logits.astype(mx.float32)
+        token = mx.random.categorical(logits / params.temperature) if params.temperature > 0 \
+            else mx.argmax(logits, axis=-1)
+        mx.eval(token)
+        tid = int(token.item())
+        if t_first is None:
+            t_first = time.perf_counter()
+            emit(("prefill", total, total))
+        out.append(tid)
+        emit(("token", tid))
+        if tid in eos or i == params.max_tokens - 1:
+            break  # no step past the last token: a lazy one would leave collectives pending in the cache
+        logits = model(token.reshape(1, 1), cache=cache)[:, -1, :]
+    end = time.perf_counter()
+    t_first = t_first or end
+    return {"ids": out, "prompt_tokens": total, "cached_tokens": start, "prefilled_tokens": total - start,
+            "ttft": t_first - tic, "prompt_tps": (total - start) / max(t_first - tic, 1e-9),
+            "generation_tps": (len(out) - 1) / (end - t_first) if len(out) > 1 and end > t_first else 0.0,
+            "finish_reason": "stop" if out and out[-1] in eos else "length"}
+
+
+# --- the group's side of a request -------------------------------------------------------------------------
+
+
+def broadcast(group, op: int, prompt: list[int] | None = None, params: Params | None = None):
+    """Rank 0's (op, prompt, params) on every rank; the others pass nothing and block here while idle."""
+    import mlx.core as mx
+
+    if group is None or group.size() == 1:
+        return op, prompt or [], params or Params()
+    head = [0] * HEADER
+    if group.rank() == 0:
+        p = params or Params()
+        head[:5] = [op, len(prompt or []), p.max_tokens, int(round(p.temperature * 1e6)), p.seed]
+    head = mx.distributed.all_sum(mx.array(head, dtype=mx.int32), group=group).tolist()
+    op, n = int(head[0]), int(head[1])
+    params = Params(max_tokens=int(head[2]), temperature=head[3] / 1e6, seed=int(head[4]))
+    if op != OP_GENERATE:
+        return op, [], params
+    local = mx.array(prompt, dtype=mx.int32) if group.rank() == 0 else mx.zeros((n,), dtype=mx.int32)
+    ids = mx.distributed.all_sum(local, group=group).tolist()
+    return op, [int(t) for t in ids], params
+
+
+# --- health: one TCP connection from each rank to rank 0 ----------------------------------------------------
+
+
+class Control:
+    """Rank 0's side: accepts the other ranks' connections; a closed one means that rank is gone."""
+
+    def __init__(self, host: str, port: int, expected: int, on_lost: Callable[[str], None]):
+        self.expected, self.on_lost = expected, on_lost
+        self.peers: dict[int, tuple[socket.socket, dict]] = {}
+        self.stopping = False
+        self.ready = threading.Event()
+        self.sock = socket.create_server((host, port))
+        if expected == 0:
+            self.ready.set()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while len(self.peers) < self.expected:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            conn.settimeout(10)
+            try:
+                hello = json.loads(conn.makefile("rb").readline(4096) or b"{}")
+            except (OSError, ValueError):
+                conn.close()
+                continue
+            conn.settimeout(None)
+            self.peers[int(hello.get("rank", -1))] = (conn, hello)
+            threading.Thread(target=self._watch, args=(conn, hello), daemon=True).start()
+        self.ready.set()
+
+    def _watch(self, conn: socket.socket, hello: dict) -> None:
+        try:
+            while conn.recv(1024):
+                pass
+        except OSError:
+            pass
+        if not self.stopping:
+            self.on_lost(f"rank {hello.get('rank')} (pid {hello.get('pid')} on {hello.get('host')}) is gone: "
+                         "its connection to rank 0 closed")
+
+    def close(self) -> None:
+        self.stopping = True
+        for conn, _ in list(self.peers.values()):
+            try:
+                conn.close()
+            except OSError:
+                pass
+        self.sock.close()
+
+
+def follow_control(address: str, rank: int, stopping: threading.Event) -> None:
+    """Another rank's side: connect to rank 0 and exit the moment that connection closes."""
+    host, port = address.rsplit(":", 1)
+    deadline = time.monotonic() + CONNECT_WAIT
+    while True:
+        try:
+            conn = socket.create_connection((host, int(port)), timeout=5)
+            break
+        except OSError:
+            if time.monotonic() > deadline:
+                raise ServerError(f"rank {rank} cannot reach rank 0's control port at {address}") from None
+            time.sleep(0.2)
+    conn.settimeout(None)
+    conn.sendall((json.dumps({"rank": rank, "pid": os.getpid(), "host": socket.gethostname()}) + "\n").encode())
+
+    def watch() -> None:
+        try:
+            while conn.recv(1024):
+                pass
+        except OSError:
+            pass
+        if not stopping.is_set():
+            os._exit(3)  # rank 0 is gone or gave up: nothing to follow any more
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
+# --- rank 0's HTTP front ------------------------------------------------------------------------------------
+
+
+@dataclass
+class Job:
+    prompt: list[int]
+    params: Params
+    out: queue.Queue = field(default_factory=queue.Queue)
+
+
+class State:
+    """What rank 0's HTTP threads share with its main loop."""
+
+    def __init__(self, model_id: str, tokenizer: Any, token: str):
+        self.model_id, self.tokenizer, self.token = model_id, tokenizer, token
+        self.status, self.reason = "loading", ""
+        self.jobs: queue.Queue = queue.Queue()
+        self.active: Job | None = None
+        self.lock = threading.Lock()
+        self.info: dict[str, Any] = {"requests": 0, "pid": os.getpid()}
+
+    def fail(self, reason: str) -> None:
+        with self.lock:
+            if self.status == "failed":
+                return
+            self.status, self.reason = "failed", reason
+            job = self.active
+        if job is not None:
+            job.out.put(("error", reason))
+        while True:  # requests waiting for their turn get the same answer
+            try:
+                waiting = self.jobs.get_nowait()
+            except queue.Empty:
+                break
+            if isinstance(waiting, Job):
+                waiting.out.put(("error", reason))
+
+    def encode(self, body: dict) -> list[int]:
+        messages = body.get("messages")
+        if not isinstance(messages, list) or not messages:
+            raise ValueError("messages must be a non-empty list of {role, content}")
+        kw = dict(body.get("chat_template_kwargs") or {})
+        with self.lock:  # one tokenizer, many HTTP threads
+            ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, **kw)
+        if hasattr(ids, "keys"):
+            ids = ids["input_ids"]
+        return [int(t) for t in ids]
+
+
+def make_handler(state: State):
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, *args) -> None:  # quiet: the log is for failures
+            pass
+
+        def _json(self, code: int, obj: dict) -> None:
+            data = json.dumps(obj).encode()
+            self.send_response(code)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def _error(self, code: int, message: str, kind: str) -> None:
+            self._json(code, {"error": {"message": message, "type": kind, "code": code}})
+
+        def do_GET(self) -> None:
+            if self.path == "/health":
+                body = {"status": state.status, "model": state.model_id, **state.info}
+                if state.status == "failed":
+                    body["reason"] = state.reason
+                self._json(200 if state.status == "ok" else 503, body)
+            elif self.path == "/v1/models":
+                self._json(200, {"object": "list", "data": [{"id": state.model_id, "object": "model",
+                                                             "owned_by": "arthur-cluster"}]})
+            else:
+                self._error(404, f"no route {self.path}", "not_found")
+
+        def _body(self) -> dict | None:
+            n = int(self.headers.get("Content-Length") or 0)
+            if n > MAX_BODY:
+                self._error(413, f"request body of {n} bytes is over the {MAX_BODY} byte cap", "invalid_request")
+                return None
+            try:
+                body = json.loads(self.rfile.read(n) or b"{}")
+                if not isinstance(body, dict):
+                    raise ValueError("not an object")
+                return body
+            except ValueError as e:
+                self._error(400, f"the body is not a JSON object ({e})", "invalid_request")
+                return None
+
+        def do_POST(self) -> None:
+            if self.path == "/admin/shutdown":
+                if not state.token or self.headers.get("Authorization") != f"Bearer {state.token}":
+                    self._error(403, "wrong or missing token", "forbidden")
+                    return
+                self._json(200, {"status": "stopping"})
+                state.jobs.put(None)
+                return
+            if self.path != "/v1/chat/completions":
+                self._error(404, f"no route {self.path}", "not_found")
+                return
+            body = self._body()
+            if body is None:
+                return
+            if state.status != "ok":
+                self._error(503, state.reason or "the ranks are still loading", "unavailable")
+                return
+            try:
+                prompt = state.encode(body)
+                params = Params(max_tokens=int(body.get("max_completion_tokens") or body.get("max_tokens") or 256),
+                                temperature=float(body.get("temperature") or 0.0), seed=int(body.get("seed") or 0))
+                if params.max_tokens < 1:
+                    raise ValueError("max_tokens must be at least 1")
+            except (ValueError, TypeError, KeyError) as e:
+                self._error(400, str(e), "invalid_request")
+                return
+            job = Job(prompt, params)
+            state.jobs.put(job)
+            if body.get("stream"):
+                self._stream(job)
+            else:
+                self._whole(job)
+
+        def _events(self, job: Job):
+            deadline = time.monotonic() + REQUEST_TIMEOUT
+            while True:
+                try:
+                    ev = job.out.get(timeout=max(0.1, deadline - time.monotonic()))
+                except queue.Empty:
+                    yield ("error", f"no answer within {REQUEST_TIMEOUT:.0f} s")
+                    return
+                yield ev
+                if ev[0] in ("done", "error"):
+                    return
+
+        def _chunk(self, rid: str, delta: dict, finish: str | None = None, **extra) -> bytes:
+            obj = {"id": rid, "object": "chat.completion.chunk", "created": int(time.time()),
+                   "model": state.model_id, "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+                   **extra}
+            return b"data: " + json.dumps(obj).encode() + b"\n\n"
+
+        def _stream(self, job: Job) -> None:
+            rid = f"chatcmpl-{uuid.uuid4().hex[:12]}"
+            started = False
+            try:
+                for ev in self._events(job):
+                    if not started:
+                        if ev[0] == "error":
+                            self._error(503, ev[1], "unavailable")
+                            return
+                        self.send_response(200)
+                        self.send_header("Content-Type", "text/event-stream")
+                        self.send_header("Cache-Control", "no-cache")
+                        self.send_header("Connection", "close")
+                        self.end_headers()
+                        self.wfile.write(self._chunk(rid, {"role": "assistant", "content": ""}))
+                        started = True
+                    if ev[0] == "prefill":
+                        self.wfile.write(f": prefill {ev[1]}/{ev[2]}\n\n".encode())
+                    elif ev[0] == "text":
+                        self.wfile.write(self._chunk(rid, {"content": ev[1]}))
+                    elif ev[0] == "error":
+                        self.wfile.write(b"data: " + json.dumps({"error": {"message": ev[1], "type": "unavailable",
+                                                                          "code": 503}}).encode() + b"\n\n")
+                    elif ev[0] == "done":
+                        info = ev[1]
+                        self.wfile.write(self._chunk(rid, {}, info["finish_reason"], usage=usage(info),
+                                                     arthur=info))
+                        self.wfile.write(b"data: [DONE]\n\n")
+                    self.wfile.flush()
+            except (BrokenPipeError, ConnectionResetError):
+                pass  # the client left; the ranks finish the request (they must stay in step)
+            self.close_connection = True
+
+        def _whole(self, job: Job) -> None:
+            parts: list[str] = []
+            for ev in self._events(job):
+                if ev[0] == "text":
+                    parts.append(ev[1])
+                elif ev[0] == "error":
+                    self._error(503, ev[1], "unavailable")
+                    return
+                elif ev[0] == "done":
+                    info = ev[1]
+                    self._json(200, {"id": f"chatcmpl-{uuid.uuid4().hex[:12]}", "object": "chat.completion",
+                                     "created": int(time.time()), "model": state.model_id,
+                                     "choices": [{"index": 0, "finish_reason": info["finish_reason"],
+                                                  "message": {"role": "assistant", "content": "".join(parts)}}],
+                                     "usage": usage(info), "arthur": info})
+
+    return Handler
+
+
+def usage(info: dict) -> dict:
+    return {"prompt_tokens": info["prompt_tokens"], "completion_tokens": len(info["ids"]),
+            "total_tokens": info["prompt_tokens"] + len(info["ids"]),
+            "prompt_tokens_details": {"cached_tokens": info["cached_tokens"]}}
+
+
+# --- the rank's main --------------------------------------------------------------------------------------
+
+
+def load_model(args, group) -> tuple[Any, Any, dict]:
+    """(model, tokenizer, config) for this rank, as the one-request worker loads them (replaceable: the GPU
+    bench builds random weights instead)."""
+    from .worker import load, model_folder
+
+    return load(model_folder(args.model, args.repo_id), args.mode, group)
+
+
+def serve(args) -> int:
+    import mlx.core as mx
+
+    from .worker import gather_ints, weight_bytes
+
+    group = None
+    if args.mode != "single":
+        group = mx.distributed.init(backend=args.backend, strict=True)
+    rank, size = (group.rank(), group.size()) if group else (0, 1)
+    stopping = threading.Event()
+    state = httpd = control = None
+    if rank == 0:
+        state = State(args.model_id or args.model, None, os.environ.get("ARTHUR_RESIDENT_TOKEN", ""))
+        def lost(reason: str) -> None:  # the deployment ends: the other ranks see their connection close
+            state.fail(reason)
+            control.close()
+
+        control = Control(args.control_bind, args.control_port, size - 1, lost)
+        httpd = ThreadingHTTPServer((args.bind, args.port), make_handler(state))
+        httpd.daemon_threads = True
+        threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    else:
+        follow_control(args.control, rank, stopping)
+    loads = 0
+    model, tokenizer, _config = load_model(args, group)
+    loads += 1
+    if group is not None:
+        mx.eval(mx.distributed.all_sum(mx.array(1.0), group=group))
+    disk = None
+    if not args.no_disk_cache:
+        from .. import paths
+        from ..promptcache import model_identity
+        from .worker import model_folder
+
+        disk = DiskStore(paths.prompt_cache_dir() / "resident",  # this node's folder and weight files
+                         f"{model_identity(model_folder(args.model, args.repo_id))}:{args.mode}:{rank}/{size}")
+    pc = PrefixCache(model, block=args.block, window=args.window, disk=disk, group=group)
+    eos = set(tokenizer.eos_token_ids or [])
+    if rank == 0:
+        if not control.ready.wait(CONNECT_WAIT):
+            state.fail(f"only {len(control.peers)} of {size - 1} other ranks reached the control port")
+        state.tokenizer = tokenizer
+        with state.lock:
+            if state.status == "loading":
+                state.status = "ok"
+        state.info.update({"ranks": size, "mode": args.mode, "weight_loads": [1] * size})
+    while True:
+        job = None
+        if rank == 0:
+            job = state.jobs.get()
+            if state.status == "failed":  # nothing more runs on the group; shutdown just ends this process
+                if job is None:
+                    break
+                job.out.put(("error", state.reason))
+                continue
+            state.active = job
+        try:
+            if rank == 0:
+                op, prompt, params = broadcast(group, OP_STOP if job is None else OP_GENERATE,
+                                               job.prompt if job else None, job.params if job else None)
+            else:
+                op, prompt, params = broadcast(group, 0)
+            if op == OP_STOP:
+                break
+            mx.reset_peak_memory()
+            emit = _emitter(job, tokenizer) if rank == 0 else (lambda ev: None)
+            info = run_request(model, pc, prompt, params, step=args.prefill_step, eos=eos, emit=emit)
+            per_rank = gather_ints([loads, info["prefilled_tokens"], int(mx.get_peak_memory()), weight_bytes(model),
+                                    os.getpid()], group)
+        except Exception as e:  # noqa: BLE001 - a lost peer or a bad input: the deployment cannot go on
+            if rank != 0:
+                raise
+            end = time.monotonic() + 2.0  # a lost peer is usually the cause: let the control port name it
+            while state.status != "failed" and time.monotonic() < end:
+                time.sleep(0.05)
+            state.fail(f"rank 0 failed during a request: {type(e).__name__}: {e}")
+            control.close()
+            pc.forget()
+            continue
+        if rank == 0:
+            emit(("flush",))
+            info.update({"weight_loads": [r[0] for r in per_rank], "prefilled_per_rank": [r[1] for r in per_rank],
+                         "peak_memory_bytes": [r[2] for r in per_rank], "weight_bytes": [r[3] for r in per_rank],
+                         "rank_pids": [r[4] for r in per_rank]})
+            state.info.update({"requests": state.info["requests"] + 1, "weight_loads": info["weight_loads"],
+                               "rank_pids": info["rank_pids"], "last": {k: v for k, v in info.items() if k != "ids"}})
+            state.active = None
+            job.out.put(("done", info))
+        pc.flush()
+    stopping.set()
+    if control:
+        control.close()
+    if httpd is not None:
+        httpd.shutdown()
+    return 0
+
+
+def _emitter(job: Job, tokenizer) -> Callable[[tuple], None]:
+    """Rank 0: prefill progress and detokenized text into the request's queue."""
+    detok = tokenizer.detokenizer
+    detok.reset()
+    eos = set(tokenizer.eos_token_ids or [])
+
+    def emit(ev: tuple) -> None:
+        if ev[0] == "prefill":
+            job.out.put(ev)
+        elif ev[0] == "token" and ev[1] not in eos:
+            detok.add_token(ev[1])
+            if detok.last_segment:
+                job.out.put(("text", detok.last_segment))
+        elif ev[0] == "flush":
+            detok.finalize()
+            if detok.last_segment:
+                job.out.put(("text", detok.last_segment))
+
+    return emit
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m arthur_cluster.parallel.server")
+    p.add_argument("--model", required=True, help="the model folder")
+    p.add_argument("--model-id", help="the id clients use (default: --model)")
+    p.add_argument("--repo-id", help="where the folder is missing: find this repo id in the HF cache")
+    p.add_argument("--mode", choices=("single", "pipeline", "tensor"), default="single")
+    p.add_argument("--backend", default="ring")
+    p.add_argument("--bind", default="127.0.0.1", help="rank 0's HTTP address")
+    p.add_argument("--port", type=int, required=True, help="rank 0's HTTP port")
+    p.add_argument("--control", default="", help="other ranks: rank 0's control address host:port")
+    p.add_argument("--control-bind", default="127.0.0.1", help="rank 0: the control port's address")
+    p.add_argument("--control-port", type=int, default=0)
+    p.add_argument("--prefill-step", type=int, default=2048)
+    p.add_argument("--block", type=int, default=128, help="prefix cache: restore points every this many tokens")
+    p.add_argument("--no-disk-cache", action="store_true", help="keep prefixes in memory only")
+    p.add_argument("--window", type=int, default=2048, help="prefix cache: ... within the prompt's last tokens")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    import faulthandler
+    import signal
+
+    faulthandler.register(signal.SIGUSR1)  # `kill -USR1 <pid>` prints every thread's stack to the rank's log
+    try:
+        return serve(args)
+    except Exception as e:  # noqa: BLE001 - one line in the rank's log, then a non-zero exit
+        sys.stderr.write(f"rank {os.environ.get('MLX_RANK', '0')} failed: {type(e).__name__}: {e}\n")
+        sys.stderr.flush()
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
