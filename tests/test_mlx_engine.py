@@ -63,17 +63,24 @@ def test_rank_death_mid_stream_is_a_clear_error(tiny_models):
 
 def test_closing_the_stream_stops_the_ranks(tiny_models):
     eng = MlxEngine(tiny_models["nemotron_h-8bit"], mode="pipeline", n=2, prefill_step=8)
-    stream = eng.stream(MSGS, max_tokens=400)
+    # Far more tokens than the ranks make in the 10 s below: they stop only if closing the stream stops them.
+    stream = eng.stream(MSGS, max_tokens=1_000_000)
     for ev in stream:
         if ev.kind == "token":
             break
     pids = eng.rank_pids
-    stream.close()  # what a consumer's Ctrl-C or break does to the generator
-    deadline = time.monotonic() + 10
-    while any(_alive(p) for p in pids) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert not any(_alive(p) for p in pids)
-    eng.close()
+    assert len(pids) == 2 and all(_alive(p) for p in pids)
+    try:
+        stream.close()  # what a consumer's Ctrl-C or break does to the generator
+        deadline = time.monotonic() + 10
+        while any(_alive(p) for p in pids) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not any(_alive(p) for p in pids)
+    finally:
+        for p in pids:  # the test's own clean-up when the check above failed
+            if _alive(p):
+                os.kill(p, signal.SIGKILL)
+        eng.close()
 
 
 def test_refusals_are_clear(tiny_models):
