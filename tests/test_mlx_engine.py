@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import time
@@ -10,6 +11,7 @@ import pytest
 
 from arthur_cluster.engines.base import Engine, EngineError, collect
 from arthur_cluster.engines.mlx import MlxEngine
+from tests.conftest import copy_model
 
 MSGS = [{"role": "user", "content": "Summarize the document about the cluster, the pipeline and the nodes."}]
 
@@ -61,9 +63,13 @@ def test_rank_death_mid_stream_is_a_clear_error(tiny_models):
     assert not any(_alive(p) for p in pids)
 
 
-def test_closing_the_stream_stops_the_ranks(tiny_models):
-    eng = MlxEngine(tiny_models["nemotron_h-8bit"], mode="pipeline", n=2, prefill_step=8)
-    # Far more tokens than the ranks make in the 10 s below: they stop only if closing the stream stops them.
+def test_closing_the_stream_stops_the_ranks(tiny_models, tmp_path):
+    # No end token the model can produce, and far more tokens than the ranks make in the 10 s below: they stop
+    # only if closing the stream stops them (with an end token they might finish on their own first).
+    folder = copy_model(tiny_models["nemotron_h-8bit"], tmp_path / "model")
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "eos_token_id": 10**6}))
+    eng = MlxEngine(folder, mode="pipeline", n=2, prefill_step=8)
     stream = eng.stream(MSGS, max_tokens=1_000_000)
     for ev in stream:
         if ev.kind == "token":
