@@ -2,7 +2,8 @@
 
     python bench/mutations.py [--only NAME ...] [--timeout 600] [--no-baseline] [--json]
 
-Each mutation is (name, file, exact old text, new text, tests to run). The old text must occur exactly once in the
+Each mutation is (name, file, exact old text, new text, tests to run; optionally more edits of the same file). Each
+old text must occur exactly once in the
 file (tests/test_mutations_list.py checks that in the default run, so the list cannot silently rot). For each
 mutation the repository (tracked and untracked, not ignored files) is copied to a temporary folder, the text is
 replaced there, and the named tests run in that copy with it first on PYTHONPATH (rank subprocesses inherit it).
@@ -41,6 +42,10 @@ class Mutation:
     new: str
     tests: list[str] = field(default_factory=list)
     note: str = ""
+    more: list[tuple[str, str]] = field(default_factory=list)  # further (old, new) edits in the same file
+
+    def edits(self) -> list[tuple[str, str]]:
+        return [(self.old, self.new), *self.more]
 
 
 def _wrong_rank(param: str) -> tuple[str, str]:
@@ -91,6 +96,13 @@ MUTATIONS: list[Mutation] = [
              '__import__("shutil").copyfile(os.path.join(source, f["name"]), blob)',
              ["tests/test_linker_hub.py::test_delete_whole_repo_keeps_sources",
               "tests/test_linker_hub.py::test_prune_detached_revision_keeps_sources"]),
+    Mutation("linker copies, and its own verification is fooled", "arthur_cluster/linker.py",
+             'os.symlink(os.path.join(source, f["name"]), blob)',
+             '__import__("shutil").copyfile(os.path.join(source, f["name"]), blob)',
+             ["tests/test_linker_hub.py::test_delete_whole_repo_keeps_sources",
+              "tests/test_linker_hub.py::test_prune_detached_revision_keeps_sources"],
+             "what only the tests' own link checks can see",
+             more=[("        if not links_ok:\n", "        if False:\n")]),
     Mutation("supported() ignores mlx-lm's model remapping", "arthur_cluster/parallel/registry.py",
              "    module = module_of(model_type)\n    own = OWN.get(module, {})",
              "    module = model_type\n    own = OWN.get(module, {})",
@@ -111,8 +123,11 @@ def check_applies(m: Mutation, root: Path = ROOT) -> str | None:
     path = root / m.file
     if not path.is_file():
         return f"{m.file} does not exist"
-    n = path.read_text(encoding="utf-8").count(m.old)
-    return None if n == 1 else f"{m.file}: the old text occurs {n} times, not once"
+    text = path.read_text(encoding="utf-8")
+    for old, _ in m.edits():
+        if (n := text.count(old)) != 1:
+            return f"{m.file}: the old text {old.strip()[:40]!r} occurs {n} times, not once"
+    return None
 
 
 def copy_repo(dest: Path) -> None:
@@ -144,7 +159,10 @@ def run_one(m: Mutation, timeout: float) -> Outcome:
         if (why := check_applies(m, root)) is not None:
             return Outcome(m.name, "error", 0.0, why)
         path = root / m.file
-        path.write_text(path.read_text(encoding="utf-8").replace(m.old, m.new), encoding="utf-8")
+        text = path.read_text(encoding="utf-8")
+        for old, new in m.edits():
+            text = text.replace(old, new)
+        path.write_text(text, encoding="utf-8")
         rc, last = run_tests(root, m.tests, timeout)
     # pytest: 1 = tests failed (caught), 0 = all passed (missed), anything else = it could not run them.
     status = {0: "missed", 1: "caught"}.get(rc, "error")
