@@ -159,3 +159,24 @@ def test_registry_static_half_imports_no_mlx():
     nem, llama, has_lm, has_mx = json.loads(out)
     assert nem == {"pipeline": True, "tensor": True} and llama == {"pipeline": True, "tensor": True}
     assert not has_lm and not has_mx
+
+
+def test_imports_run_one_way():
+    """registry -> model files -> split: the model files and split never import the registry (no circle)."""
+    import ast
+
+    from arthur_cluster import parallel
+
+    folder = Path(parallel.__file__).parent
+
+    def imports(name: str) -> set[str]:
+        found = set()
+        for node in ast.walk(ast.parse((folder / f"{name}.py").read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level == 1:
+                found |= {node.module} if node.module else {a.name for a in node.names}
+        return found
+
+    for model_file in ("nemotron_h", "llama", "stage"):
+        assert "registry" not in imports(model_file), model_file
+    assert imports("split") == set()
+    assert {"nemotron_h", "llama"} <= imports("registry")
