@@ -3,7 +3,9 @@ miniature made MoE-heavy (32 experts, 6 per token, as the real model's 128 and 6
 
     python bench/bench_moe_tensor.py [--tokens 1024] [--step 256] [--ranks 2] [--repeat 3] [--json]
 
-Each process prefills the same prompt and then decodes a few tokens greedily. Counted in every process: the
+Three runs: one process; n ranks with each rank running only its own picks (the tensor split as it is); n ranks
+with every rank running all top-k picks of every token (the split as it was, kept here as the baseline). Each
+process prefills the same prompt and then decodes a few tokens greedily. Counted in every process: the
 (token, expert) picks its experts computed during the prefill, and the seconds spent in the MoE layers and in
 the expert matmuls alone (each timed between evaluations, best of --repeat). The ratios compare each rank with the
 single process, measured in the same run. The outputs must agree: the same greedy ids and last-step logits within
@@ -70,6 +72,28 @@ def _wrap(model):
     return stats
 
 
+def _every_pick_on_every_rank(model) -> None:
+    """The baseline: the tensor MoE as it was, every rank running all top-k picks of every token (picks it
+    does not own sent to its local expert 0 with weight zero)."""
+    import mlx.core as mx
+
+    from arthur_cluster.parallel.nemotron_h import ShardedMoE
+
+    class EveryPick(ShardedMoE):
+        def __call__(self, x):
+            inds, scores = self.gate(x)
+            local = inds - self.first
+            mine = (local >= 0) & (local < self.per_rank)
+            y = self.switch_mlp(x, mx.where(mine, local, 0))
+            y = (y * mx.where(mine, scores, 0)[..., None]).sum(axis=-2).astype(y.dtype)
+            y = y + self.shared_experts(x)
+            return mx.distributed.all_sum(y, group=self.group)
+
+    for layer in model.backbone.layers:
+        if layer.block_type == "E":
+            layer.mixer.__class__ = EveryPick
+
+
 def _run(model, prompt: list[int], step: int):
     """Prefill in steps, then greedy decode; (ids, last-step logits)."""
     import mlx.core as mx
@@ -101,11 +125,13 @@ def rank_job(args: argparse.Namespace) -> int:
 
     from arthur_cluster.parallel import registry
 
-    group = mx.distributed.init(backend="ring", strict=True) if args.mode == "tensor" else None
+    group = mx.distributed.init(backend="ring", strict=True) if args.mode != "single" else None
     rank = group.rank() if group else 0
     model, config = load_model(Path(args.model), lazy=True)
     if group is not None:
         model = registry.apply(model, "tensor", group, config)
+    if args.mode == "every-pick":
+        _every_pick_on_every_rank(model)
     mx.eval(model.parameters())
     prompt = json.loads(Path(args.prompt).read_text())
     stats = _wrap(model)
@@ -175,12 +201,15 @@ def main(argv: list[str] | None = None) -> int:
         base = [sys.executable, os.path.abspath(__file__), "--rank-job", "--model", str(model), "--prompt",
                 str(prompt), "--out", str(tmp), "--step", str(args.step), "--repeat", str(args.repeat)]
         _launch(base + ["--mode", "single"], [{}], 900)
-        ring = loopback_ring(args.ranks)
-        _launch(base + ["--mode", "tensor"],
-                [rank_env("ring", r, args.ranks, files=tmp, ring=ring) for r in range(args.ranks)], 900)
+        for mode in ("every-pick", "tensor"):
+            ring = loopback_ring(args.ranks)
+            _launch(base + ["--mode", mode],
+                    [rank_env("ring", r, args.ranks, files=tmp, ring=ring) for r in range(args.ranks)], 900)
         single = json.loads((tmp / "single-0.json").read_text())
         ranks = [json.loads((tmp / f"tensor-{r}.json").read_text()) for r in range(args.ranks)]
+        old = [json.loads((tmp / f"every-pick-{r}.json").read_text()) for r in range(args.ranks)]
         a, b = np.load(tmp / "single-logits.npy"), np.load(tmp / "tensor-logits.npy")
+        c = np.load(tmp / "every-pick-logits.npy")
     config = miniature.tiny_config("nemotron_h", like=real, overrides=OVERRIDES)
     moe_layers = config["hybrid_override_pattern"].count("E")
     result = {
@@ -189,11 +218,15 @@ def main(argv: list[str] | None = None) -> int:
         "experts": config["n_routed_experts"], "top_k": config["num_experts_per_tok"], "ranks": args.ranks,
         "single": {k: single[k] for k in ("picks", "moe_s", "experts_s", "total_s")},
         "per_rank": [{k: r[k] for k in ("rank", "picks", "moe_s", "experts_s", "total_s")} for r in ranks],
+        "every_pick_per_rank": [{k: r[k] for k in ("rank", "picks", "moe_s", "experts_s", "total_s")} for r in old],
         "picks_ratio": [round(r["picks"] / single["picks"], 3) for r in ranks],
         "experts_time_ratio": [round(r["experts_s"] / single["experts_s"], 3) for r in ranks],
         "moe_time_ratio": [round(r["moe_s"] / single["moe_s"], 3) for r in ranks],
-        "same_ids": single["ids"] == ranks[0]["ids"],
+        "experts_time_ratio_vs_every_pick": [round(r["experts_s"] / o["experts_s"], 3) for r, o in zip(ranks, old)],
+        "moe_time_ratio_vs_every_pick": [round(r["moe_s"] / o["moe_s"], 3) for r, o in zip(ranks, old)],
+        "same_ids": single["ids"] == ranks[0]["ids"] == old[0]["ids"],
         "max_abs_logit_diff": float(np.max(np.abs(a - b))),
+        "every_pick_max_abs_logit_diff": float(np.max(np.abs(a - c))),
     }
     if args.json:
         print(json.dumps(result, indent=1))

@@ -9,12 +9,13 @@ Tensor split, per layer type:
   likewise; dt_bias, A_log, D and the gated norm's weight by head. The gated norm normalises per group, and a
   rank holds whole groups, so it stays local. out_proj is row-split and summed;
 - MoE: each rank holds a contiguous subset of the routed experts (whole experts) and a slice of the shared
-  expert. The router runs on every rank; each rank gathers the (token, expert) picks it owns and runs only those,
-  so at n ranks each computes about 1/n of the routed work, and adds its weighted outputs back per token. Whole experts rather
-  than a slice of each expert's width because a width slice must hold whole quantization groups: the real
-  model's moe_intermediate_size 1856 split two ways is 928, not a multiple of 64, while its 128 experts divide by
-  2, 4 and 8. Routed and shared partial sums meet in one all_sum per MoE layer. Which picks a rank owns is
-  known only once the router has run, so each MoE layer reads the picks back to the host (one sync per layer).
+  expert. The router runs on every rank; each rank gathers the (token, expert) picks it owns and runs only
+  those, so at n ranks each computes about 1/n of the routed work, and adds its weighted outputs back per token.
+  Whole experts rather than a slice of each expert's width because a width slice must hold whole quantization
+  groups: the real model's moe_intermediate_size 1856 split two ways is 928, not a multiple of 64, while its 128
+  experts divide by 2, 4 and 8. Routed and shared partial sums meet in one all_sum per MoE layer. Which picks a
+  rank owns is known only once the router has run, so each MoE layer reads the picks back to the host (one sync
+  per layer).
 """
 
 from __future__ import annotations
