@@ -64,6 +64,13 @@ MUTATIONS: list[Mutation] = [
     Mutation("conv1d bias from the wrong rank", "arthur_cluster/parallel/nemotron_h.py",
              'conv["bias"] = _part(m.conv1d.bias, n, r, 0, [inner, inner + gs])',
              'conv["bias"] = _part(m.conv1d.bias, n, (r + 1) % n, 0, [inner, inner + gs])', NEM_TENSOR_2),
+    Mutation("miniatures keep mlx-lm's initial values", "arthur_cluster/miniature.py",
+             "    randomize(model, config)\n", "",
+             ["tests/test_parallel_nemotron_h.py::test_miniature_parameters_are_random_and_experts_run_on_every_rank"]),
+    Mutation("a model file imports the registry again (import circle)", "arthur_cluster/parallel/nemotron_h.py",
+             "from .split import ShardingError, pipeline_split, tensor_blockers",
+             "from .registry import ShardingError, pipeline_split, tensor_blockers",
+             ["tests/test_parallel_nemotron_h.py::test_imports_run_one_way"]),
     # Tensor-parallel MoE: which experts a rank owns.
     Mutation("expert ownership off by one (< to <=)", "arthur_cluster/parallel/nemotron_h.py",
              "mine = (local >= 0) & (local < self.per_rank)", "mine = (local >= 0) & (local <= self.per_rank)",

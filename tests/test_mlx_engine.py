@@ -67,8 +67,11 @@ def test_closing_the_stream_stops_the_ranks(tiny_models, tmp_path):
     # No end token the model can produce, and far more tokens than the ranks make in the 10 s below: they stop
     # only if closing the stream stops them (with an end token they might finish on their own first).
     folder = copy_model(tiny_models["nemotron_h-8bit"], tmp_path / "model")
-    config = json.loads((folder / "config.json").read_text())
-    (folder / "config.json").write_text(json.dumps({**config, "eos_token_id": 10**6}))
+    for name, key in (("config.json", "eos_token_id"), ("tokenizer_config.json", "eos_token"),
+                      ("special_tokens_map.json", "eos_token")):
+        data = json.loads((folder / name).read_text())
+        data.pop(key)
+        (folder / name).write_text(json.dumps(data))
     eng = MlxEngine(folder, mode="pipeline", n=2, prefill_step=8)
     stream = eng.stream(MSGS, max_tokens=1_000_000)
     for ev in stream:
