@@ -1,4 +1,4 @@
-"""Miniature models: the same architecture and layer pattern as a real model, small dimensions, random weights.
+"""Miniature models: the same architecture and layer pattern as a real model, small dimensions, every parameter random.
 
 Built with mlx-lm's own model classes and save functions, with a byte-level BPE tokenizer trained offline
 (with a chat template), so `mlx_lm.load` loads the folder and generates. Used by the probe's smoke test,
@@ -30,12 +30,12 @@ _NEMOTRON_H = {
     "num_key_value_heads": 2,
     "head_dim": 32,
     "attention_bias": False,
-    "mamba_num_heads": 8,
+    "mamba_num_heads": 16,
     "mamba_head_dim": 16,
     "mamba_proj_bias": False,
     "ssm_state_size": 16,
     "conv_kernel": 4,
-    "n_groups": 2,
+    "n_groups": 4,  # several groups per rank at 2 ranks, as the real model's 8
     "chunk_size": 128,
     "mlp_bias": False,
     "mlp_hidden_act": "relu2",
@@ -46,9 +46,9 @@ _NEMOTRON_H = {
     "use_conv_bias": True,
     "moe_intermediate_size": 128,
     "moe_shared_expert_intermediate_size": 128,
-    "n_routed_experts": 8,
+    "n_routed_experts": 16,
     "n_shared_experts": 1,
-    "num_experts_per_tok": 2,
+    "num_experts_per_tok": 4,
     "n_group": 1,
     "topk_group": 1,
     "norm_topk_prob": True,
@@ -151,14 +151,62 @@ def quantization_like(config: dict[str, Any] | None) -> dict[str, Any] | None:
             "mode": str(q.get("mode", "affine"))}
 
 
+ATTENTION_SHARPNESS = 4.0  # q and k weights times this (scores times 16)
+
+
+def _random_value(name: str, v, config: dict[str, Any]):
+    """A random replacement for a parameter the constructor left constant (or, for A_log, an arange),
+    in the range a trained model has, so that no parameter can be taken from the wrong place unnoticed."""
+    import math
+
+    import mlx.core as mx
+
+    leaf = name.rsplit(".", 1)[-1]
+    uniform = lambda lo, hi: mx.random.uniform(lo, hi, v.shape)  # noqa: E731
+    if leaf == "A_log":  # A = -exp(A_log) in [-16, -1], as Mamba2 initialises it: stable for any dt > 0
+        return mx.log(uniform(1.0, 16.0))
+    if leaf == "dt_bias":  # softplus(dt_bias) = dt, log-uniform in [0.01, 0.2]: the state both keeps and forgets
+        dt = mx.exp(uniform(math.log(0.01), math.log(0.2)))
+        return dt + mx.log(-mx.expm1(-dt))
+    if leaf == "D":
+        return uniform(0.5, 1.5)
+    if leaf == "e_score_correction_bias":  # shifts which experts win, as trained biases do
+        return uniform(-0.1, 0.1)
+    if name.endswith("gate.weight") and v.ndim == 2 and "n_routed_experts" in config:  # the MoE router
+        return mx.random.normal(v.shape) / math.sqrt(v.shape[-1])
+    first = float(v.reshape(-1)[0].item())
+    if v.size > 1 and bool(mx.all(v == first).item()):
+        # Constant from the constructor: norm weights (ones), biases (zeros) and the like.
+        return uniform(0.5, 1.5) if first == 1.0 else first + uniform(-0.2, 0.2)
+    return None
+
+
+def randomize(model, config: dict[str, Any]) -> None:
+    """Replace every parameter the constructor did not draw at random (norms, biases, router, Mamba's
+    A_log, dt_bias and D). Uses mlx's current random state: call after seeding."""
+    import mlx.core as mx
+    from mlx.utils import tree_flatten, tree_unflatten
+
+    new = []
+    for name, v in tree_flatten(model.parameters()):
+        if mx.issubdtype(v.dtype, mx.floating) and (r := _random_value(name, v, config)) is not None:
+            new.append((name, r.astype(v.dtype)))
+        elif name.endswith(("q_proj.weight", "k_proj.weight")):
+            # Peaked attention, as a trained model's: with the default scale it averages over every position,
+            # the answer hangs on the last token only, and different questions on a document answer alike.
+            new.append((name, v * ATTENTION_SHARPNESS))
+    model.update(tree_unflatten(new))
+
+
 def build_model(config: dict[str, Any], *, seed: int = 0, dtype: str = "float32"):
-    """Instantiate mlx-lm's model class for the config with random weights (evaluated)."""
+    """Instantiate mlx-lm's model class for the config with every parameter random (evaluated)."""
     import mlx.core as mx
     from mlx_lm.utils import _get_classes  # mlx-lm's own class lookup
 
     model_class, args_class = _get_classes(config)
     mx.random.seed(seed)
     model = model_class(args_class.from_dict(config))
+    randomize(model, config)
     if dtype != "float32":
         from mlx.utils import tree_flatten, tree_unflatten
 

@@ -30,6 +30,30 @@ def _sources_intact(models: Path, hashes: dict) -> None:
         assert content_hashes(models / rid) == before, rid
 
 
+def _blobs_are_links_to_sources(models: Path, results: dict) -> None:
+    """Zero-copy: every blob is a symlink whose target is the source file itself (same inode), and every
+    snapshot file reaches the source through its blob. A copy would pass the hub's own checks."""
+    for rid, res in results.items():
+        blobs = list((res.hf_repo / "blobs").iterdir())
+        assert blobs, rid
+        sources = {os.path.realpath(p) for p in (models / rid).rglob("*") if p.is_file()}
+        for blob in blobs:
+            assert blob.is_symlink(), blob
+            real = os.path.realpath(blob)
+            assert real in sources, (blob, real)
+            assert os.stat(blob).st_ino == os.stat(real).st_ino
+        for f in res.snapshot.rglob("*"):
+            if not f.is_dir():
+                assert os.path.realpath(f) in sources and os.stat(f).st_ino == os.lstat(os.path.realpath(f)).st_ino
+
+
+def test_the_cache_links_to_the_sources(linked):
+    models, results, _ = linked
+    _blobs_are_links_to_sources(models, results)
+    blob = next((results[NEMO].hf_repo / "blobs").iterdir())
+    assert os.lstat(blob).st_size < 1024  # the link itself, not the weights
+
+
 def test_scan_cache_dir_full_size_no_warnings(linked):
     models, results, _ = linked
     info = scan_cache_dir(paths.hf_cache())
@@ -82,6 +106,7 @@ def _hf(*args: str) -> None:
 
 def test_delete_whole_repo_keeps_sources(linked):
     models, results, hashes = linked
+    _blobs_are_links_to_sources(models, results)  # else deleting a copy keeps the sources trivially
     info = scan_cache_dir(paths.hf_cache())
     info.delete_revisions(results[NEMO].commit).execute()
     assert not results[NEMO].hf_repo.exists()
@@ -110,6 +135,7 @@ def test_delete_single_files_keeps_sources(linked):
 
 def test_prune_detached_revision_keeps_sources(linked):
     models, results, hashes = linked
+    _blobs_are_links_to_sources(models, results)
     for res in results.values():
         os.unlink(res.hf_repo / "refs" / "main")  # detach the linked revision
     _hf("prune", "-y")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import time
@@ -10,6 +11,7 @@ import pytest
 
 from arthur_cluster.engines.base import Engine, EngineError, collect
 from arthur_cluster.engines.mlx import MlxEngine
+from tests.conftest import copy_model
 
 MSGS = [{"role": "user", "content": "Summarize the document about the cluster, the pipeline and the nodes."}]
 
@@ -61,19 +63,33 @@ def test_rank_death_mid_stream_is_a_clear_error(tiny_models):
     assert not any(_alive(p) for p in pids)
 
 
-def test_closing_the_stream_stops_the_ranks(tiny_models):
-    eng = MlxEngine(tiny_models["nemotron_h-8bit"], mode="pipeline", n=2, prefill_step=8)
-    stream = eng.stream(MSGS, max_tokens=400)
+def test_closing_the_stream_stops_the_ranks(tiny_models, tmp_path):
+    # No end token the model can produce, and far more tokens than the ranks make in the 10 s below: they stop
+    # only if closing the stream stops them (with an end token they might finish on their own first).
+    folder = copy_model(tiny_models["nemotron_h-8bit"], tmp_path / "model")
+    for name, key in (("config.json", "eos_token_id"), ("tokenizer_config.json", "eos_token"),
+                      ("special_tokens_map.json", "eos_token")):
+        data = json.loads((folder / name).read_text())
+        data.pop(key)
+        (folder / name).write_text(json.dumps(data))
+    eng = MlxEngine(folder, mode="pipeline", n=2, prefill_step=8)
+    stream = eng.stream(MSGS, max_tokens=1_000_000)
     for ev in stream:
         if ev.kind == "token":
             break
     pids = eng.rank_pids
-    stream.close()  # what a consumer's Ctrl-C or break does to the generator
-    deadline = time.monotonic() + 10
-    while any(_alive(p) for p in pids) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert not any(_alive(p) for p in pids)
-    eng.close()
+    assert len(pids) == 2 and all(_alive(p) for p in pids)
+    try:
+        stream.close()  # what a consumer's Ctrl-C or break does to the generator
+        deadline = time.monotonic() + 10
+        while any(_alive(p) for p in pids) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not any(_alive(p) for p in pids)
+    finally:
+        for p in pids:  # the test's own clean-up when the check above failed
+            if _alive(p):
+                os.kill(p, signal.SIGKILL)
+        eng.close()
 
 
 def test_refusals_are_clear(tiny_models):

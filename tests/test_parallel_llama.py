@@ -32,7 +32,10 @@ def test_llama_split_matches_single_process(models, kind, mode, n):
     assert len(r.dist_ids) == STEPS and r.dist_ids == r.single_ids
     if kind == "f32-untied":
         assert len(set(r.single_ids)) >= 3  # weak for ids: the logits comparison carries the check
-    assert r.max_abs_logit_diff == 0.0 if mode == "pipeline" else r.max_abs_logit_diff <= r.tolerance
+    if mode == "pipeline":
+        assert r.max_abs_logit_diff == 0.0
+    else:  # float32 rounding: 1e-5 of the largest logit (about 5 here)
+        assert r.max_abs_logit_diff <= r.tolerance <= 1e-4
 
 
 def test_llama_tensor_blockers():

@@ -219,7 +219,7 @@ def test_model_types_mlx_lm_remaps_use_their_module():
     from arthur_cluster.parallel import registry
 
     assert registry.module_of("mistral") == "llama"  # mlx-lm loads mistral with its llama module
-    assert registry.supported("mistral") == registry.supported("llama")
+    assert registry.supported("mistral") == registry.supported("llama") == {"pipeline": True, "tensor": True}
 
 
 def test_sliding_window_layers_keep_a_kv_cache():

@@ -12,7 +12,7 @@ from mlx_lm.models.base import create_attention_mask
 from mlx_lm.models.cache import KVCache, RotatingKVCache
 
 from . import stage
-from .registry import pipeline_split
+from .split import pipeline_split
 
 
 class PipelineLlamaModel(nn.Module):

@@ -9,10 +9,13 @@ Tensor split, per layer type:
   likewise; dt_bias, A_log, D and the gated norm's weight by head. The gated norm normalises per group, and a
   rank holds whole groups, so it stays local. out_proj is row-split and summed;
 - MoE: each rank holds a contiguous subset of the routed experts (whole experts) and a slice of the shared
-  expert. The router runs on every rank; picks outside a rank's subset are weighted zero. Whole experts rather
-  than a slice of each expert's width because a width slice must hold whole quantization groups: the real
-  model's moe_intermediate_size 1856 split two ways is 928, not a multiple of 64, while its 128 experts divide by
-  2, 4 and 8. Routed and shared partial sums meet in one all_sum per MoE layer.
+  expert. The router runs on every rank; each rank gathers the (token, expert) picks it owns and runs only
+  those, so at n ranks each computes about 1/n of the routed work, and adds its weighted outputs back per token.
+  Whole experts rather than a slice of each expert's width because a width slice must hold whole quantization
+  groups: the real model's moe_intermediate_size 1856 split two ways is 928, not a multiple of 64, while its 128
+  experts divide by 2, 4 and 8. Routed and shared partial sums meet in one all_sum per MoE layer. Which picks a
+  rank owns is known only once the router has run, so each MoE layer reads the picks back to the host (one sync
+  per layer).
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from mlx_lm.models.base import create_attention_mask, create_ssm_mask
 from mlx_lm.models.cache import ArraysCache, KVCache
 
 from . import stage
-from .registry import ShardingError, pipeline_split, tensor_blockers
+from .split import ShardingError, pipeline_split, tensor_blockers
 
 # --- pipeline ------------------------------------------------------------------------------------------
 
@@ -143,7 +146,10 @@ def _shard_mamba(m, group) -> None:
     if "bias" in m.conv1d:
         conv["bias"] = _part(m.conv1d.bias, n, r, 0, [inner, inner + gs])
     m.conv1d.update(conv)
-    m.dt_bias, m.A_log, m.D = (_part(a, n, r) for a in (m.dt_bias, m.A_log, m.D))
+    # Per head (each rank's heads are its groups' heads, in order).
+    m.dt_bias = _part(m.dt_bias, n, r)
+    m.A_log = _part(m.A_log, n, r)
+    m.D = _part(m.D, n, r)
     m.norm.weight = _part(m.norm.weight, n, r)
     m.out_proj = shard_linear(m.out_proj, "sharded-to-all", group=group)
     m.num_heads //= n
@@ -168,7 +174,8 @@ def _local_partial_mlp(m, group) -> None:
 
 
 class ShardedMoE(nn.Module):
-    """NemotronH's MoE with a subset of the routed experts and a slice of the shared expert on each rank."""
+    """NemotronH's MoE with a subset of the routed experts and a slice of the shared expert on each rank.
+    Each rank runs only the picks of its own experts; `computed` counts them (tokens x experts)."""
 
     def __init__(self, moe, group):
         super().__init__()
@@ -179,6 +186,7 @@ class ShardedMoE(nn.Module):
         total = moe.switch_mlp.fc1.num_experts
         self.per_rank = total // n
         self.first = r * self.per_rank
+        self.computed = 0
         self.gate = moe.gate
         lo, hi = self.first, self.first + self.per_rank
         for fc in (moe.switch_mlp.fc1, moe.switch_mlp.fc2):
@@ -194,20 +202,34 @@ class ShardedMoE(nn.Module):
             if "bias" in self.fc2_latent_proj and r != 0:
                 self.fc2_latent_proj.bias = mx.zeros_like(self.fc2_latent_proj.bias)
 
+    def _own_picks(self, inds: mx.array) -> tuple[mx.array, mx.array]:
+        """(flat pick positions, local expert ids) of the picks whose expert this rank holds."""
+        import numpy as np
+
+        local = inds.reshape(-1) - self.first
+        mine = (local >= 0) & (local < self.per_rank)
+        pos = np.flatnonzero(np.array(mine))  # the sync: how many picks are ours decides the shapes
+        self.computed += int(pos.size)
+        pos = mx.array(pos.astype(np.int32))
+        return pos, local[pos]
+
     def __call__(self, x: mx.array) -> mx.array:
         inds, scores = self.gate(x)
-        local = inds - self.first
-        mine = (local >= 0) & (local < self.per_rank)
-        local = mx.where(mine, local, 0)
-        scores = mx.where(mine, scores, 0)
-        h = self.fc1_latent_proj(x) if self.moe_latent_size is not None else x
-        y = self.switch_mlp(h, local)
-        y = (y * scores[..., None]).sum(axis=-2).astype(y.dtype)
+        k, flat = inds.shape[-1], x.reshape(-1, x.shape[-1])
+        h = self.fc1_latent_proj(flat) if self.moe_latent_size is not None else flat
+        pos, experts = self._own_picks(inds)
+        routed = mx.zeros((flat.shape[0], h.shape[-1]), dtype=mx.float32)
+        if pos.size:
+            tokens = pos // k
+            out = self.switch_mlp(h[tokens], experts[:, None])[:, 0]
+            weighted = out * scores.reshape(-1)[pos][:, None]  # float32, as the one-process sum
+            routed = routed.at[tokens].add(weighted)
+        y = routed.astype(h.dtype)
         if self.moe_latent_size is not None:
             y = self.fc2_latent_proj(y)
         if self.config.n_shared_experts is not None:
-            y = y + self.shared_experts(x)
-        return mx.distributed.all_sum(y, group=self.group)
+            y = y + self.shared_experts(flat)
+        return mx.distributed.all_sum(y, group=self.group).reshape(x.shape)
 
 
 def _config(model) -> dict[str, Any]:

@@ -10,6 +10,8 @@ from __future__ import annotations
 import mlx.core as mx
 from mlx_lm.models.cache import ArraysCache
 
+from .split import ShardingError
+
 
 class LinkCache(ArraysCache):
     """A one-slot cache that only carries the stage's hand-over in the graph."""
@@ -58,8 +60,6 @@ def local_layers(layers: list, ranges_for_rank: range) -> list:
 
 
 def check_ranges(ranges: list[range], size: int, n_layers: int) -> None:
-    from .registry import ShardingError
-
     if len(ranges) != size:
         raise ShardingError(f"{len(ranges)} layer ranges for {size} ranks")
     covered = sorted((r.start, r.stop) for r in ranges)

@@ -1,0 +1,220 @@
+"""Mutation check: plant known bugs, one at a time, in a copy of the repository and see whether the tests catch them.
+
+    python bench/mutations.py [--only NAME ...] [--timeout 600] [--no-baseline] [--json]
+
+Each mutation is (name, file, exact old text, new text, tests to run; optionally more edits of the same file). Each
+old text must occur exactly once in the
+file (tests/test_mutations_list.py checks that in the default run, so the list cannot silently rot). For each
+mutation the repository (tracked and untracked, not ignored files) is copied to a temporary folder, the text is
+replaced there, and the named tests run in that copy with it first on PYTHONPATH (rank subprocesses inherit it).
+A mutation is "caught" when pytest reports a failure; "error" when pytest could not run the tests at all.
+The named tests run unmutated first (the baseline), since a failure there would make every mutation look caught.
+Prints a table (or JSON) and exits 1 when any mutation was missed or errored. Not part of the default pytest run:
+it takes minutes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+NEM_TENSOR = ["tests/test_parallel_nemotron_h.py::test_split_matches_single_process[f32-tensor-2]",
+              "tests/test_parallel_nemotron_h.py::test_split_matches_single_process[4bit-tensor-4]"]
+NEM_TENSOR_2 = NEM_TENSOR[:1]
+DOC_CACHE = ["tests/test_docjob.py::test_every_cached_answer_equals_a_from_scratch_prefill"]
+
+
+@dataclass
+class Mutation:
+    name: str
+    file: str
+    old: str
+    new: str
+    tests: list[str] = field(default_factory=list)
+    note: str = ""
+    more: list[tuple[str, str]] = field(default_factory=list)  # further (old, new) edits in the same file
+
+    def edits(self) -> list[tuple[str, str]]:
+        return [(self.old, self.new), *self.more]
+
+
+def _wrong_rank(param: str) -> tuple[str, str]:
+    return f"m.{param} = _part(m.{param}, n, r)", f"m.{param} = _part(m.{param}, n, (r + 1) % n)"
+
+
+MUTATIONS: list[Mutation] = [
+    # Tensor-parallel NemotronH: a parameter of a Mamba layer taken from the wrong rank's share.
+    Mutation("mamba D from the wrong rank", "arthur_cluster/parallel/nemotron_h.py", *_wrong_rank("D"), NEM_TENSOR_2),
+    Mutation("mamba dt_bias from the wrong rank", "arthur_cluster/parallel/nemotron_h.py", *_wrong_rank("dt_bias"),
+             NEM_TENSOR_2),
+    Mutation("mamba A_log from the wrong rank", "arthur_cluster/parallel/nemotron_h.py", *_wrong_rank("A_log"),
+             NEM_TENSOR_2),
+    Mutation("gated norm weight from the wrong rank", "arthur_cluster/parallel/nemotron_h.py",
+             *_wrong_rank("norm.weight"), NEM_TENSOR_2),
+    Mutation("conv1d bias from the wrong rank", "arthur_cluster/parallel/nemotron_h.py",
+             'conv["bias"] = _part(m.conv1d.bias, n, r, 0, [inner, inner + gs])',
+             'conv["bias"] = _part(m.conv1d.bias, n, (r + 1) % n, 0, [inner, inner + gs])', NEM_TENSOR_2),
+    Mutation("miniatures keep mlx-lm's initial values", "arthur_cluster/miniature.py",
+             "    randomize(model, config)\n", "",
+             ["tests/test_parallel_nemotron_h.py::test_miniature_parameters_are_random_and_experts_run_on_every_rank"]),
+    Mutation("a model file imports the registry again (import circle)", "arthur_cluster/parallel/nemotron_h.py",
+             "from .split import ShardingError, pipeline_split, tensor_blockers",
+             "from .registry import ShardingError, pipeline_split, tensor_blockers",
+             ["tests/test_parallel_nemotron_h.py::test_imports_run_one_way"]),
+    # Tensor-parallel MoE: which experts a rank owns.
+    Mutation("expert ownership off by one (< to <=)", "arthur_cluster/parallel/nemotron_h.py",
+             "mine = (local >= 0) & (local < self.per_rank)", "mine = (local >= 0) & (local <= self.per_rank)",
+             NEM_TENSOR),
+    Mutation("every rank thinks it owns the first experts", "arthur_cluster/parallel/nemotron_h.py",
+             "self.first = r * self.per_rank", "self.first = 0", NEM_TENSOR_2),
+    Mutation("expert outputs rounded to float16 (tolerance)", "arthur_cluster/parallel/nemotron_h.py",
+             "routed = routed.at[tokens].add(weighted)",
+             "routed = routed.at[tokens].add(weighted.astype(mx.float16).astype(mx.float32))", NEM_TENSOR_2,
+             "small error, same ids: caught only by a tolerance near float32 rounding"),
+    # The document prefix cache (snapshot / restore between questions).
+    Mutation("mamba state not restored", "arthur_cluster/promptcache.py",
+             "            c.state = tree_map(lambda x: x, value)", "            pass", DOC_CACHE),
+    Mutation("only the SSM state restored (conv state stale)", "arthur_cluster/promptcache.py",
+             "            c.state = tree_map(lambda x: x, value)", "            c[1] = value[1]", DOC_CACHE),
+    Mutation("snapshot aliases the live cache", "arthur_cluster/promptcache.py",
+             "values.append(tree_map(lambda x: x, c.state))", "values.append(c.state)", DOC_CACHE),
+    Mutation("KV trimmed one token short", "arthur_cluster/promptcache.py",
+             "c.trim(c.offset - value)", "c.trim(c.offset - value - 1)", DOC_CACHE),
+    Mutation("no restore at all", "arthur_cluster/promptcache.py",
+             "            restore(self.cache, self._snap)", "            pass", DOC_CACHE),
+    # Ranks, linker, registry.
+    Mutation("RankProcesses.kill does nothing", "arthur_cluster/parallel/ranks.py",
+             "        if not self.procs:\n            return\n        alive = [",
+             "        return\n        alive = [",
+             ["tests/test_mlx_engine.py::test_closing_the_stream_stops_the_ranks"],
+             "ranks.py is being rewritten: the old text may move"),
+    Mutation("linker copies the blobs instead of linking", "arthur_cluster/linker.py",
+             'os.symlink(os.path.join(source, f["name"]), blob)',
+             '__import__("shutil").copyfile(os.path.join(source, f["name"]), blob)',
+             ["tests/test_linker_hub.py::test_delete_whole_repo_keeps_sources",
+              "tests/test_linker_hub.py::test_prune_detached_revision_keeps_sources"]),
+    Mutation("linker copies, and its own verification is fooled", "arthur_cluster/linker.py",
+             'os.symlink(os.path.join(source, f["name"]), blob)',
+             '__import__("shutil").copyfile(os.path.join(source, f["name"]), blob)',
+             ["tests/test_linker_hub.py::test_delete_whole_repo_keeps_sources",
+              "tests/test_linker_hub.py::test_prune_detached_revision_keeps_sources"],
+             "what only the tests' own link checks can see",
+             more=[("        if not links_ok:\n", "        if False:\n")]),
+    Mutation("supported() ignores mlx-lm's model remapping", "arthur_cluster/parallel/registry.py",
+             "    module = module_of(model_type)\n    own = OWN.get(module, {})",
+             "    module = model_type\n    own = OWN.get(module, {})",
+             ["tests/test_probe_static.py::test_model_types_mlx_lm_remaps_use_their_module"]),
+]
+
+
+@dataclass
+class Outcome:
+    name: str
+    status: str  # caught | missed | error
+    seconds: float
+    detail: str = ""
+
+
+def check_applies(m: Mutation, root: Path = ROOT) -> str | None:
+    """Why this mutation no longer applies (None when its old text occurs exactly once)."""
+    path = root / m.file
+    if not path.is_file():
+        return f"{m.file} does not exist"
+    text = path.read_text(encoding="utf-8")
+    for old, _ in m.edits():
+        if (n := text.count(old)) != 1:
+            return f"{m.file}: the old text {old.strip()[:40]!r} occurs {n} times, not once"
+    return None
+
+
+def copy_repo(dest: Path) -> None:
+    files = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
+                           capture_output=True, check=True).stdout.decode().split("\0")
+    for rel in filter(None, files):
+        src = ROOT / rel
+        if src.is_file():
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / rel)
+
+
+def run_tests(root: Path, tests: list[str], timeout: float) -> tuple[int, str]:
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *tests]
+    try:
+        p = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return -1, f"timed out after {timeout:.0f} s"
+    lines = [x for x in (p.stdout + p.stderr).strip().splitlines() if x.strip()]
+    return p.returncode, lines[-1] if lines else ""
+
+
+def run_one(m: Mutation, timeout: float) -> Outcome:
+    t0 = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="arthur-mutant-") as tmp:
+        root = Path(tmp)
+        copy_repo(root)
+        if (why := check_applies(m, root)) is not None:
+            return Outcome(m.name, "error", 0.0, why)
+        path = root / m.file
+        text = path.read_text(encoding="utf-8")
+        for old, new in m.edits():
+            text = text.replace(old, new)
+        path.write_text(text, encoding="utf-8")
+        rc, last = run_tests(root, m.tests, timeout)
+    # pytest: 1 = tests failed (caught), 0 = all passed (missed), anything else = it could not run them.
+    status = {0: "missed", 1: "caught"}.get(rc, "error")
+    return Outcome(m.name, status, round(time.monotonic() - t0, 1), last)
+
+
+def baseline(tests: list[str], timeout: float) -> tuple[int, str]:
+    with tempfile.TemporaryDirectory(prefix="arthur-baseline-") as tmp:
+        copy_repo(Path(tmp))
+        return run_tests(Path(tmp), tests, timeout)
+
+
+def table(outcomes: list[Outcome]) -> str:
+    width = max(len(o.name) for o in outcomes)
+    rows = [f"| {'mutation'.ljust(width)} | result | seconds | pytest's last line",
+            f"|{'-' * (width + 2)}|--------|---------|-------------------"]
+    rows += [f"| {o.name.ljust(width)} | {o.status.ljust(6)} | {o.seconds:7.1f} | {o.detail}" for o in outcomes]
+    return "\n".join(rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--only", nargs="*", help="run only mutations whose name contains one of these words")
+    ap.add_argument("--timeout", type=float, default=600.0, help="seconds per mutation's test run")
+    ap.add_argument("--no-baseline", action="store_true")
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args(argv)
+    chosen = [m for m in MUTATIONS if not args.only or any(w in m.name for w in args.only)]
+    if not args.no_baseline:
+        tests = list(dict.fromkeys(t for m in chosen for t in m.tests))
+        rc, last = baseline(tests, args.timeout)
+        if rc != 0:
+            print(f"the unmutated tests do not pass ({last}); fix them first", file=sys.stderr)
+            return 2
+    outcomes = []
+    for m in chosen:
+        outcomes.append(run_one(m, args.timeout))
+        if not args.json:
+            print(f"{outcomes[-1].status:6} {m.name}", file=sys.stderr, flush=True)
+    if args.json:
+        print(json.dumps([asdict(o) for o in outcomes], indent=1))
+    else:
+        print(table(outcomes))
+    return 0 if all(o.status == "caught" for o in outcomes) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
