@@ -244,7 +244,7 @@ def test_cards_dir_inside_source_via_cli_writes_nothing(some):
     assert tree(some) == before
 
 
-@pytest.mark.parametrize("blocked", ["exo_dir", "cards_dir", "hf_cache", "state"])
+@pytest.mark.parametrize("blocked", ["exo_dir", "hf_cache", "state"])
 def test_unusable_target_refused_before_anything_is_made(some, tmp_path, monkeypatch, blocked):
     """A target under a regular file (as unusable as a read-only folder, even for root)."""
     wall = tmp_path / "a-file"

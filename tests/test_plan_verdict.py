@@ -70,25 +70,26 @@ def test_probe_pick_and_doc_plan_agree(library, tmp_path, model):
         assert pick == (probe_peak, probe_fits)
 
 
-def test_doc_plan_on_an_exo_deployment_uses_exo_node_memory(exo_sim, tiny_models):
+def test_doc_plan_on_an_exo_deployment_uses_exo_node_memory(shared_exo, tiny_models):
     """An exo deployment is planned on exo's nodes with the memory exo reports, as pick judges exo routes."""
     from arthur_cluster import bringup, docjob, documents
     from arthur_cluster.fallback import Route
-    from tests.fixtures_exo import SIM_LLAMA_ID
+    from tests.fixtures_exo import LLAMA_ID
 
+    memory = shared_exo.get("/state/nodeMemory")
+    nodes = sorted(memory)
     dep = bringup.Deployment(
-        model=SIM_LLAMA_ID, served_id=SIM_LLAMA_ID, engine="exo",
-        route=Route(engine="exo", sharding="pipeline", backend="ring", nodes=2), endpoint=exo_sim.url,
-        nodes=[n.node_id for n in exo_sim.nodes], model_path=tiny_models["llama-4bit"],
+        model=LLAMA_ID, served_id=LLAMA_ID, engine="exo",
+        route=Route(engine="exo", sharding="pipeline", backend="ring", nodes=2), endpoint=shared_exo.url,
+        nodes=nodes, model_path=tiny_models["llama-4bit"],
         smoke=bringup.Smoke(question="q", answer="a"))
     bringup.write_record(dep)
     planner = docjob.plan_runner()
     plan = docjob.plan_job(documents.Document("Some text about nodes.\n\nMore text."), docjob.make_tasks(["Q?"]),
                            planner, max_tokens=8, warmup=False)
-    state = {n.node_id: n for n in exo_sim.nodes}
-    assert [n.node for n in plan.memory.nodes] == dep.nodes and plan.memory.split == "pipeline"
+    assert sorted(n.node for n in plan.memory.nodes) == nodes and plan.memory.split == "pipeline"
     for node in plan.memory.nodes:
-        assert node.budget == state[node.node].ram_available and node.fits is True
+        assert node.budget == memory[node.node]["ramAvailable"]["inBytes"] and node.fits is True
     # Rates a run on the deployment's engine recorded are found by the next plan, made without weights.
     engine = docjob.open_runner()
     assert isinstance(engine, docjob.EngineRunner)
