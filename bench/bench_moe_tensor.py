@@ -1,7 +1,7 @@
 """Tensor-parallel MoE work per rank: one process against n ring ranks on loopback, on a randomized NemotronH
 miniature made MoE-heavy (32 experts, 6 per token, as the real model's 128 and 6 in spirit).
 
-    python bench/bench_moe_tensor.py [--tokens 1024] [--step 256] [--ranks 2] [--repeat 3] [--json]
+    python bench/bench_moe_tensor.py [--tokens 1024] [--step 256] [--ranks 2] [--repeat 3] [--pin] [--json]
 
 Three runs: one process; n ranks with each rank running only its own picks (the tensor split as it is); n ranks
 with every rank running all top-k picks of every token (the split as it was, kept here as the baseline). Each
@@ -9,7 +9,9 @@ process prefills the same prompt and then decodes a few tokens greedily. Counted
 (token, expert) picks its experts computed during the prefill, and the seconds spent in the MoE layers and in
 the expert matmuls alone (each timed between evaluations, best of --repeat). The ratios compare each rank with the
 single process, measured in the same run. The outputs must agree: the same greedy ids and last-step logits within
-float32 rounding. On a 2-core machine the ranks share the cores with each other, the single process has both.
+float32 rounding. Unpinned, the ranks of a 2-core machine share its cores while the single process has both;
+--pin gives every process one core (the single process and rank 0 the same one), as each rank would have its own
+node.
 """
 
 from __future__ import annotations
@@ -127,6 +129,8 @@ def rank_job(args: argparse.Namespace) -> int:
 
     group = mx.distributed.init(backend="ring", strict=True) if args.mode != "single" else None
     rank = group.rank() if group else 0
+    if args.pin:  # one core per process, as one node per rank: the single process and rank 0 get the same core
+        os.sched_setaffinity(0, {rank % os.cpu_count()})
     model, config = load_model(Path(args.model), lazy=True)
     if group is not None:
         model = registry.apply(model, "tensor", group, config)
@@ -176,6 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ranks", type=int, default=2)
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--pin", action="store_true", help="each process on one core (rank r on core r)")
     ap.add_argument("--rank-job", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--mode", default="single", help=argparse.SUPPRESS)
     ap.add_argument("--model", help=argparse.SUPPRESS)
@@ -199,7 +204,8 @@ def main(argv: list[str] | None = None) -> int:
         prompt = tmp / "prompt.json"
         prompt.write_text(json.dumps(default_prompt(512, args.tokens)))
         base = [sys.executable, os.path.abspath(__file__), "--rank-job", "--model", str(model), "--prompt",
-                str(prompt), "--out", str(tmp), "--step", str(args.step), "--repeat", str(args.repeat)]
+                str(prompt), "--out", str(tmp), "--step", str(args.step), "--repeat", str(args.repeat),
+                *(["--pin"] if args.pin else [])]
         _launch(base + ["--mode", "single"], [{}], 900)
         for mode in ("every-pick", "tensor"):
             ring = loopback_ring(args.ranks)
@@ -213,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
     config = miniature.tiny_config("nemotron_h", like=real, overrides=OVERRIDES)
     moe_layers = config["hybrid_override_pattern"].count("E")
     result = {
-        "machine": f"{os.cpu_count()} CPU cores, mlx ring on loopback",
+        "machine": f"{os.cpu_count()} CPU cores, mlx ring on loopback" + (", one core per process" if args.pin else ""),
         "prompt_tokens": args.tokens, "decode_tokens": DECODE, "moe_layers": moe_layers,
         "experts": config["n_routed_experts"], "top_k": config["num_experts_per_tok"], "ranks": args.ranks,
         "single": {k: single[k] for k in ("picks", "moe_s", "experts_s", "total_s")},

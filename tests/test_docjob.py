@@ -64,6 +64,7 @@ def test_single_pass_shares_one_prefill_and_matches_no_cache(runner, tmp_path):
         runner.use_cache = True
     assert result2["cache_hits"]["none"] == 2 and result2["tokens"]["cached"] == 0
     assert unit_ids(job2) == unit_ids(job) and result2["answers"] == result["answers"]
+    assert unit_ids(job)["answer-q1"] != unit_ids(job)["answer-q2"]  # else a leaked cache could not show
 
 
 def test_map_reduce_when_the_document_exceeds_the_context(runner, tmp_path):
