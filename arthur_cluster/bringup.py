@@ -13,8 +13,6 @@ OpenAI chat completions, the record's `resident` says where and which processes;
 
 from __future__ import annotations
 
-from .errors import ArthurError
-
 import shlex
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -27,6 +25,7 @@ from . import fallback, paths
 from .catalog import Catalog
 from .cluster import ClusterError, ClusterInfo, Discovery, discover
 from .engines.base import ChatResult, Engine, EngineError, collect
+from .errors import ArthurError
 from .fallback import Choice, NoChoice, Rejection, Route
 from .hostfile import RemoteError, over_ssh
 from .parallel import resident

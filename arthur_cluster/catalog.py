@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from .errors import ArthurError
-
 import os
 import tomllib
 from pathlib import Path
@@ -12,6 +10,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from . import paths, safeio
+from .errors import ArthurError
 
 REPO_ROOT_CATALOG = Path(__file__).resolve().parent.parent / "models.toml"
 

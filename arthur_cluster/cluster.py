@@ -7,8 +7,6 @@ Nothing here loads a model; exo is asked with short timeouts so that an absent e
 
 from __future__ import annotations
 
-from .errors import ArthurError
-
 import os
 import socket
 from typing import Literal
@@ -17,6 +15,7 @@ from pydantic import BaseModel, Field
 
 from . import paths
 from .catalog import Catalog
+from .errors import ArthurError
 from .hostfile import is_this_machine
 from .memory import NodeMemory
 

@@ -10,8 +10,6 @@ job directory as it completes; a job killed at any point resumes from what is th
 
 from __future__ import annotations
 
-from .errors import ArthurError
-
 import hashlib
 import json
 import time
@@ -24,6 +22,7 @@ from pydantic import BaseModel, Field
 from . import catalog, documents, memory, paths
 from .documents import Document
 from .engines.base import EngineError, Message
+from .errors import ArthurError
 from .memory import MemoryPlan, NodeMemory
 
 SYSTEM = "You answer questions about the document the user gives you, using only that document."

@@ -6,8 +6,6 @@ No mlx or transformers here: token counts come from a function the caller passes
 
 from __future__ import annotations
 
-from .errors import ArthurError
-
 import hashlib
 import os
 import re
@@ -16,6 +14,8 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, TextIO
+
+from .errors import ArthurError
 
 Counter = Callable[[str], int]
 

@@ -8,11 +8,10 @@ that recognises a card file an older link wrote, so `link`/`unlink` can remove i
 
 from __future__ import annotations
 
-from .errors import ArthurError
-
 import json
 import re
 
+from .errors import ArthurError
 from .modelfiles import ModelInfo, text_config
 
 CARD_HEADER = "# Written by arthur-cluster link; `arthur-cluster unlink` removes it."

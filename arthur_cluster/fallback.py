@@ -10,8 +10,6 @@ every list in a fixed order.
 
 from __future__ import annotations
 
-from .errors import ArthurError
-
 from pathlib import Path
 from typing import Callable, Iterable, Literal
 
@@ -20,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from . import memory, modelfiles, paths, sources
 from .catalog import Catalog, ModelEntry
 from .cluster import ClusterInfo, ClusterNode
+from .errors import ArthurError
 from .modelfiles import ModelInfo
 
 Engine = Literal["exo", "mlx"]

@@ -11,8 +11,6 @@ Pure values: nothing here imports mlx except `check_backend`.
 
 from __future__ import annotations
 
-from .errors import ArthurError
-
 import ipaddress
 import json
 import os
@@ -22,6 +20,8 @@ import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from .errors import ArthurError
 
 BACKENDS = ("ring", "jaccl", "nccl")
 SSH_ENV = "ARTHUR_CLUSTER_SSH"  # the command that reaches a node by its ssh name

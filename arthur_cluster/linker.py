@@ -19,8 +19,6 @@ those only links and the linker's own small files are deleted; source folders ar
 
 from __future__ import annotations
 
-from .errors import ArthurError
-
 import fcntl
 import hashlib
 import json
@@ -37,6 +35,7 @@ from typing import Callable, Iterator, Literal
 from pydantic import BaseModel, Field
 
 from . import etags, exocard, paths, safeio
+from .errors import ArthurError
 from .modelfiles import INDEX_NAME, ModelFileError, ModelInfo, read_header, require_ok
 
 TOOL = "arthur-cluster"

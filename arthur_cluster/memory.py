@@ -40,8 +40,6 @@ known: MLX on CUDA (H100, Nemotron-3-Nano 8-bit) needs 4.1 GB at prefill step 51
 
 from __future__ import annotations
 
-from .errors import ArthurError
-
 import math
 import re
 from pathlib import Path
@@ -51,6 +49,7 @@ from pydantic import BaseModel, Field
 
 from . import modelfiles
 from .catalog import ModelEntry
+from .errors import ArthurError
 from .modelfiles import ModelInfo
 
 KV_STEP = 256  # mlx_lm.models.cache.KVCache.step

@@ -7,14 +7,14 @@ the test fixtures and the demo library. Nothing here downloads anything.
 
 from __future__ import annotations
 
-from .errors import ArthurError
-
 import contextlib
 import copy
 import io
 import json
 from pathlib import Path
 from typing import Any
+
+from .errors import ArthurError
 
 ARCHITECTURES = ("nemotron_h", "llama")
 

@@ -7,8 +7,6 @@ report that names the file and the fix; `require_ok` turns errors into an except
 
 from __future__ import annotations
 
-from .errors import ArthurError
-
 import errno
 import math
 import os
@@ -20,6 +18,7 @@ from typing import Literal
 from pydantic import BaseModel, Field
 
 from . import safeio
+from .errors import ArthurError
 
 INDEX_NAME = "model.safetensors.index.json"
 GGUF_MAGIC = 0x46554747

@@ -19,8 +19,6 @@ Verdicts: blocked when any finding of the route is an error; unknown when someth
 
 from __future__ import annotations
 
-from .errors import ArthurError
-
 import ast
 import functools
 import hashlib
@@ -39,8 +37,9 @@ from typing import Callable, Literal
 
 from pydantic import BaseModel, Field
 
-from . import memory, modelfiles, paths, remotecode, sources
+from . import memory, modelfiles, paths, remotecode, safeio, sources
 from .catalog import ClusterEntry, ModelEntry
+from .errors import ArthurError
 from .memory import MemoryPlan, NodeMemory
 from .modelfiles import ModelInfo
 from .parallel.registry import mlx_lm_dir, model_remapping  # the static half: imports no mlx
@@ -281,8 +280,8 @@ def static_facts(folder: Path, *, repo_id: str | None = None, source: str = "pat
 
 
 def _read_text(path: Path) -> str | None:
-    try:
-        return path.read_text(encoding="utf-8", errors="replace")
+    try:  # regular files only, bounded: a FIFO named config.json must not hang the probe
+        return safeio.read_regular(path).decode("utf-8", errors="replace")
     except OSError:
         return None
 
@@ -417,7 +416,7 @@ def _check_quantization(facts: StaticFacts) -> None:
                 g = modelfiles._group_size(info, base) or group
                 bits = modelfiles._bits_for(info, base) or (q.bits if q else None)
                 width = shape[-1] * 32 // bits if bits else None
-                if g and width and (width % g or scales[-1] * g != width):
+                if g and width and (width % g or not scales or scales[-1] * g != width):
                     bad.append(f"{base} (input width {width}, group {g})")
             elif dtype in ("BF16", "F16") and len(shape) == 3 and ("switch_mlp" in name or "experts" in name):
                 experts_float.append(base)
@@ -800,8 +799,10 @@ def _prove_in(report: ProbeReport, folder: Path, cfg: dict, ranks: tuple[int, ..
 
 def _mini_pattern(folder: Path) -> str:
     try:
-        cfg = json.loads((folder / "config.json").read_text())
+        cfg = safeio.read_json(folder / "config.json")
     except (OSError, ValueError):
+        return "?"
+    if not isinstance(cfg, dict):
         return "?"
     return modelfiles.layer_pattern(cfg) or "?"
 

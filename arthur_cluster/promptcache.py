@@ -10,8 +10,6 @@ so a later job on the same document skips the prefill.
 
 from __future__ import annotations
 
-from .errors import ArthurError
-
 import hashlib
 import json
 import os
@@ -26,6 +24,7 @@ from mlx_lm.generate import generation_stream
 from mlx_lm.models import cache as mlc
 
 from . import paths
+from .errors import ArthurError
 
 Progress = Callable[[int, int], None]
 FORMAT = "1"  # bump when the file layout or the key changes

@@ -21,11 +21,15 @@ from tests.linkhelp import cli_app, content_hashes, do_link, tree
 RID = "org/Hostile"
 
 
+class Hang(BaseException):
+    """Raised by no_hang: a BaseException, so no `except OSError` (TimeoutError is one) can swallow it."""
+
+
 @contextmanager
 def no_hang(seconds: int = 20):
     """Fail (instead of blocking the suite) if the body has not finished in time."""
     def boom(*_):
-        raise TimeoutError(f"still running after {seconds} s: a hang")
+        raise Hang(f"still running after {seconds} s: a hang")
     old = signal.signal(signal.SIGALRM, boom)
     signal.alarm(seconds)
     try:
@@ -123,6 +127,19 @@ def test_fifo_model_in_a_real_cli_process(lmstudio_home):
         assert "Traceback" not in r.stderr, (args, r.stderr)
         if args[0] != "models":
             assert r.returncode != 0 and "model.safetensors" in r.stdout + r.stderr, (args, r.stdout, r.stderr)
+
+
+@pytest.mark.parametrize("name", ["config.json", "model.safetensors"])
+def test_probe_of_a_folder_with_a_fifo_never_blocks(model, name):
+    """The probe reads config.json for its own checks too (not only through the inspection)."""
+    from arthur_cluster import probe
+
+    (model / name).unlink()
+    os.mkfifo(model / name)
+    with no_hang():
+        report = probe.run(str(model), static_only=True, use_cache=False)
+    assert report.routes and all(r.verdict == "blocked" for r in report.routes)
+    assert any(name in f.line() for f in report.findings), [f.line() for f in report.findings]
 
 
 def test_reads_refuse_fifos_and_oversized_files(tmp_path):

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from ..errors import ArthurError
-
 from dataclasses import dataclass, field
 from typing import Iterator, Literal, Protocol, runtime_checkable
+
+from ..errors import ArthurError
 
 Message = dict[str, str]  # {"role": ..., "content": ...}
 

@@ -6,8 +6,6 @@ collective never leaves processes behind. On Linux each rank is also told to die
 
 from __future__ import annotations
 
-from ..errors import ArthurError
-
 import json
 import os
 import queue
@@ -20,6 +18,8 @@ import threading
 import time
 from pathlib import Path
 from typing import Iterator
+
+from ..errors import ArthurError
 
 
 EXIT_GRACE = 30.0  # seconds the other ranks get to exit once rank 0 has finished

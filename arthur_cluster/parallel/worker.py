@@ -15,8 +15,6 @@ rank 0 needs to read it: it shares the token ids with the other ranks over the g
 
 from __future__ import annotations
 
-from ..errors import ArthurError
-
 import argparse
 import json
 import os
@@ -24,6 +22,8 @@ import sys
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
+
+from ..errors import ArthurError
 
 MODES = ("single", "pipeline", "tensor")
 
