@@ -587,6 +587,10 @@ def _route_backend(report: ProbeReport, r: Route) -> None:
         r.open_questions.append("JACCL needs RDMA over Thunderbolt 5 on every node: not verifiable from here")
     if r.backend == "nccl":
         r.open_questions.append("NCCL runs on CUDA nodes only")
+        if r.sharding == "pipeline":  # measured on two H200s with MLX 0.32.4 CUDA: all_sum works, recv does not
+            r.block("backend", "pipeline stages pass activations with send/recv, which MLX's NCCL backend lacks",
+                    "MLX (CUDA) answers 'Recv has no CUDA implementation'",
+                    "use tensor sharding over nccl, or the ring backend for pipeline")
     if r.engine == "exo" and not report.exo_url:
         r.open_questions.append("exo not checked (no --exo URL): its acceptance of this route is unknown")
 

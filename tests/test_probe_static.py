@@ -87,6 +87,17 @@ def test_memory_blocks_routes_on_a_small_cluster(shapes):
     assert r.node_counts == [2] and r.attention == "fused"  # a Mac cluster: Metal's fused attention
 
 
+def test_pipeline_over_nccl_is_blocked_tensor_is_not(shapes, monkeypatch):
+    """MLX's NCCL backend has all_sum but no send/recv (measured on two H200s): pipeline stages cannot pass
+    activations over it. This Linux CPU build has no NCCL, so the backend list is stood in for (a CUDA build's)."""
+    monkeypatch.setattr(probe, "local_backends", lambda: {"ring": True, "jaccl": False, "nccl": True})
+    r = probe.run(shapes["nemotron"], static_only=True, use_cache=False)
+    pipe, tensor = r.find("mlx/pipeline/nccl/2"), r.find("mlx/tensor/nccl/2")
+    assert pipe.verdict == "blocked" and any("send/recv" in e for e in errors(pipe))
+    assert tensor.verdict == "unknown" and not errors(tensor)  # only "CUDA nodes only" stays open
+    assert r.find("mlx/pipeline/ring/2").verdict == "ok"
+
+
 def test_route_spec_answers_the_asked_route(shapes):
     r = probe.run(shapes["nemotron"], static_only=True, route="mlx/tensor/ring/4", use_cache=False)
     assert r.route.key == "mlx/tensor/ring/4" and r.verdict == "blocked"
