@@ -357,9 +357,8 @@ def check_hf_entry(repo_dir: Path, record: dict) -> list[Finding]:
     except (OSError, UnicodeDecodeError):
         ref = None
     if ref != commit:
-        out.append(Finding(kind="damaged", severity="error", path=str(repo_dir / "refs" / "main"), repo_id=rid,
-                           message="refs/main is missing or does not name the linked snapshot",
-                           fix=f"run `arthur-cluster link {rid}` to rebuild the entry"))
+        out.append(_damaged(str(repo_dir / "refs" / "main"), rid,
+                            "refs/main is missing or does not name the linked snapshot"))
     source = record.get("source", "")
     if not os.path.isdir(source):
         out.append(Finding(kind="broken", severity="error", path=source, repo_id=rid,
@@ -379,13 +378,17 @@ def check_hf_entry(repo_dir: Path, record: dict) -> list[Finding]:
         except OSError:
             links_ok = False
         if not links_ok:
-            out.append(Finding(kind="damaged", severity="error", path=str(snap), repo_id=rid,
-                               message="a snapshot or blob link is missing or was changed",
-                               fix=f"run `arthur-cluster link {rid}` to rebuild the entry"))
+            out.append(_damaged(str(snap), rid, "a snapshot or blob link is missing or was changed"))
             continue
         out += _source_findings(want_src, f, rid, "the cache entry points at nothing",
                                 "its etag no longer describes it", "to relink it")
     return out
+
+
+def _damaged(path: str, rid: str, message: str) -> Finding:
+    """Part of an entry the linker made is missing or changed: relinking rebuilds it."""
+    return Finding(kind="damaged", severity="error", path=path, repo_id=rid, message=message,
+                   fix=f"run `arthur-cluster link {rid}` to rebuild the entry")
 
 
 def _source_findings(path: str, recorded: dict, rid: str, gone: str, changed: str, relink: str) -> list[Finding]:
@@ -681,9 +684,7 @@ def check_exo_entry(entry: Path, record: dict) -> list[Finding]:
         link = entry / f["name"]
         want = os.path.join(source, f["name"])
         if link.is_symlink() and os.readlink(link) != want or not os.path.lexists(link):
-            out.append(Finding(kind="damaged", severity="error", path=str(link), repo_id=rid,
-                               message="a file link is missing or points elsewhere",
-                               fix=f"run `arthur-cluster link {rid}` to rebuild the entry"))
+            out.append(_damaged(str(link), rid, "a file link is missing or points elsewhere"))
             continue
         out += _source_findings(want, f, rid, "exo will not find it",
                                 "exo's card sizes no longer describe it", "to refresh the link")

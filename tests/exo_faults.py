@@ -61,7 +61,21 @@ MALFORMED: dict[str, dict[str, str]] = {
 }
 
 
-class FaultServer:
+class LoopbackServer:
+    """A threaded HTTP server on 127.0.0.1 and a free port, for the stand-ins; stop() closes it."""
+
+    def _serve(self, handler: type[BaseHTTPRequestHandler]) -> None:
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        self.httpd.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def stop(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+class FaultServer(LoopbackServer):
     """start(fault=None, trickle=0.0): well-formed answers, except those the fault replaces; with trickle > 0
     every answer is sent one byte at a time, `trickle` seconds apart."""
 
@@ -102,11 +116,4 @@ class FaultServer:
                 except OSError:
                     pass  # the client gave up
 
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-
-    def stop(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
+        self._serve(Handler)

@@ -11,7 +11,7 @@ import socket
 import subprocess
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import pytest
@@ -19,11 +19,12 @@ import pytest
 from arthur_cluster import bringup, linker, modelfiles, paths
 from arthur_cluster.catalog import Catalog
 from tests.conftest import copy_model
+from tests.exo_faults import LoopbackServer
 from tests.fixtures_exo import LLAMA_ID, NEMOTRON_ID, VENDOR_SRC, exo_python
 from tests.linkhelp import content_hashes
 
 
-class HubStandIn:
+class HubStandIn(LoopbackServer):
     """Serves /<repo>/resolve/main/<file> for HEAD and GET, as the Hub does (content-length, sha256 etag)."""
 
     def __init__(self, files: dict[str, bytes]):
@@ -59,14 +60,7 @@ class HubStandIn:
             def do_GET(self) -> None:
                 self._answer(True)
 
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-
-    def stop(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
+        self._serve(Handler)
 
 
 class HangingHub:
