@@ -19,7 +19,7 @@ from typing import Any, Iterator, Literal
 
 from pydantic import BaseModel, Field
 
-from . import catalog, documents, memory, paths
+from . import catalog, documents, memory, paths, safeio
 from .documents import Document
 from .engines.base import EngineError, Message
 from .errors import ArthurError
@@ -949,12 +949,17 @@ def _rates_key(runner: Any) -> str:
     return f"{runner.model_id}@{runner.route}@{local_node().name}"
 
 
-def read_rates(runner: Any) -> dict:
+def _saved_rates() -> dict:
+    """Every recorded entry of rates.json ({} when it is missing or not a small JSON object)."""
     try:
-        saved = json.loads(_rates_file().read_text(encoding="utf-8"))
-        entry = saved.get(_rates_key(runner)) if isinstance(saved, dict) else None
-    except (OSError, ValueError, RecursionError):
+        saved = safeio.read_json(_rates_file())
+    except (OSError, ValueError):
         return {}
+    return saved if isinstance(saved, dict) else {}
+
+
+def read_rates(runner: Any) -> dict:
+    entry = _saved_rates().get(_rates_key(runner))
     if not isinstance(entry, dict):
         return {}
     return {k: float(v) for k, v in entry.items() if k in ("prefill_tps", "decode_tps")
@@ -966,11 +971,7 @@ def record_rates(runner: Any, result: dict) -> None:
     rates = {k: result.get(k) for k in ("prefill_tps", "decode_tps") if (result.get(k) or 0) > 0}
     if not rates:
         return
-    try:
-        saved = json.loads(_rates_file().read_text(encoding="utf-8"))
-        saved = saved if isinstance(saved, dict) else {}
-    except (OSError, ValueError, RecursionError):
-        saved = {}
+    saved = _saved_rates()
     saved[_rates_key(runner)] = rates
     try:
         write_json(_rates_file(), saved)

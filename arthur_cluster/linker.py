@@ -25,7 +25,6 @@ import json
 import os
 import re
 import secrets
-import shutil
 import shlex
 import stat
 from contextlib import contextmanager

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import os
+import shutil
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -144,6 +145,20 @@ def shared_exo(tmp_path_factory, tiny_models) -> Harness:
     h = start_harness(root, "--nodes", "2", "--ram-gib", "48", links=links)
     yield h
     h.stop()
+
+
+@pytest.fixture
+def library(lmstudio_home, tiny_models):
+    """LM Studio holding the miniatures under the real ids (as the user's library would); every source byte
+    is checked after the test. Modules that need another library define their own `library`."""
+    from tests.linkhelp import content_hashes
+
+    models = lmstudio_home / "models"
+    shutil.copytree(tiny_models["nemotron_h-8bit"], models / NEMOTRON_ID)
+    shutil.copytree(tiny_models["llama-4bit"], models / LLAMA_ID)
+    before = content_hashes(models)
+    yield models
+    assert content_hashes(models) == before, "a source file in the LM Studio folder changed"
 
 
 def wait_for(predicate, timeout: float = 10.0, step: float = 0.05):

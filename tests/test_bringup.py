@@ -23,22 +23,9 @@ from arthur_cluster.exo_client import ExoClient
 from tests import realshape
 from tests.conftest import NEMOTRON_CONFIG, copy_model
 from tests.fixtures_exo import LLAMA_ID, NEMOTRON_ID, wait_for
-from tests.linkhelp import content_hashes
 
 NEMOTRON = NEMOTRON_ID
 LLAMA = LLAMA_ID
-
-
-@pytest.fixture
-def library(lmstudio_home, tiny_models):
-    """LM Studio holding the miniatures under the real ids (as the user's library would); every source byte
-    is checked after the test."""
-    models = lmstudio_home / "models"
-    copy_model(tiny_models["nemotron_h-8bit"], models / NEMOTRON)
-    copy_model(tiny_models["llama-4bit"], models / LLAMA)
-    before = content_hashes(models)
-    yield models
-    assert content_hashes(models) == before, "a source file in the LM Studio folder changed"
 
 
 def catalogue() -> Catalog:

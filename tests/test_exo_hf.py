@@ -18,7 +18,6 @@ import pytest
 
 from arthur_cluster import bringup, linker, modelfiles, paths
 from arthur_cluster.catalog import Catalog
-from tests.conftest import copy_model
 from tests.exo_faults import LoopbackServer
 from tests.fixtures_exo import LLAMA_ID, NEMOTRON_ID, VENDOR_SRC, exo_python
 from tests.linkhelp import content_hashes
@@ -94,16 +93,6 @@ def closed_port_url() -> str:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return f"http://127.0.0.1:{s.getsockname()[1]}"
-
-
-@pytest.fixture
-def library(lmstudio_home, tiny_models):
-    models = lmstudio_home / "models"
-    copy_model(tiny_models["nemotron_h-8bit"], models / NEMOTRON_ID)
-    copy_model(tiny_models["llama-4bit"], models / LLAMA_ID)
-    before = content_hashes(models)
-    yield models
-    assert content_hashes(models) == before, "a source file in the LM Studio folder changed"
 
 
 def other_sizes(source: Path) -> dict[str, bytes]:

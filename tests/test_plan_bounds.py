@@ -7,11 +7,10 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-from arthur_cluster import docjob, documents, memory, probe
+from arthur_cluster import documents, memory, probe
 from tests.conftest import NEMOTRON_CONFIG, real_config
 
 

@@ -3,8 +3,6 @@ headers and the tokenizer only, in a child process whose peak memory is measured
 
 from __future__ import annotations
 
-import os
-import resource
 import subprocess
 import sys
 from pathlib import Path
