@@ -13,6 +13,7 @@ OpenAI chat completions, the record's `resident` says where and which processes;
 
 from __future__ import annotations
 
+import json
 import shlex
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -27,14 +28,14 @@ from .cluster import ClusterError, ClusterInfo, Discovery, discover
 from .engines.base import ChatResult, Engine, EngineError, collect
 from .errors import ArthurError
 from .fallback import Choice, NoChoice, Rejection, Route
-from .hostfile import RemoteError, over_ssh
+from .hostfile import HostfileError, NodeError, node_program, run_on
 from .parallel import resident
 from .parallel.resident import Resident, ResidentError
 
 SMOKE_PROMPT = "What is 2+2?"
 SMOKE_MAX_TOKENS = 50
 DEFAULT_TIMEOUT = 600.0  # seconds for one placement to become ready (a 31 GB load from disk fits in it)
-REMOTE_TIMEOUT = 120.0
+REMOTE_TIMEOUT = 30.0  # seconds for one command on a node over ssh (a missing program or model shows in it)
 
 
 class BringUpError(ArthurError, RuntimeError):
@@ -134,15 +135,23 @@ def read_record(path: Path | None = None) -> Deployment | None:
 
 
 def mlx_hosts(cluster: ClusterInfo, route: Route) -> list[dict]:
-    """The hosts `mlx.launch` gets for a route, in rank order, from models.toml's [cluster] nodes."""
+    """The hosts of a route's ranks, in rank order, from models.toml's [cluster] nodes; [] when every node is
+    this machine (its ranks then run here over loopback, without ssh)."""
     # This machine first: rank 0 reads the request and streams the tokens back.
     nodes = sorted(fallback.route_nodes(cluster, route), key=lambda n: not n.local)
+    if all(n.local for n in nodes):
+        return []
     if route.backend == "ring":
         no_ip = [n.name for n in nodes if not n.ips]
         if no_ip:
             raise AttemptFailed(f"the ring backend needs each node's IP address: add ips to {', '.join(no_ip)} "
                                 "in models.toml [[cluster.nodes]]")
-    return [{"ssh": n.ssh or n.name, "ips": list(n.ips), "rdma": [d or None for d in n.rdma_devices]} for n in nodes]
+    try:
+        return [{"ssh": n.ssh or n.name, "name": n.name, "ips": list(n.ips),
+                 "rdma": [d or None for d in n.rdma_devices], "local": n.local,
+                 "program": [] if n.local else node_program(n.program, n.name)} for n in nodes]
+    except HostfileError as exc:
+        raise AttemptFailed(str(exc)) from None
 
 
 def open_mlx(path: Path, model_id: str, route: Route, hosts: list[dict] | None = None,
@@ -180,7 +189,7 @@ def engine_for(dep: Deployment) -> Engine:
 
 
 def start_resident(path: Path, model_id: str, route: Route, hosts: list[dict] | None = None, *,
-                   bind: str = "127.0.0.1", timeout: float = DEFAULT_TIMEOUT, hooks: Hooks | None = None,
+                   bind: str | None = None, timeout: float = DEFAULT_TIMEOUT, hooks: Hooks | None = None,
                    n: int | None = None, prefill_step: int = 2048, cache_block: int | None = None,
                    cache_window: int | None = None) -> Resident:
     """Ranks that stay up for a route: on `hosts` through mlx.launch, else `n` (default: the route's node
@@ -188,7 +197,7 @@ def start_resident(path: Path, model_id: str, route: Route, hosts: list[dict] | 
     from .hostfile import hosts_from
 
     hooks = hooks or Hooks()
-    count = len(hosts) if hosts else (n or route.nodes)
+    count = len(hosts) if hosts else (n or route.nodes)  # no hosts: every rank on this machine
     mode = route.sharding if count > 1 else "single"
     try:
         extra = [*(["--block", str(cache_block)] if cache_block else []),
@@ -233,38 +242,83 @@ def _link_locally(choice: Choice, hooks: Hooks, repo_id: str | None = None) -> l
     return notes
 
 
-def _remote_nodes(choice: Choice, cat: Catalog) -> list[tuple[str, str | None]]:
-    """(node name, ssh host or None) for each node of the route that is not this machine."""
-    ssh = {n.name: n.ssh for n in (cat.cluster.nodes if cat.cluster else [])}
+def _remote_nodes(choice: Choice, cat: Catalog) -> list[tuple[str, str | None, str | None]]:
+    """(node name, ssh host or None, its program setting) for each node of the route that is not this machine.
+    MLX reaches every node over ssh (by its name when no ssh host is given); exo needs one named."""
+    entries = {n.name: n for n in (cat.cluster.nodes if cat.cluster else [])}
     out = []
     for node in fallback.route_nodes(choice.cluster, choice.route):
         if node.local:
             continue
-        host = node.ssh or ssh.get(node.name) or (ssh.get(node.label) if node.label else None)
-        out.append((node.display, host))
+        entry = entries.get(node.name) or (entries.get(node.label) if node.label else None)
+        host = node.ssh or (entry.ssh if entry else None)
+        if choice.route.engine == "mlx":
+            host = host or node.name
+        out.append((node.display, host, node.program or (entry.program if entry else None)))
     return out
 
 
-def weights_elsewhere(choice: Choice, cat: Catalog, hooks: Hooks, repo_id: str | None = None) -> list[str]:
-    """Make the weights exist on the route's other nodes: run the link over ssh where models.toml names a host,
-    else say exactly what to run there. Every node loads from its own disk (exo and MLX alike)."""
-    if choice.available.source in ("exo-download", "hf-download"):
-        return []  # the engine fetches them on each node itself
+def check_node(name: str, host: str, program: list[str], setting: str | None) -> None:
+    """The node answers over ssh and has arthur-cluster where models.toml (or this machine) says, within
+    REMOTE_TIMEOUT; else AttemptFailed naming the node, the command, its own error and the fix."""
+    try:
+        run_on(name, host, [*program, "--version"], timeout=REMOTE_TIMEOUT)
+    except NodeError as exc:
+        if exc.missing:
+            where = "its models.toml program" if setting else "the same path as on this machine"
+            raise AttemptFailed(f"{exc}. arthur-cluster is not at {where} on node {name}: install it there and set "
+                                f"program = \"/absolute/path/to/arthur-cluster\" for node {name} in models.toml "
+                                "[[cluster.nodes]]") from None
+        if not exc.ran:
+            raise AttemptFailed(f"{exc}. Check that `ssh {host} true` works from this machine without a password "
+                                "prompt (keys, BatchMode), or take the node out of models.toml [cluster]") from None
+        raise AttemptFailed(str(exc)) from None
+
+
+def _link_on(name: str, host: str, program: list[str], model: str, repo_id: str | None) -> str | None:
+    """Run `link` on a node; the model's folder there (its HF snapshot, else its LM Studio folder)."""
+    cmd = [*program, "link", model, *(["--repo-id", repo_id] if repo_id else []), "--json"]
+    try:
+        out = run_on(name, host, cmd, timeout=REMOTE_TIMEOUT)
+    except NodeError as exc:
+        raise AttemptFailed(f"{exc}. Put {model} in node {name}'s LM Studio folder (or its Hugging Face cache) "
+                            "and run up again") from None
+    try:
+        first = (json.loads(out).get("results") or [{}])[0]
+    except (ValueError, AttributeError):
+        return None
+    found = first.get("snapshot") or first.get("source") if isinstance(first, dict) else None
+    return found if isinstance(found, str) else None
+
+
+def weights_elsewhere(choice: Choice, cat: Catalog, hooks: Hooks, repo_id: str | None = None,
+                      folders: dict[str, str] | None = None) -> list[str]:
+    """Make the weights exist on the route's other nodes: check each node's arthur-cluster and run its link over
+    ssh where a host is known, else say exactly what to run there. Every node loads from its own disk (exo and
+    MLX alike); `folders` gets node name -> the model's folder on that node."""
     notes = []
-    cmd = ["arthur-cluster", "link", choice.available.served_id] + (["--repo-id", repo_id] if repo_id else [])
-    for name, host in _remote_nodes(choice, cat):
+    served = choice.available.served_id
+    download = choice.available.source in ("exo-download", "hf-download")  # each node's engine fetches them
+    for name, host, setting in _remote_nodes(choice, cat):
+        try:
+            program = node_program(setting, name)
+        except HostfileError as exc:
+            raise AttemptFailed(str(exc)) from None
         if not host:
-            notes.append(f"on node {name}: the weights must be there too; run `{shlex.join(cmd)}` on it (with "
-                         f"the model in its LM Studio folder) and start its exo with the env line `link` prints")
+            if not download:
+                cmd = shlex.join(["arthur-cluster", "link", served, *(["--repo-id", repo_id] if repo_id else [])])
+                notes.append(f"on node {name}: the weights must be there too; run `{cmd}` on it (with the model "
+                             f"in its LM Studio folder) and start its exo with the env line `link` prints")
+            continue
+        hooks.say(f"checking node {name} over ssh ({host}): {shlex.join(program)}")
+        check_node(name, host, program, setting)
+        if download:
             continue
         hooks.say(f"linking on {name} over ssh ({host})")
-        try:
-            over_ssh(host, [*cmd, "--json"], timeout=REMOTE_TIMEOUT)
-        except RemoteError as exc:
-            if not exc.ran:
-                raise AttemptFailed(f"could not run the link on {name} over ssh ({host}): {exc}") from None
-            raise AttemptFailed(f"`{shlex.join(cmd)}` failed on {name} ({host}): {exc}") from None
-        notes.append(f"on node {name}: linked over ssh ({host})")
+        folder = _link_on(name, host, program, served, repo_id)
+        if folders is not None and folder:
+            folders[name] = folder
+        notes.append(f"on node {name}: linked over ssh ({host})" + (f": {folder}" if folder else ""))
     return notes
 
 
@@ -438,13 +492,17 @@ def _download(model_id: str, hooks: Hooks) -> Path:
 
 
 def _up_mlx(choice: Choice, cat: Catalog, timeout: float, prompt: str, max_tokens: int,
-            hooks: Hooks, serve: bool = False, bind: str = "127.0.0.1") -> Deployment:
+            hooks: Hooks, serve: bool = False, bind: str | None = None) -> Deployment:
     served = choice.available.served_id
     path = choice.available.path or _download(served, hooks)
-    notes = weights_elsewhere(choice, cat, hooks)
+    folders: dict[str, str] = {}
+    # One node is this machine, in this process or its own ranks: no other node is asked anything.
+    notes = weights_elsewhere(choice, cat, hooks, folders=folders) if choice.route.nodes > 1 else []
     hooks.say(f"loading {served} with MLX ({choice.route.label})")
     hosts = mlx_hosts(choice.cluster, choice.route) if choice.route.nodes > 1 else []
-    if hosts or serve:
+    for h in hosts:
+        h["model"] = None if h["local"] else folders.get(h["name"])
+    if choice.route.nodes > 1 or serve:
         return _up_resident(choice, path, hosts, notes, timeout, prompt, max_tokens, hooks, bind)
     try:
         engine = open_mlx(path, served, choice.route, hosts or None, timeout=timeout)
@@ -472,7 +530,7 @@ def _recorded_residents() -> list[Resident]:
 
 
 def _up_resident(choice: Choice, path: Path, hosts: list[dict], notes: list[str], timeout: float, prompt: str,
-                 max_tokens: int, hooks: Hooks, bind: str) -> Deployment:
+                 max_tokens: int, hooks: Hooks, bind: str | None) -> Deployment:
     """Multi-node MLX (or --serve): ranks that stay up, rank 0 serving chat completions."""
     from .engines.mlx import MlxEngine
 
@@ -518,13 +576,15 @@ def up(cat: Catalog, *, model: str | None = None, fallbacks: list[str] | None = 
        engine: Literal["exo", "mlx"] | None = None, exo_url: str | None = None,
        context: int | None = None, timeout: float = DEFAULT_TIMEOUT, allow_download: bool = False,
        prompt: str = SMOKE_PROMPT, max_tokens: int = SMOKE_MAX_TOKENS, probe_fn: fallback.ProbeFn | None = None,
-       hooks: Hooks | None = None, record: bool = True, serve: bool = False, bind: str = "127.0.0.1") -> Deployment:
+       hooks: Hooks | None = None, record: bool = True, serve: bool = False, bind: str | None = None) -> Deployment:
     """Bring up the first candidate that answers; raise BringUpError with every reason when none does.
 
     engine None: exo when reachable, then MLX (models.toml [cluster], else this machine) — the embedded default.
     The demo calls `up(catalog.for_demo(), engine="mlx")` inside its demo home. MLX across nodes (or any MLX
-    route with serve=True) starts ranks that stay up, rank 0's HTTP server on `bind` (default loopback).
+    route with serve=True) starts ranks that stay up, rank 0's HTTP server on `bind` (default: loopback on this
+    machine, rank 0's cluster address across hosts).
     """
+    resident.check_bind(bind)  # before anything starts: a bad address is the user's to fix
     hooks = hooks or Hooks()
     for line in stale_notes():
         hooks.say(line)
@@ -548,8 +608,11 @@ def up(cat: Catalog, *, model: str | None = None, fallbacks: list[str] | None = 
         except NoChoice as exc:
             notes = "".join(f"\n  {n}" for n in found.notes)
             raise BringUpError(f"{exc}{notes}", exc.rejections) from None
-        for r in choice.rejections[len(prior):]:
-            hooks.say(f"passed over {r}")
+        # each pick judges every earlier route again: a rejection already told is not told (or kept) twice
+        choice.rejections = _unique(choice.rejections)
+        for r in choice.rejections:
+            if r not in prior:
+                hooks.say(f"passed over {r}")
         hooks.say(f"trying {choice.model} ({choice.route.label})")
         try:
             if choice.route.engine == "exo":
@@ -571,6 +634,14 @@ def up(cat: Catalog, *, model: str | None = None, fallbacks: list[str] | None = 
             _retire_previous(dep, hooks)
             write_record(dep)
         return dep
+
+
+def _unique(rejections: list[Rejection]) -> list[Rejection]:
+    out: list[Rejection] = []
+    for r in rejections:
+        if r not in out:
+            out.append(r)
+    return out
 
 
 def _retire_previous(dep: Deployment, hooks: Hooks) -> None:

@@ -38,6 +38,9 @@ class NodeEntry(_Strict):
     ips: list[str] = Field(default_factory=list)
     memory_bytes: int | None = Field(default=None, gt=0)
     rdma: list[str] = Field(default_factory=list)
+    # how arthur-cluster is run on the node over ssh: an absolute path or a command line (a non-interactive ssh
+    # session has the login's PATH, not a virtual environment's); default: this machine's own absolute path
+    program: str | None = Field(default=None, min_length=1, max_length=1024)
 
 
 class ClusterEntry(_Strict):

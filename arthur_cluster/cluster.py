@@ -37,6 +37,7 @@ class ClusterNode(BaseModel):
     backends: list[str] = Field(default_factory=list)
     ssh: str | None = None
     ips: list[str] = Field(default_factory=list)
+    program: str | None = None  # models.toml: the command that runs arthur-cluster on the node
     local: bool = False  # this machine (the one running arthur-cluster)
 
     @property
@@ -133,7 +134,7 @@ def from_catalog(cat: Catalog) -> ClusterInfo | None:
         return None
     # A node is this machine by its host name or a loopback ssh name; any other node is reached over ssh.
     nodes = [ClusterNode(name=n.name, memory_bytes=n.memory_bytes, ssh=n.ssh, ips=list(n.ips),
-                         rdma=any(d for d in n.rdma), rdma_devices=list(n.rdma),
+                         rdma=any(d for d in n.rdma), rdma_devices=list(n.rdma), program=n.program,
                          local=is_this_machine(n.name) or is_this_machine(n.ssh))
              for n in section.nodes]
     info = ClusterInfo(source="catalog", engine="mlx", backend=section.backend, nodes=nodes)

@@ -15,6 +15,7 @@ import ipaddress
 import json
 import os
 import shlex
+import shutil
 import socket
 import subprocess
 import sys
@@ -41,6 +42,9 @@ class Host:
     ssh: str
     ips: list[str] = field(default_factory=list)
     rdma: list[str | None] = field(default_factory=list)
+    program: list[str] = field(default_factory=list)  # arthur-cluster on that node (empty: ours)
+    local: bool = False  # this machine: its rank starts here, not over ssh
+    model: str | None = None  # the model folder on that node (None: the one given for all)
 
     def as_json(self, with_rdma: bool = False) -> dict:
         d: dict = {"ssh": self.ssh, "ips": list(self.ips)}
@@ -54,23 +58,126 @@ def ssh_command() -> list[str]:
 
 
 class RemoteError(ArthurError, RuntimeError):
-    """A command over ssh could not start (ran False) or failed there; the message is its last error line."""
+    """A command over ssh could not start (ran False) or failed there; the message is its own error."""
 
     def __init__(self, message: str, ran: bool):
         super().__init__(message)
         self.ran = ran
 
 
-def over_ssh(host: str, command: list[str], *, input: bytes | None = None, timeout: float = 120.0) -> str:
-    """Run `command` on `host` with the configured ssh; its standard output, or RemoteError."""
+class NodeError(RemoteError):
+    """A command on a node failed: the message names the node, the command and the command's own error.
+    missing: the program itself was not found (or not executable) there."""
+
+    def __init__(self, node: str, command: list[str], error: str, ran: bool, missing: bool = False):
+        self.node, self.command, self.error, self.missing = node, list(command), error, missing
+        super().__init__(f"node {node}: `{shlex.join(command)}` {'failed' if ran else 'could not run'}: {error}",
+                         ran=ran)
+
+
+# Printed on stderr right before the command: what the node's login profile prints comes before it, so the
+# command's own error is what follows (a profile's last line is never taken for the error).
+MARK = "-- arthur-cluster: the command starts here --"
+
+
+def remote_script(argv: list[str], env: dict[str, str] | None = None, files: dict[str, str] | None = None,
+                  taken: dict[str, str] | None = None) -> str:
+    """The shell line a node runs for `argv`: the marker, `env` exported, each of `files` (variable -> content)
+    written to a fresh temporary file named by its variable, each of `taken` (variable -> a file on the node)
+    read into its variable and the file removed (secrets stay off command lines), then `argv` exec'd."""
+    parts = [f"printf '%s\\n' {shlex.quote(MARK)} >&2"]
+    parts += [f"export {k}={shlex.quote(v)}" for k, v in (env or {}).items()]
+    for name, where in (taken or {}).items():
+        parts.append(f"export {name}=\"$(cat {shlex.quote(where)})\" && rm -f {shlex.quote(where)}")
+    for name, content in (files or {}).items():
+        parts.append(f"f=$(mktemp) && printf '%s' {shlex.quote(content)} > \"$f\" && export {name}=\"$f\"")
+    parts.append(f"exec {shlex.join(argv)}")
+    return "; ".join(parts)
+
+
+def _last_line(text: str) -> str:
+    lines = [t.strip() for t in text.splitlines() if t.strip()]
+    return lines[-1] if lines else ""
+
+
+def _own_error(stdout: str, stderr: str, code: int) -> str:
+    """The command's error: arthur-cluster's --json {"error"}/{"errors"}, else its last stderr line."""
     try:
-        done = subprocess.run([*ssh_command(), host, *command], input=input, capture_output=True, timeout=timeout)
+        data = json.loads(stdout)
+    except ValueError:
+        data = None
+    if isinstance(data, dict):
+        if isinstance(data.get("error"), str):
+            return data["error"]
+        if isinstance(data.get("errors"), list) and data["errors"]:
+            return "; ".join(str(e) for e in data["errors"][:3])
+    return _last_line(stderr) or _last_line(stdout) or f"exit code {code}, no output"
+
+
+def run_on(node: str, host: str, argv: list[str], *, timeout: float, input: bytes | None = None) -> str:
+    """Run `argv` on a node over ssh within `timeout` seconds (connecting included): its standard output, or
+    NodeError with the node, the command and the command's own error."""
+    cmd = [*ssh_command(), host, remote_script(argv)]
+    try:
+        done = subprocess.run(cmd, input=input, capture_output=True, timeout=timeout,
+                              stdin=None if input is not None else subprocess.DEVNULL)
+    except subprocess.TimeoutExpired:
+        raise NodeError(node, argv, f"no answer within {timeout:g} s over ssh ({host})", ran=False) from None
+    except OSError as e:
+        raise NodeError(node, argv, f"cannot start ssh ({cmd[0]}): {e.strerror or e}", ran=False) from None
+    out, err = (b.decode(errors="replace") for b in (done.stdout, done.stderr))
+    if MARK not in err:  # the command never started: ssh itself (or the login) failed
+        if done.returncode == 0:
+            return out
+        raise NodeError(node, argv, f"{_last_line(err) or f'ssh exited with code {done.returncode}'} "
+                                    f"(ssh {host})", ran=False)
+    own = err.split(MARK, 1)[1]
+    if done.returncode == 0:
+        return out
+    if done.returncode in (126, 127):
+        raise NodeError(node, argv, f"{argv[0]} is not there or not executable ({_last_line(own)})", ran=True,
+                        missing=True)
+    raise NodeError(node, argv, _own_error(out, own, done.returncode), ran=True)
+
+
+def over_ssh(host: str, command: list[str], *, input: bytes | None = None, timeout: float = 120.0) -> str:
+    """Run a shell `command` (words joined by spaces) on `host` with the configured ssh; its standard output,
+    or RemoteError with the command's own last error line."""
+    script = f"printf '%s\\n' {shlex.quote(MARK)} >&2; " + " ".join(command)
+    try:
+        done = subprocess.run([*ssh_command(), host, script], input=input, capture_output=True, timeout=timeout)
     except (OSError, subprocess.TimeoutExpired) as e:
         raise RemoteError(str(e), ran=False) from None
     if done.returncode != 0:
-        tail = (done.stderr or done.stdout).decode(errors="replace").strip().splitlines()[-1:] or ["no output"]
-        raise RemoteError(tail[0], ran=True)
+        err = done.stderr.decode(errors="replace")
+        ran = MARK in err
+        own = err.split(MARK, 1)[1] if ran else err
+        raise RemoteError(_last_line(own) or _last_line(done.stdout.decode(errors="replace")) or "no output",
+                          ran=ran)
     return done.stdout.decode(errors="replace")
+
+
+def own_program() -> list[str]:
+    """This machine's arthur-cluster by absolute path: what a node set up the same way runs by default."""
+    beside = Path(sys.executable).parent / "arthur-cluster"
+    if beside.is_file():
+        return [str(beside)]
+    found = shutil.which("arthur-cluster")
+    return [os.path.abspath(found)] if found else [sys.executable, "-m", "arthur_cluster.cli"]
+
+
+def node_program(setting: str | None, node: str) -> list[str]:
+    """A node's arthur-cluster command: its models.toml `program` (a path or a command line), else ours."""
+    if not setting:
+        return own_program()
+    try:
+        argv = shlex.split(setting)
+    except ValueError as e:
+        raise HostfileError(f"node {node}: program {setting!r} is not a command line ({e}); write the absolute "
+                            "path of arthur-cluster on that node") from None
+    if not argv:
+        raise HostfileError(f"node {node}: program is empty; write the absolute path of arthur-cluster there")
+    return argv
 
 
 def is_this_machine(name: str | None) -> bool:
@@ -98,7 +205,9 @@ def hosts_from(spec: list[str | dict | Host]) -> list[Host]:
         elif isinstance(h, dict):
             if "ssh" not in h:
                 raise HostfileError(f"host {i} ({h}) has no 'ssh' name")
-            out.append(Host(str(h["ssh"]), [str(x) for x in h.get("ips", [])], list(h.get("rdma", []))))
+            out.append(Host(str(h["ssh"]), [str(x) for x in h.get("ips", [])], list(h.get("rdma", [])),
+                            [str(x) for x in h.get("program") or []], bool(h.get("local", False)),
+                            str(h["model"]) if h.get("model") else None))
         elif isinstance(h, str) and h:
             name, _, ip = h.partition("=")
             ip = ip or (name if _is_ip(name) else "")

@@ -152,8 +152,9 @@ def register(app: typer.Typer) -> None:
         catalog_path: Optional[Path] = typer.Option(None, "--catalog", help="models.toml to use."),
         serve: bool = typer.Option(False, "--serve", help="MLX on one node: keep it loaded in a server process "
                                                           "too (across nodes the ranks always stay up)."),
-        bind: str = typer.Option("127.0.0.1", "--bind", help="Address of rank 0's HTTP server (OpenAI chat "
-                                                             "completions); 0.0.0.0 to serve other machines."),
+        bind: Optional[str] = typer.Option(None, "--bind", help="Address of rank 0's HTTP server (OpenAI chat "
+                                             "completions). Default: 127.0.0.1 on one machine, rank 0's cluster "
+                                             "address across nodes."),
         as_json: bool = typer.Option(False, "--json", help="Print the deployment record as JSON."),
     ) -> None:
         """Bring a model up on exo or MLX, ask it a test question, and record the deployment.
@@ -179,6 +180,14 @@ def register(app: typer.Typer) -> None:
             _out.print_json(dep)
             return
         _print_deployment(dep, paths.deployment_file())
+
+    @app.command("rank", hidden=True, add_help_option=False,
+                 context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+    def rank_cmd(ctx: typer.Context) -> None:
+        """One resident rank (what `up` starts on each node over ssh, with that node's arthur-cluster)."""
+        from ..parallel import server
+
+        raise typer.Exit(server.main(list(ctx.args)) or 0)
 
     @app.command("down")
     def down_cmd(as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:

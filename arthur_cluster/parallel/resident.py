@@ -7,9 +7,10 @@ a start killed at any point leaves a file `down` reads to stop them, and `doctor
 
 from __future__ import annotations
 
+import ipaddress
+import json
 import os
 import secrets
-import shutil
 import signal
 import subprocess
 import sys
@@ -23,8 +24,10 @@ from pydantic import BaseModel, Field, ValidationError
 
 from .. import paths
 from ..errors import ArthurError
-from ..hostfile import Host, free_ports, loopback_ring, rank_env, write_hostfile
+from ..hostfile import (Host, free_ports, jaccl_hostfile, loopback_ring, own_program, rank_env, remote_script, run_on,
+                        ssh_command)
 
+REMOTE_CHECK = 30.0  # seconds for one short command on a node over ssh
 _children: dict[int, subprocess.Popen] = {}  # ranks this process started: reaped when stopped
 
 
@@ -77,45 +80,85 @@ def _spawn(cmd: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
     return p
 
 
+class BindError(ResidentError, ValueError):
+    """--bind is not an address rank 0 can listen on (the message says which and what to use)."""
+
+
+def check_bind(bind: str | None, across_hosts: bool = False) -> str | None:
+    """A valid IP address to bind, or None (the default: loopback on one machine, else the cluster address)."""
+    if bind is None:
+        return None
+    try:
+        ipaddress.ip_address(bind)
+    except ValueError:
+        raise BindError(f"--bind {bind!r} is not an IP address: give the address rank 0's HTTP server listens "
+                        "on (127.0.0.1 for this machine, the node's cluster address for others)") from None
+    if across_hosts and ipaddress.ip_address(bind).is_loopback:
+        raise BindError(f"--bind {bind}: rank 0 runs on a node of the cluster, whose loopback no other machine "
+                        "reaches; leave --bind out (rank 0's cluster address) or give that address")
+    return bind
+
+
+def _rank0_address(hosts: list[Host] | None) -> str:
+    """Where the other ranks and the client reach rank 0: its cluster address, else loopback on one machine."""
+    if not hosts:
+        return "127.0.0.1"
+    if not hosts[0].ips:
+        raise ResidentError(f"rank 0's node {hosts[0].ssh} has no IP address in models.toml: the other ranks "
+                            "reach it there; add ips to its [[cluster.nodes]]")
+    return hosts[0].ips[0]
+
+
 def start(path: Path, model_id: str, *, mode: str, n: int, hosts: list[Host] | None = None, backend: str = "ring",
-          bind: str = "127.0.0.1", port: int | None = None, python: str | None = None, prefill_step: int = 2048,
+          bind: str | None = None, port: int | None = None, python: str | None = None, prefill_step: int = 2048,
           timeout: float = 600.0, entry: list[str] | None = None, extra: list[str] | None = None,
           say: Callable[[str], None] = lambda s: None) -> Resident:
-    """Start the ranks, wait until rank 0 answers /health, and return where they are."""
+    """Start the ranks, wait until rank 0 answers /health, and return where they are.
+
+    On one machine every address is loopback. Across hosts rank 0's HTTP server and control port listen on its
+    cluster address (the first of hosts[0].ips), never on every interface unless `bind` asks for it."""
     python = python or sys.executable
+    across = bool(hosts) and not all(h.local for h in hosts)
+    bind = check_bind(bind, across) or _rank0_address(hosts if across else None)
+    address = _rank0_address(hosts if across else None)
     logdir = paths.state_dir() / "resident" / (datetime.now().strftime("%Y%m%d-%H%M%S-") + secrets.token_hex(3))
     logdir.mkdir(parents=True, exist_ok=True)
-    port = port or free_ports(1, bind if bind not in ("0.0.0.0", "::") else "127.0.0.1")[0]
-    # The other ranks reach rank 0 (this machine, hosts[0]) at its first IP, else at its ssh name.
-    ctrl_host = (hosts[0].ips[0] if hosts[0].ips else hosts[0].ssh) if hosts else "127.0.0.1"
-    ctrl_port = free_ports(1)[0]
+    here = not across or hosts[0].local  # rank 0 on this machine: its port can be checked free here
+    port = port or free_ports(1, bind if here and bind not in ("0.0.0.0", "::") else "127.0.0.1")[0]
+    ctrl_port = free_ports(1, address if here else "127.0.0.1")[0]
     entry = entry or ["-m", "arthur_cluster.parallel.server"]
-    args = [*entry, "--model", str(path), "--model-id", model_id, "--mode", mode, "--backend", backend,
-            "--bind", bind, "--port", str(port), "--control", f"{ctrl_host}:{ctrl_port}",
-            "--control-bind", "0.0.0.0" if hosts else "127.0.0.1", "--control-port", str(ctrl_port),
+    args = ["--model-id", model_id, "--mode", mode, "--backend", backend, "--bind", bind, "--port", str(port),
+            "--control", f"{address}:{ctrl_port}", "--control-bind", address, "--control-port", str(ctrl_port),
             "--prefill-step", str(prefill_step), *(extra or [])]
     token = secrets.token_hex(16)
     env = {"ARTHUR_RESIDENT_TOKEN": token, "PYTHONUNBUFFERED": "1"}
-    url = f"http://{'127.0.0.1' if bind in ('0.0.0.0', '::') else bind}:{port}"
+    url = f"http://{address if bind in ('0.0.0.0', '::') else bind}:{port}"
     res = Resident(url=url, model=model_id, model_path=str(path), mode=mode, backend=backend, n=n,
-                   hosts=[h.ssh for h in hosts] if hosts else [], control=f"{ctrl_host}:{ctrl_port}", token=token,
+                   hosts=[h.ssh for h in hosts] if across else [], control=f"{address}:{ctrl_port}", token=token,
                    logdir=str(logdir), started_at=datetime.now(timezone.utc).isoformat(timespec="seconds"))
     procs: list[subprocess.Popen] = []
     try:
-        if hosts:  # mlx.launch reaches the nodes over ssh; rank 0 is this machine (hosts[0])
-            own = Path(python).parent / "mlx.launch"
-            launcher = str(own) if own.is_file() else shutil.which("mlx.launch") or str(own)
-            hostfile = write_hostfile(logdir / "hosts.json", backend, hosts)
-            cmd = [launcher, "--backend", backend, "--hostfile", str(hostfile), "--python", python, "--",
-                   *args, "--repo-id", model_id]
-            procs.append(_spawn(cmd, env, logdir / "launcher.log"))
-            res.pids = [procs[0].pid]
+        if across:  # one rank per node: here directly, elsewhere over ssh with the node's own program
+            say(f"starting {n} ranks on {', '.join(h.ssh for h in hosts)}; rank 0 at {address}")
+            for r, (renv, files) in enumerate(_ranks_env(backend, hosts)):
+                model = ["--model", hosts[r].model or str(path), "--repo-id", model_id]
+                if hosts[r].local:
+                    for name, content in files.items():
+                        renv[name] = str(logdir / f"{name.lower()}.json")
+                        Path(renv[name]).write_text(content)
+                    procs.append(_spawn([python, *entry, *model, *args], {**env, **renv}, logdir / f"rank{r}.log"))
+                else:
+                    procs.append(_spawn_remote(hosts[r], r, [*model, *args], {**env, **renv}, files,
+                                               logdir / f"rank{r}.log"))
+                res.pids = [p.pid for p in procs]
+                paths.write_atomic(state_file(), res.model_dump_json(indent=2) + "\n")
         else:
             ring = loopback_ring(n) if backend == "ring" and n > 1 else None
             nccl = free_ports(1)[0] if backend == "nccl" else None
             for r in range(n):
                 renv = rank_env(backend, r, n, files=logdir, ring=ring, nccl_port=nccl) if n > 1 else {}
-                procs.append(_spawn([python, *args], {**env, **renv}, logdir / f"rank{r}.log"))
+                procs.append(_spawn([python, *entry, "--model", str(path), *args], {**env, **renv},
+                                    logdir / f"rank{r}.log"))
                 res.pids = [p.pid for p in procs]
         paths.write_atomic(state_file(), res.model_dump_json(indent=2) + "\n")
         _wait_ready(res, procs, timeout, say)
@@ -123,6 +166,41 @@ def start(path: Path, model_id: str, *, mode: str, n: int, hosts: list[Host] | N
         stop(res)
         raise
     return res
+
+
+def _ranks_env(backend: str, hosts: list[Host]) -> list[tuple[dict[str, str], dict[str, str]]]:
+    """(environment, files as variable -> content) of each rank across hosts, for the backend."""
+    n = len(hosts)
+    out = []
+    if backend == "ring":
+        ring = json.dumps([[f"{h.ips[0]}:{p}"] for h, p in zip(hosts, free_ports(n))])
+        return [({"MLX_RANK": str(r)}, {"MLX_HOSTFILE": ring}) for r in range(n)]
+    if backend == "jaccl":
+        coordinator = f"{hosts[0].ips[0]}:{free_ports(1)[0]}"
+        jaccl_hostfile(hosts)  # refuses a device matrix with gaps
+        devices = json.dumps([h.rdma for h in hosts])
+        return [({"MLX_RANK": str(r), "MLX_JACCL_COORDINATOR": coordinator}, {"MLX_IBV_DEVICES": devices})
+                for r in range(n)]
+    if backend == "nccl":
+        port = str(free_ports(1)[0])
+        for r in range(n):
+            out.append(({"MLX_RANK": str(r), "NCCL_HOST_IP": hosts[0].ips[0], "NCCL_PORT": port,
+                         "MLX_WORLD_SIZE": str(n), "CUDA_VISIBLE_DEVICES": "0"}, {}))
+        return out
+    raise ResidentError(f"unknown backend {backend!r}")
+
+
+def _spawn_remote(host: Host, rank: int, args: list[str], env: dict[str, str], files: dict[str, str],
+                  log: Path) -> subprocess.Popen:
+    """A rank on another node through ssh, with that node's arthur-cluster (`rank` runs the server there).
+    ssh gets a terminal (-tt): when this ssh process is stopped, the node hangs up on the rank too. The token
+    reaches the node in a 0600 file, not on a command line other users could read."""
+    secret = env.pop("ARTHUR_RESIDENT_TOKEN", "")
+    program = host.program or own_program()
+    holder = run_on(host.ssh, host.ssh, ["sh", "-c", "umask 077 && t=$(mktemp) && cat > \"$t\" && echo \"$t\""],
+                    timeout=REMOTE_CHECK, input=secret.encode()).strip()
+    script = remote_script([*program, "rank", *args], env, files, taken={"ARTHUR_RESIDENT_TOKEN": holder})
+    return _spawn([*ssh_command(), "-tt", host.ssh, script], {}, log)
 
 
 def _log_tail(res: Resident, lines: int = 6) -> str:
@@ -145,7 +223,7 @@ def _wait_ready(res: Resident, procs: list[subprocess.Popen], timeout: float, sa
             raise ResidentError(f"the {res.mode} ranks of {res.model} failed: {h.get('reason')}")
         for i, p in enumerate(procs):
             if p.poll() is not None:
-                what = "the launcher" if res.hosts else f"rank {i}"
+                what = f"rank {i}" + (f" on {res.hosts[i]}" if res.hosts else "")
                 raise ResidentError(f"{what} of {res.model} exited with code {p.returncode} while loading: "
                                     f"{_log_tail(res) or 'no output'} (logs in {res.logdir})")
         if time.monotonic() > deadline:

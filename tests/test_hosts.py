@@ -1,0 +1,151 @@
+"""Bring-up across real hosts: two network namespaces, each with its own address, OpenSSH server and HOME (its
+own LM Studio folder holding the demo model, its own Hugging Face cache and state), and this machine as the
+client outside both (tests/netns_hosts.py). Everything runs as a user would: `arthur-cluster up`, `doc`, `down`.
+
+The nodes share this machine's disk, so the worktree's arthur-cluster serves as each node's program (set per node
+in models.toml, as on Macs where it lives in a virtual environment that a non-interactive ssh login does not put
+on PATH). Without permission for network namespaces these tests skip with the reason; under CI=true they fail.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import requests
+
+from arthur_cluster import demo, miniature
+from tests import netns_hosts
+
+MODEL = "arthur-demo/Tiny-NemotronH-MLX-8bit"
+PROGRAM = str(Path(sys.executable).parent / "arthur-cluster")
+PROFILE_NOISE = "welcome to this node (the login profile writes this to stderr)"
+
+
+@pytest.fixture(scope="module")
+def demo_model(tmp_path_factory) -> Path:
+    """The demo target, built once (random weights, offline tokenizer); every node gets an identical copy."""
+    real = json.loads(demo.REAL_CONFIGS["nemotron_h"].read_text())
+    quant = miniature.quantization_like(real)
+    quant["bits"] = 8
+    return miniature.make(tmp_path_factory.mktemp("demo") / "model", "nemotron_h", like=real, quant=quant,
+                          seed=int.from_bytes(os.urandom(2), "little"), shards=2)
+
+
+def _place(model: Path, home: Path) -> Path:
+    dst = home / ".lmstudio" / "models" / MODEL
+    shutil.copytree(model, dst)
+    return dst
+
+
+@pytest.fixture
+def hosts(tmp_path, demo_model):
+    """Two hosts with their own homes, each holding the demo model in its own LM Studio folder; node-1's login
+    profile writes to stderr. Taken down after the test, whatever happened."""
+    reason = netns_hosts.unavailable()
+    if reason:
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(f"CI must run the multi-host tests: {reason}")
+        pytest.skip(reason)
+    h = netns_hosts.Hosts(tmp_path / "hosts")
+    try:
+        h.up()
+        for node in h.nodes:
+            _place(demo_model, node.home)
+        (h.nodes[1].home / ".bashrc").write_text(f"echo '{PROFILE_NOISE}' >&2\n")
+        yield h
+    finally:
+        h.down()
+
+
+@pytest.fixture
+def client(tmp_path, demo_model, hosts, monkeypatch):
+    """This machine: its own LM Studio folder with the model, a models.toml naming both nodes, ssh through the
+    hosts' config. Returns a function running the CLI here."""
+    home = Path(os.environ["HOME"])
+    _place(demo_model, home)
+    catalog = tmp_path / "models.toml"
+    nodes = "".join(f'[[cluster.nodes]]\nname = "{n.name}"\nips = ["{n.address}"]\nmemory_bytes = 8589934592\n'
+                    f'program = "{PROGRAM}"\n' for n in hosts.nodes)
+    catalog.write_text(f'target = "{MODEL}"\nfallbacks = []\n[cluster]\nbackend = "ring"\n{nodes}')
+    monkeypatch.setenv("ARTHUR_CLUSTER_SSH", hosts.ssh_command())
+    monkeypatch.setenv("ARTHUR_CLUSTER_MODELS", str(catalog))
+
+    def cli(*args: str, timeout: float = 420) -> subprocess.CompletedProcess:
+        return subprocess.run([PROGRAM, *args], capture_output=True, text=True, timeout=timeout)
+
+    cli.catalog = catalog
+    yield cli
+    cli("down")  # whatever a failed test left up
+
+
+def _ranks(hosts, i: int) -> list[str]:
+    """The command lines of the ranks running in node i's namespace."""
+    out = []
+    pids = subprocess.run(["ip", "netns", "pids", hosts.nodes[i].ns], capture_output=True, text=True).stdout
+    for pid in pids.split():
+        try:
+            line = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        if " rank " in line:
+            out.append(line)
+    return out
+
+
+def _listening(hosts, i: int) -> list[str]:
+    """Local addresses of the TCP listeners in node i's namespace (`ss -ltn` there)."""
+    lines = hosts.in_ns(i, "ss", "-ltnH").stdout.splitlines()
+    return [line.split()[3] for line in lines if line.strip()]
+
+
+def _wait(cond, seconds: float = 30.0) -> bool:
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        if cond():
+            return True
+        time.sleep(0.3)
+    return cond()
+
+
+def test_pipeline_across_two_hosts_each_from_its_own_home_then_doc_and_down(hosts, client, tmp_path):
+    up = client("up", MODEL, "--engine", "mlx", "--json")
+    assert up.returncode == 0, up.stdout + up.stderr
+    dep = json.loads(up.stdout)
+    assert dep["route"]["sharding"] == "pipeline" and dep["route"]["backend"] == "ring"
+    assert dep["route"]["nodes"] == 2 and dep["resident"]["hosts"] == ["node-0", "node-1"]
+    # rank 0 is reached at its cluster address, from here (outside both namespaces)
+    node0 = hosts.nodes[0].address
+    assert dep["endpoint"].startswith(f"http://{node0}:")
+    assert requests.get(dep["resident"]["url"] + "/health", timeout=5).json()["status"] == "ok"
+    port = dep["resident"]["url"].rsplit(":", 1)[1]
+    for i in range(2):
+        listening = _listening(hosts, i)
+        assert not [a for a in listening if a.startswith(("0.0.0.0:", "*:", "[::]:"))], listening
+        assert all(a.startswith(hosts.nodes[i].address + ":") or a.startswith("127.") for a in listening), listening
+    assert f"{node0}:{port}" in _listening(hosts, 0)
+    # each node's rank runs its own arthur-cluster on the model in its own home
+    for i, node in enumerate(hosts.nodes):
+        ranks = _ranks(hosts, i)
+        assert len(ranks) == 1 and f"{PROGRAM} rank " in ranks[0], ranks
+        assert f"--model {node.home}/" in ranks[0], ranks
+    # the blocked tensor/JACCL route is listed once
+    assert sum(r["route"] is not None and r["route"]["backend"] == "jaccl" for r in dep["rejections"]) == 1
+
+    doc = tmp_path / "log.md"
+    doc.write_text("The node studio holds 192 GB of memory. The node air holds 24 GB.\n" * 20)
+    job = client("doc", str(doc), "--ask", "Which node holds the most memory?", "--max-tokens", "12", "--json")
+    assert job.returncode == 0, job.stdout + job.stderr
+    Path("/tmp/hosts-doc.json").write_text(job.stdout)
+
+    down = client("down", "--json")
+    assert down.returncode == 0, down.stdout + down.stderr
+    assert _wait(lambda: not _ranks(hosts, 0) and not _ranks(hosts, 1)), (_ranks(hosts, 0), _ranks(hosts, 1))
+    with pytest.raises(requests.ConnectionError):
+        requests.get(dep["resident"]["url"] + "/health", timeout=5)
