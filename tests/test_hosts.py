@@ -142,10 +142,75 @@ def test_pipeline_across_two_hosts_each_from_its_own_home_then_doc_and_down(host
     doc.write_text("The node studio holds 192 GB of memory. The node air holds 24 GB.\n" * 20)
     job = client("doc", str(doc), "--ask", "Which node holds the most memory?", "--max-tokens", "12", "--json")
     assert job.returncode == 0, job.stdout + job.stderr
-    Path("/tmp/hosts-doc.json").write_text(job.stdout)
+    result = json.loads(job.stdout)["result"]
+    assert result["route"] == "mlx pipeline/ring on 2 nodes" and result["tokens"]["generated"] == 12
+    # answered by the ranks' endpoint (cache "none": no model was loaded in this process to prefill)
+    assert result["cache_hits"]["none"] == 1 and result["cache_hits"]["prefill"] == 0
 
     down = client("down", "--json")
     assert down.returncode == 0, down.stdout + down.stderr
     assert _wait(lambda: not _ranks(hosts, 0) and not _ranks(hosts, 1)), (_ranks(hosts, 0), _ranks(hosts, 1))
     with pytest.raises(requests.ConnectionError):
         requests.get(dep["resident"]["url"] + "/health", timeout=5)
+
+
+def _set_program(client, node: str, program: str) -> None:
+    text = client.catalog.read_text()
+    head, sep, rest = text.partition(f'name = "{node}"')
+    client.catalog.write_text(head + sep + rest.replace(f'program = "{PROGRAM}"', f'program = "{program}"', 1))
+
+
+def _ssh_log(hosts, tmp_path, monkeypatch) -> Path:
+    """Wrap the hosts' ssh so that every call is recorded (host and command)."""
+    log = tmp_path / "ssh-calls.log"
+    wrapper = tmp_path / "ssh-logged"
+    wrapper.write_text(f'#!/bin/sh\nprintf "%s\\n" "$*" | tr "\\n" " " >> {log}\necho >> {log}\nexec {hosts.ssh_command()} "$@"\n')
+    wrapper.chmod(0o755)
+    monkeypatch.setenv("ARTHUR_CLUSTER_SSH", str(wrapper))
+    log.touch()
+    return log
+
+
+def test_a_node_without_the_model_is_named_with_its_own_error_then_the_fallback(hosts, client, tmp_path,
+                                                                                monkeypatch):
+    shutil.rmtree(hosts.nodes[1].home / ".lmstudio" / "models")
+    calls = _ssh_log(hosts, tmp_path, monkeypatch)
+    up = client("up", MODEL, "--engine", "mlx", "--json")
+    assert up.returncode == 0, up.stdout + up.stderr
+    dep = json.loads(up.stdout)
+    assert dep["route"]["sharding"] == "single" and dep["resident"] is None  # this machine alone
+    reason = next(r["reason"] for r in dep["rejections"] if r["stage"] == "bringup")
+    assert reason.startswith(f"node node-1: `{PROGRAM} link {MODEL} --json` failed: ")
+    assert f"no LM Studio model matches '{MODEL}'" in reason  # the command's own error ...
+    assert PROFILE_NOISE not in reason  # ... not what node-1's login profile printed before it
+    assert f"Put {MODEL} in node node-1's LM Studio folder" in reason
+    assert "node node-1" in dep["fallback_reason"]
+    # node-0 was linked once, for the 2-node route; the single-node route asked no node anything
+    links = [line for line in calls.read_text().splitlines() if " link " in line]
+    assert len([line for line in links if "node-0" in line.split()]) == 1
+    assert len([line for line in links if "node-1" in line.split()]) == 1 and len(links) == 2
+
+
+def test_a_node_without_the_program_is_named_with_the_fix_then_the_fallback(hosts, client):
+    missing = str(hosts.nodes[1].home / "venv" / "bin" / "arthur-cluster")
+    _set_program(client, "node-1", missing)
+    up = client("up", MODEL, "--engine", "mlx", "--json")
+    assert up.returncode == 0, up.stdout + up.stderr
+    dep = json.loads(up.stdout)
+    assert dep["route"]["sharding"] == "single"
+    reason = next(r["reason"] for r in dep["rejections"] if r["stage"] == "bringup")
+    assert reason.startswith(f"node node-1: `{missing} --version` failed: {missing} is not there")
+    assert 'set program = "/absolute/path/to/arthur-cluster" for node node-1 in models.toml' in reason
+    assert PROFILE_NOISE not in reason
+
+
+def test_an_unreachable_node_is_named_then_the_fallback(hosts, client):
+    text = client.catalog.read_text().replace(f'"{hosts.nodes[1].address}"', f'"{hosts.subnet}.99"')
+    client.catalog.write_text(text.replace('name = "node-1"', 'name = "node-9"'))
+    up = client("up", MODEL, "--engine", "mlx", "--json")
+    assert up.returncode == 0, up.stdout + up.stderr
+    dep = json.loads(up.stdout)
+    assert dep["route"]["sharding"] == "single"
+    reason = next(r["reason"] for r in dep["rejections"] if r["stage"] == "bringup")
+    assert reason.startswith(f"node node-9: `{PROGRAM} --version` could not run: ")
+    assert "ssh: Could not resolve hostname node-9" in reason and "`ssh node-9 true` works" in reason
