@@ -247,3 +247,50 @@ def test_an_unreachable_node_is_named_then_the_fallback(hosts, client):
     reason = next(r["reason"] for r in dep["rejections"] if r["stage"] == "bringup")
     assert reason.startswith(f"node node-9: `{PROGRAM} --version` could not run: ")
     assert "ssh: Could not resolve hostname node-9" in reason and "`ssh node-9 true` works" in reason
+
+
+# --- two ranks on this machine: no ssh at all -------------------------------------------------------------------
+
+
+def test_two_ranks_on_this_machine_go_without_ssh_then_doc_and_down(demo_model, tmp_path, monkeypatch):
+    _place(demo_model, Path(os.environ["HOME"]))
+    calls = tmp_path / "ssh-called"
+    refuse = tmp_path / "no-ssh"  # stands in for ssh: there is no ssh server here; any use is recorded
+    refuse.write_text(f'#!/bin/sh\necho "$*" >> {calls}\necho "ssh: connect to host $1 port 22: Connection '
+                      'refused" >&2\nexit 255\n')
+    refuse.chmod(0o755)
+    catalog = tmp_path / "models.toml"
+    catalog.write_text(f'target = "{MODEL}"\nfallbacks = []\n[cluster]\nbackend = "ring"\n'
+                       '[[cluster.nodes]]\nname = "here-a"\nssh = "localhost"\nmemory_bytes = 8589934592\n'
+                       '[[cluster.nodes]]\nname = "here-b"\nssh = "127.0.0.1"\nmemory_bytes = 8589934592\n')
+    env = {**os.environ, "ARTHUR_CLUSTER_SSH": str(refuse), "ARTHUR_CLUSTER_MODELS": str(catalog)}
+
+    def cli(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([PROGRAM, *args], capture_output=True, text=True, timeout=420, env=env)
+
+    try:
+        up = cli("up", MODEL, "--engine", "mlx", "--json")
+        assert up.returncode == 0, up.stdout + up.stderr
+        dep = json.loads(up.stdout)
+        assert (dep["route"]["sharding"], dep["route"]["nodes"]) == ("pipeline", 2) and dep["fallback_reason"] is None
+        assert dep["resident"]["n"] == 2 and dep["resident"]["hosts"] == [] and len(dep["resident"]["pids"]) == 2
+        assert dep["endpoint"].startswith("http://127.0.0.1:")
+        doc = tmp_path / "log.md"
+        doc.write_text("The node studio holds 192 GB of memory.\n" * 10)
+        job = cli("doc", str(doc), "--ask", "Which node holds the most memory?", "--max-tokens", "8", "--json")
+        assert job.returncode == 0, job.stdout + job.stderr
+        result = json.loads(job.stdout)["result"]
+        assert result["route"] == "mlx pipeline/ring on 2 nodes" and result["tokens"]["generated"] > 0
+        down = cli("down", "--json")
+        assert down.returncode == 0 and any("stopped the resident ranks" in a for a in json.loads(down.stdout)["actions"])
+        assert not calls.exists()  # nothing went through ssh
+    finally:
+        cli("down")
+
+
+@pytest.mark.parametrize("bind", ["", "localhost:8080", "every interface"])
+def test_up_refuses_a_bind_that_is_not_an_address(bind):
+    done = subprocess.run([PROGRAM, "up", "--engine", "mlx", "--bind", bind], capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert f"--bind {bind!r} is not an IP address" in done.stderr and done.stdout == ""
