@@ -254,12 +254,12 @@ def test_weights_on_other_nodes_are_linked_over_ssh(library, tmp_path, monkeypat
     import sys
 
     log = tmp_path / "ssh.log"
-    cat, stand_in = two_node_catalog(tmp_path, f'#!/bin/sh\necho "$@" >> {log}\nshift\n'
-                                               f'PATH={sys.executable.rsplit("/", 1)[0]}:$PATH exec "$@"\n')
+    cat, stand_in = two_node_catalog(tmp_path, f'#!/bin/sh\nprintf "%s\\n" "$*" >> {log}\nshift\nexec sh -c "$*"\n')
     monkeypatch.setenv(hostfile.SSH_ENV, str(stand_in))
     hooks = Recorder()
     dep = bringup.up(cat, engine="mlx", hooks=hooks)
-    assert f"studio-2.local arthur-cluster link {NEMOTRON} --json" in log.read_text()
+    # the node's arthur-cluster by absolute path (a login's PATH would not find it in a virtual environment)
+    assert f"exec {sys.executable.rsplit('/', 1)[0]}/arthur-cluster link {NEMOTRON} --json" in log.read_text()
     assert any("linking on studio-2 over ssh (studio-2.local)" in line for line in hooks.lines)
     # The nodes have no IP addresses, which the ring needs: the 2-node attempt fails before any launch and
     # says why, and the model comes up on this machine alone.
@@ -274,7 +274,8 @@ def test_a_node_ssh_cannot_reach_is_named(library, tmp_path, monkeypatch):
     monkeypatch.setenv(hostfile.SSH_ENV, str(stand_in))
     dep = bringup.up(cat, engine="mlx")
     assert dep.route.label == "mlx single node"
-    assert "failed on studio-2 (studio-2.local): ssh: connect to host studio-2.local" in dep.fallback_reason
+    assert "node studio-2: `" in dep.fallback_reason
+    assert "--version` could not run: ssh: connect to host studio-2.local port 22" in dep.fallback_reason
 
 
 def test_a_rerun_on_another_model_stops_the_previous_instance(exo_factory, library):

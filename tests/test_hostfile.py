@@ -70,7 +70,8 @@ def test_the_request_reaches_a_remote_rank_0_over_ssh(tmp_path, monkeypatch):
     request.write_text('{"messages": []}')
     send_request(hf.Host("studio-2.local", ["10.0.0.2"]), request)
     assert got.read_text() == '{"messages": []}'
-    assert (tmp_path / "received.cmd").read_text().startswith(f"studio-2.local mkdir -p {request.parent}")
+    sent = (tmp_path / "received.cmd").read_text()
+    assert sent.startswith("studio-2.local ") and f"; mkdir -p {request.parent} " in sent
     got.unlink()
     send_request(hf.Host("localhost"), request)  # rank 0 here: nothing to send
     assert not got.exists()
