@@ -154,6 +154,8 @@ def test_pipeline_across_two_hosts_each_from_its_own_home_then_doc_and_down(host
     assert (dep["route"]["sharding"], dep["route"]["backend"], dep["route"]["nodes"]) == ("pipeline", "ring", 2)
     # the blocked tensor/JACCL route is listed once
     assert sum(r["route"] is not None and r["route"]["backend"] == "jaccl" for r in dep["rejections"]) == 1
+    doctor = client("doctor", "--json")
+    assert "stale-record" not in doctor.stdout, doctor.stdout  # the ranks across hosts answer where recorded
     _check_across(hosts, dep, client, tmp_path, "mlx pipeline/ring on 2 nodes")
 
 
@@ -218,6 +220,8 @@ def test_a_node_without_the_model_is_named_with_its_own_error_then_the_fallback(
     assert PROFILE_NOISE not in reason  # ... not what node-1's login profile printed before it
     assert f"Put {MODEL} in node node-1's LM Studio folder" in reason
     assert "node node-1" in dep["fallback_reason"]
+    # every pick after a failure judges the blocked tensor/JACCL route again: it is still listed once
+    assert sum(r["route"] is not None and r["route"]["backend"] == "jaccl" for r in dep["rejections"]) == 1
     # node-0 was linked once, for the 2-node route; the single-node route asked no node anything
     links = [line for line in calls.read_text().splitlines() if " link " in line]
     assert len([line for line in links if "node-0" in line.split()]) == 1
@@ -294,3 +298,12 @@ def test_up_refuses_a_bind_that_is_not_an_address(bind):
                           timeout=60)
     assert done.returncode == 1 and "Traceback" not in done.stderr
     assert f"--bind {bind!r} is not an IP address" in done.stderr and done.stdout == ""
+
+
+def test_a_loopback_bind_is_refused_when_rank_0_is_another_host():
+    from arthur_cluster.parallel import resident
+
+    assert resident.check_bind("10.0.0.2", across_hosts=True) == "10.0.0.2"
+    assert resident.check_bind("127.0.0.1") == "127.0.0.1" and resident.check_bind(None) is None
+    with pytest.raises(resident.BindError, match="whose loopback no other machine reaches"):
+        resident.check_bind("127.0.0.1", across_hosts=True)
