@@ -77,7 +77,7 @@ class Deployment(BaseModel):
     endpoint: str | None = None  # exo's API, or the resident MLX ranks' (rank 0's /v1); None for MLX in-process
     instance_id: str | None = None
     model_path: Path | None = None
-    hosts: list[dict] = Field(default_factory=list)  # MLX across nodes: what mlx.launch gets, in rank order
+    hosts: list[dict] = Field(default_factory=list)  # MLX across nodes, in rank order: ssh name, ips, program, folder
     resident: Resident | None = None  # MLX ranks that stay up: where rank 0 listens, their pids, logs
     context: int = fallback.DEFAULT_CONTEXT
     fallback_reason: str | None = None
@@ -192,8 +192,9 @@ def start_resident(path: Path, model_id: str, route: Route, hosts: list[dict] | 
                    bind: str | None = None, timeout: float = DEFAULT_TIMEOUT, hooks: Hooks | None = None,
                    n: int | None = None, prefill_step: int = 2048, cache_block: int | None = None,
                    cache_window: int | None = None) -> Resident:
-    """Ranks that stay up for a route: on `hosts` through mlx.launch, else `n` (default: the route's node
-    count) ranks on this machine over loopback. Raises AttemptFailed with the ranks' own reason."""
+    """Ranks that stay up for a route: one per host of `hosts` (over ssh where not this machine), else `n`
+    (default: the route's node count) ranks on this machine over loopback. Raises AttemptFailed with the ranks'
+    own reason."""
     from .hostfile import hosts_from
 
     hooks = hooks or Hooks()

@@ -6,7 +6,9 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sys
 import time
+from pathlib import Path
 
 import pytest
 import requests
@@ -228,20 +230,27 @@ def test_ranks_outlive_an_up_killed_while_they_load_and_down_stops_them(tiny_mod
         resident.stop(res)
 
 
-def test_a_multi_node_route_starts_its_ranks_through_mlx_launch(tiny_models, tmp_path, monkeypatch):
-    # mlx.launch runs a host named 127.0.0.1 without ssh: the real launcher path, on this machine twice.
+def test_a_multi_node_route_starts_rank_0_here_and_the_others_over_ssh(tiny_models, tmp_path, monkeypatch):
+    # Rank 0 on this machine, rank 1 on "far" through ssh. The stand-in for ssh runs the node's command here
+    # (tests/test_hosts.py does it across real hosts): options and host dropped, the command line kept.
     monkeypatch.setenv(paths.ENV_STATE_DIR, str(tmp_path / "state"))
-    here = {"ssh": "127.0.0.1", "ips": ["127.0.0.1"], "rdma": []}
+    stand_in = tmp_path / "ssh-here"
+    stand_in.write_text('#!/bin/sh\nwhile [ "${1#-}" != "$1" ]; do shift; done\nshift\nexec sh -c "$*"\n')
+    stand_in.chmod(0o755)
+    monkeypatch.setenv("ARTHUR_CLUSTER_SSH", str(stand_in))
+    here = {"ssh": "here", "ips": ["127.0.0.1"], "local": True}
+    far = {"ssh": "far", "ips": ["127.0.0.1"], "program": [sys.executable, "-m", "arthur_cluster.cli"]}
     res = bringup.start_resident(tiny_models["nemotron_h-8bit"], "tiny",
-                                 Route(engine="mlx", sharding="pipeline", backend="ring", nodes=2), [here, here],
+                                 Route(engine="mlx", sharding="pipeline", backend="ring", nodes=2), [here, far],
                                  timeout=120)
     try:
-        assert len(res.pids) == 1 and res.hosts == ["127.0.0.1", "127.0.0.1"]  # the launcher
+        assert len(res.pids) == 2 and res.hosts == ["here", "far"]  # rank 0 itself, the ssh to rank 1
+        assert "arthur_cluster.cli rank --model" in Path(f"/proc/{res.pids[1]}/cmdline").read_bytes().replace(
+            b"\0", b" ").decode()
         eng = bringup.engine_for(_deployment(res))
         assert collect(eng.stream(_messages("Why?"), max_tokens=2)).stats.generation_tokens == 2
-        ranks = eng.rank_pids
-        assert len(ranks) == 2 and res.pids[0] not in ranks
+        assert len(eng.rank_pids) == 2
         resident.stop(res)
-        assert not any(_alive(p) for p in [*ranks, *res.pids])
+        assert not any(_alive(p) for p in [*eng.rank_pids, *res.pids])
     finally:
         resident.stop(res)

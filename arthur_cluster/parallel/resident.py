@@ -46,7 +46,7 @@ class Resident(BaseModel):
     n: int
     hosts: list[str] = Field(default_factory=list)  # ssh names in rank order; empty: all ranks on this machine
     pids: list[int] = Field(default_factory=list)  # local processes (each leads its process group): the
-    # ranks, or the mlx.launch launcher
+    # ranks here, or the ssh sessions of ranks on other nodes
     control: str = ""
     token: str = ""
     logdir: str = ""
