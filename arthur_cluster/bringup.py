@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import shlex
+import socket
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -517,7 +518,9 @@ def _up_mlx(choice: Choice, cat: Catalog, timeout: float, prompt: str, max_token
     finally:
         engine.close()
     notes.append("MLX runs inside the process that uses it: `doc` loads the model again from model_path")
-    return Deployment(model=choice.model, served_id=served, engine="mlx", route=choice.route, nodes=choice.nodes,
+    # one node runs in this process: this machine, whichever node of models.toml the route was planned on
+    here = [n.name for n in fallback.route_nodes(choice.cluster, choice.route) if n.local] or [socket.gethostname()]
+    return Deployment(model=choice.model, served_id=served, engine="mlx", route=choice.route, nodes=here,
                       model_path=path, hosts=hosts, context=choice.context, smoke=smoke, notes=notes)
 
 

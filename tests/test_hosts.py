@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -36,6 +37,24 @@ def demo_model(tmp_path_factory) -> Path:
     quant["bits"] = 8
     return miniature.make(tmp_path_factory.mktemp("demo") / "model", "nemotron_h", like=real, quant=quant,
                           seed=int.from_bytes(os.urandom(2), "little"), shards=2)
+
+
+QUESTIONS = ["Which node holds the most memory?", "zebra quantum 42", "Name three colors."]
+
+
+@pytest.fixture(scope="module")
+def reference(demo_model) -> dict[str, list[int]]:
+    """Greedy answers of the demo model in one process, from scratch: what the ranks across hosts must give.
+    The questions are checked to give different answers, so a rank mixing them up cannot pass."""
+    from arthur_cluster.parallel.worker import encode_request, generate, load
+
+    model, tok, _ = load(demo_model)
+    out = {}
+    for q in QUESTIONS:
+        ids = encode_request(tok, {"messages": [{"role": "user", "content": q}]})
+        out[q] = [t for t, _ in generate(model, ids, max_tokens=6)]
+    assert len({tuple(v) for v in out.values()}) > 1
+    return out
 
 
 def _place(model: Path, home: Path) -> Path:
@@ -114,12 +133,17 @@ def _wait(cond, seconds: float = 30.0) -> bool:
     return cond()
 
 
-def _check_across(hosts, dep: dict, client, tmp_path, route: str) -> None:
+def _check_across(hosts, dep: dict, client, tmp_path, route: str, reference: dict[str, list[int]]) -> None:
     """Rank 0 at its cluster address (reached from here), nothing on 0.0.0.0, each node's rank on the model in
-    its own home; then a document job through rank 0's endpoint, and `down` stops every rank."""
+    its own home, its answers those of one process; then a document job through rank 0's endpoint, and `down`
+    stops every rank."""
     node0 = hosts.nodes[0].address
     assert dep["endpoint"].startswith(f"http://{node0}:") and dep["resident"]["hosts"] == ["node-0", "node-1"]
     assert requests.get(dep["resident"]["url"] + "/health", timeout=5).json()["status"] == "ok"
+    for q, want in reference.items():
+        body = requests.post(dep["endpoint"] + "/chat/completions", timeout=120, json={
+            "messages": [{"role": "user", "content": q}], "max_tokens": 6, "temperature": 0.0}).json()
+        assert body["arthur"]["ids"] == want, q
     port = dep["resident"]["url"].rsplit(":", 1)[1]
     for i in range(2):
         listening = _listening(hosts, i)
@@ -147,7 +171,7 @@ def _check_across(hosts, dep: dict, client, tmp_path, route: str) -> None:
         requests.get(dep["resident"]["url"] + "/health", timeout=5)
 
 
-def test_pipeline_across_two_hosts_each_from_its_own_home_then_doc_and_down(hosts, client, tmp_path):
+def test_pipeline_across_two_hosts_each_from_its_own_home_then_doc_and_down(hosts, client, tmp_path, reference):
     up = client("up", MODEL, "--engine", "mlx", "--json")
     assert up.returncode == 0, up.stdout + up.stderr
     dep = json.loads(up.stdout)
@@ -156,10 +180,10 @@ def test_pipeline_across_two_hosts_each_from_its_own_home_then_doc_and_down(host
     assert sum(r["route"] is not None and r["route"]["backend"] == "jaccl" for r in dep["rejections"]) == 1
     doctor = client("doctor", "--json")
     assert "stale-record" not in doctor.stdout, doctor.stdout  # the ranks across hosts answer where recorded
-    _check_across(hosts, dep, client, tmp_path, "mlx pipeline/ring on 2 nodes")
+    _check_across(hosts, dep, client, tmp_path, "mlx pipeline/ring on 2 nodes", reference)
 
 
-def test_tensor_across_two_hosts_then_doc_and_down(hosts, client, tmp_path):
+def test_tensor_across_two_hosts_then_doc_and_down(hosts, client, tmp_path, reference):
     """`up` takes tensor sharding over RDMA only (pipeline over ring before it); tensor over the ring is started
     here the way `up` starts its ranks (each node checked, linked over ssh, its rank on its own folder) and
     recorded, then used and stopped by the CLI."""
@@ -182,7 +206,7 @@ def test_tensor_across_two_hosts_then_doc_and_down(hosts, client, tmp_path):
         dep = bringup.Deployment(model=MODEL, served_id=MODEL, engine="mlx", route=route, nodes=["node-0", "node-1"],
                                  endpoint=res.endpoint, model_path=local, hosts=hs, resident=res, smoke=smoke)
         bringup.write_record(dep)
-        _check_across(hosts, dep.model_dump(mode="json"), client, tmp_path, "mlx tensor/ring on 2 nodes")
+        _check_across(hosts, dep.model_dump(mode="json"), client, tmp_path, "mlx tensor/ring on 2 nodes", reference)
     finally:
         from arthur_cluster.parallel import resident
 
@@ -215,6 +239,7 @@ def test_a_node_without_the_model_is_named_with_its_own_error_then_the_fallback(
     assert up.returncode == 0, up.stdout + up.stderr
     dep = json.loads(up.stdout)
     assert dep["route"]["sharding"] == "single" and dep["resident"] is None  # this machine alone
+    assert dep["nodes"] == [socket.gethostname()]  # not node-0, where nothing runs
     reason = next(r["reason"] for r in dep["rejections"] if r["stage"] == "bringup")
     assert reason.startswith(f"node node-1: `{PROGRAM} link {MODEL} --json` failed: ")
     assert f"no LM Studio model matches '{MODEL}'" in reason  # the command's own error ...
