@@ -301,6 +301,8 @@ def weights_elsewhere(choice: Choice, cat: Catalog, hooks: Hooks, repo_id: str |
     notes = []
     served = choice.available.served_id
     download = choice.available.source in ("exo-download", "hf-download")  # each node's engine fetches them
+    if download and choice.route.engine == "exo":
+        return notes  # exo's own nodes fetch and run it: nothing of ours runs there
     for name, host, setting in _remote_nodes(choice, cat):
         try:
             program = node_program(setting, name)
