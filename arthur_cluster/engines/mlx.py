@@ -222,10 +222,11 @@ class MlxEngine:
         import requests
 
         body = {"model": self.model_id, "messages": messages, "max_tokens": max_tokens,
-                "temperature": temperature, "stream": True}
+                "temperature": temperature, "stream": True, "stream_options": {"include_usage": True}}
         if enable_thinking is not None:
             body["chat_template_kwargs"] = {"enable_thinking": enable_thinking}
         url = self.endpoint + "/v1/chat/completions"
+        self._thinking, self._finish = False, None
         deadline = time.monotonic() + self.timeout
         try:
             resp = requests.post(url, json=body, stream=True, timeout=(10, IDLE_TIMEOUT))
@@ -249,20 +250,30 @@ class MlxEngine:
             resp.close()
 
     def _chunk_events(self, obj: dict) -> Iterator[Event]:
+        """One chunk: its text, and after the last one (usage, asked with stream_options) the done event."""
         if "error" in obj:
             raise EngineError(f"rank 0 at {self.endpoint}: {obj['error'].get('message')}")
-        choice = (obj.get("choices") or [{}])[0]
-        text = (choice.get("delta") or {}).get("content")
-        if text:
-            yield Event("token", text=text)
-        if choice.get("finish_reason"):
-            info, usage = obj.get("arthur") or {}, obj.get("usage") or {}
+        for choice in obj.get("choices") or []:
+            delta = choice.get("delta") or {}
+            thought, text = delta.get("reasoning") or "", delta.get("content") or ""
+            if thought:  # as the model wrote it: thinking, then its end marker, then the answer (docjob splits)
+                self._thinking = True
+                yield Event("token", text=thought)
+            if text:
+                if self._thinking:
+                    self._thinking = False
+                    text = "</think>" + text
+                yield Event("token", text=text)
+            if choice.get("finish_reason"):
+                self._finish = choice["finish_reason"]
+        if obj.get("usage"):
+            info, usage = obj.get("arthur") or {}, obj["usage"]
             self.last_done = info
             peaks = info.get("peak_memory_bytes") or []
             yield Event("done", stats=Stats(
                 prompt_tokens=usage.get("prompt_tokens", 0), generation_tokens=usage.get("completion_tokens", 0),
                 prompt_tps=info.get("prompt_tps", 0.0), generation_tps=info.get("generation_tps", 0.0),
-                peak_memory_bytes=max(peaks) if peaks else None, finish_reason=choice["finish_reason"],
+                peak_memory_bytes=max(peaks) if peaks else None, finish_reason=self._finish,
                 cached_tokens=(usage.get("prompt_tokens_details") or {}).get("cached_tokens", 0)))
 
     @property

@@ -28,6 +28,7 @@ from ..hostfile import (Host, free_ports, jaccl_hostfile, loopback_ring, own_pro
                         ssh_command)
 
 REMOTE_CHECK = 30.0  # seconds for one short command on a node over ssh
+READY = ("ok", "busy")  # /health's status when the ranks answer (busy: a request runs or waits)
 _children: dict[int, subprocess.Popen] = {}  # ranks this process started: reaped when stopped
 
 
@@ -217,7 +218,7 @@ def _wait_ready(res: Resident, procs: list[subprocess.Popen], timeout: float, sa
     said = False
     while True:
         h = health(res)
-        if h is not None and h.get("status") == "ok":
+        if h is not None and h.get("status") in READY:
             return
         if h is not None and h.get("status") == "failed":
             raise ResidentError(f"the {res.mode} ranks of {res.model} failed: {h.get('reason')}")
@@ -266,11 +267,13 @@ def _alive(pid: int) -> bool:
 def problem(res: Resident) -> str | None:
     """None when rank 0 answers healthy; else one line saying what is wrong with the recorded ranks."""
     h = health(res)
-    if h is not None and h.get("status") == "ok":
+    if h is not None and h.get("status") in READY:
         return None
     alive = [p for p in res.pids if _alive(p)]
     if h is not None and h.get("status") == "failed":
         return f"the resident ranks of {res.model} at {res.url} have failed: {h.get('reason')}"
+    if h is not None and h.get("status") == "stuck":
+        return f"the resident ranks of {res.model} at {res.url} are stuck: {h.get('reason')}"
     if h is not None:
         return f"the resident ranks of {res.model} at {res.url} are still loading"
     gone = "all its processes are gone" if not alive else f"processes {alive} still run"

@@ -25,24 +25,22 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import queue
 import socket
 import sys
 import threading
 import time
-import uuid
-from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from collections import deque
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 from ..errors import ArthurError
+from .protocol import (Done, EngineBusy, EngineDown, Failed, Handle, Prefill, Request, Sink, Status,
+                       Token)
 
 OP_GENERATE, OP_STOP = 1, 2
-HEADER = 8  # int32 words: op, prompt length, max tokens, temperature * 1e6, seed, 0, 0, 0
-MAX_BODY = 64 * 1024 * 1024  # bytes of one request body (a 262k-token document is about 1 MB of text)
+HEADER = 8  # int32 words: op, prompt length, max tokens, seed, logprobs, top logprobs, temperature, top_p bits
 CONNECT_WAIT = 120.0  # seconds a rank keeps trying to reach rank 0's control port
-REQUEST_TIMEOUT = 3600.0  # seconds one request may take in total
 
 
 class ServerError(ArthurError, RuntimeError):
@@ -231,24 +229,85 @@ def _shard_copy(c):
 # --- one request, the same on every rank -----------------------------------------------------------------
 
 
-@dataclass
+@dataclass(frozen=True)
 class Params:
+    """A request's sampling values as every rank uses them (rank 0 builds them from a validated Request only)."""
+
     max_tokens: int = 256
     temperature: float = 0.0
+    top_p: float = 1.0
     seed: int = 0
+    logprobs: bool = False
+    top_logprobs: int = 0
+
+    @classmethod
+    def of(cls, r: Request) -> "Params":
+        # float32 from the start: the other ranks receive float32 bits, so rank 0 must sample with the same value
+        return cls(max_tokens=r.max_tokens, temperature=_f32(r.temperature), top_p=_f32(r.top_p), seed=r.seed,
+                   logprobs=r.logprobs, top_logprobs=r.top_logprobs)
+
+
+def _f32(x: float) -> float:
+    import numpy as np
+
+    return float(np.float32(x))
+
+
+def sample(logits, params: Params, key):
+    """(token, log probabilities under the model): greedy at temperature 0, else drawn with this request's key
+    from the tempered distribution, cut to its top_p mass."""
+    import mlx.core as mx
+
+    logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+    if params.temperature <= 0:
+        return mx.argmax(logits, axis=-1), logprobs
+    scaled = logprobs * (1.0 / params.temperature)
+    if params.top_p < 1.0:
+        from mlx_lm.sample_utils import apply_top_p
+
+        scaled = apply_top_p(scaled - mx.logsumexp(scaled, axis=-1, keepdims=True), params.top_p)
+    return mx.random.categorical(scaled, key=key), logprobs
+
+
+def _top(logprobs, k: int) -> tuple[tuple[int, float], ...]:
+    import mlx.core as mx
+
+    row = logprobs[0]
+    idx = mx.argpartition(-row, kth=k - 1)[:k]
+    vals = row[idx]
+    order = mx.argsort(-vals)
+    return tuple((int(i), float(v)) for i, v in zip(idx[order].tolist(), vals[order].tolist()))
+
+
+def _agreed(flag: bool, group) -> bool:
+    """Rank 0's flag on every rank (the others pass False): every rank calls this at the same step."""
+    import mlx.core as mx
+
+    if group is None or group.size() == 1:
+        return flag
+    return int(mx.distributed.all_sum(mx.array([int(flag)], dtype=mx.int32), group=group).item()) > 0
+
+
+CHECK_EVERY = 4  # decode steps between the ranks' agreed checks for a cancelled request (one tiny collective)
 
 
 def run_request(model, pc: PrefixCache, prompt: list[int], params: Params, *, step: int, eos: set[int],
-                emit: Callable[[tuple], None]) -> dict:
+                emit: Callable[[tuple], None], stop_requested: Callable[[], bool] = lambda: False,
+                group=None, check_every: int = CHECK_EVERY) -> dict:
     """Prefill what the prefix cache lacks (cut at restore points), then decode; emit() gets
-    ("prefill", done, total) and ("token", id) on every rank (only rank 0's reaches a client)."""
+    ("prefill", done, total) and ("token", id, logprob, top) on every rank (only rank 0's reaches a client).
+    stop_requested() is rank 0's word (a client left, a stop string matched): the ranks agree on it after every
+    prefill chunk and every `check_every` tokens, so they stop at the same step."""
     import mlx.core as mx
 
     cache, start = pc.begin(prompt)
     total, done = len(prompt), start
     ids = mx.array(prompt, dtype=mx.int32)[None]
-    mx.random.seed(params.seed)
+    key = mx.random.key(params.seed)  # this request's own stream: unrelated to any other request's draws
     tic = time.perf_counter()
+    out: list[int] = []
+    t_first = None
+    finish = "length"
     while total - done > 1:
         n = min(step, total - done - 1)
         cut = pc.next_cut(done, total)
@@ -260,52 +319,74 @@ def run_request(model, pc: PrefixCache, prompt: list[int], params: Params, *, st
         if pc.is_point(done, total):
             pc.save_point(done)
         emit(("prefill", done, total))
-    logits = model(ids[:, done:], cache=cache)[:, -1, :]
-    out: list[int] = []
-    t_first = None
-    for i in range(params.max_tokens):
-        logits = logits.astype(mx.float32)
-        token = mx.random.categorical(logits / params.temperature) if params.temperature > 0 \
-            else mx.argmax(logits, axis=-1)
-        mx.eval(token)
-        tid = int(token.item())
-        if t_first is None:
-            t_first = time.perf_counter()
-            emit(("prefill", total, total))
-        out.append(tid)
-        emit(("token", tid))
-        if tid in eos or i == params.max_tokens - 1:
-            break  # no step past the last token: a lazy one would leave collectives pending in the cache
-        logits = model(token.reshape(1, 1), cache=cache)[:, -1, :]
+        if _agreed(stop_requested(), group):
+            finish = "cancelled"
+            break
+    if finish != "cancelled":
+        logits = model(ids[:, done:], cache=cache)[:, -1, :]
+        for i in range(params.max_tokens):
+            key, sub = mx.random.split(key)
+            token, logprobs = sample(logits.astype(mx.float32), params, sub)
+            mx.eval(token)
+            tid = int(token.item())
+            if t_first is None:
+                t_first = time.perf_counter()
+                emit(("prefill", total, total))
+            out.append(tid)
+            lp = float(logprobs[0, tid].item()) if params.logprobs or params.top_logprobs else None
+            emit(("token", tid, lp, _top(logprobs, params.top_logprobs) if params.top_logprobs else ()))
+            if tid in eos:
+                finish = "stop"
+                break
+            if i == params.max_tokens - 1:
+                break  # no step past the last token: a lazy one would leave collectives pending in the cache
+            if (i + 1) % check_every == 0 and _agreed(stop_requested(), group):
+                finish = "cancelled"
+                break
+            logits = model(token.reshape(1, 1), cache=cache)[:, -1, :]
     end = time.perf_counter()
     t_first = t_first or end
-    return {"ids": out, "prompt_tokens": total, "cached_tokens": start, "prefilled_tokens": total - start,
+    return {"ids": out, "prompt_tokens": total, "cached_tokens": start, "prefilled_tokens": done - start + bool(out),
             "ttft": t_first - tic, "prompt_tps": (total - start) / max(t_first - tic, 1e-9),
             "generation_tps": (len(out) - 1) / (end - t_first) if len(out) > 1 and end > t_first else 0.0,
-            "finish_reason": "stop" if out and out[-1] in eos else "length"}
+            "finish_reason": finish}
 
 
 # --- the group's side of a request -------------------------------------------------------------------------
 
 
+def _words(op: int, n: int, p: Params) -> list[int]:
+    """The header: bounded ints only (Request's bounds), floats as their float32 bits (exact through a sum)."""
+    import numpy as np
+
+    t, top_p = (int(x) for x in np.array([p.temperature, p.top_p], dtype=np.float32).view(np.int32))
+    return [op, n, p.max_tokens, p.seed, int(p.logprobs), p.top_logprobs, t, top_p]
+
+
+def _params(words: list[int]) -> Params:
+    import numpy as np
+
+    t, top_p = (float(x) for x in np.array(words[6:8], dtype=np.int32).view(np.float32))
+    return Params(max_tokens=int(words[2]), temperature=t, top_p=top_p, seed=int(words[3]),
+                  logprobs=bool(words[4]), top_logprobs=int(words[5]))
+
+
 def broadcast(group, op: int, prompt: list[int] | None = None, params: Params | None = None):
-    """Rank 0's (op, prompt, params) on every rank; the others pass nothing and block here while idle."""
+    """Rank 0's (op, prompt, params) on every rank; the others pass nothing and block here while idle.
+    Rank 0 keeps its own params; the others decode them from the header."""
     import mlx.core as mx
 
     if group is None or group.size() == 1:
         return op, prompt or [], params or Params()
-    head = [0] * HEADER
-    if group.rank() == 0:
-        p = params or Params()
-        head[:5] = [op, len(prompt or []), p.max_tokens, int(round(p.temperature * 1e6)), p.seed]
+    head = _words(op, len(prompt or []), params or Params()) if group.rank() == 0 else [0] * HEADER
     head = mx.distributed.all_sum(mx.array(head, dtype=mx.int32), group=group).tolist()
     op, n = int(head[0]), int(head[1])
-    params = Params(max_tokens=int(head[2]), temperature=head[3] / 1e6, seed=int(head[4]))
+    mine = params if group.rank() == 0 and params is not None else _params(head)
     if op != OP_GENERATE:
-        return op, [], params
+        return op, [], mine
     local = mx.array(prompt, dtype=mx.int32) if group.rank() == 0 else mx.zeros((n,), dtype=mx.int32)
     ids = mx.distributed.all_sum(local, group=group).tolist()
-    return op, [int(t) for t in ids], params
+    return op, [int(t) for t in ids], mine
 
 
 # --- health: one TCP connection from each rank to rank 0 ----------------------------------------------------
@@ -388,206 +469,125 @@ def follow_control(address: str, rank: int, stopping: threading.Event) -> None:
     threading.Thread(target=watch, daemon=True).start()
 
 
-# --- rank 0's HTTP front ------------------------------------------------------------------------------------
+# --- rank 0's queue: the engine behind the HTTP side (protocol.Engine) ---------------------------------------
 
 
-@dataclass
-class Job:
-    prompt: list[int]
-    params: Params
-    out: queue.Queue = field(default_factory=queue.Queue)
+class RankEngine:
+    """Requests wait here (a bounded queue) until rank 0's main loop takes them to the ranks, one at a time."""
 
-
-class State:
-    """What rank 0's HTTP threads share with its main loop."""
-
-    def __init__(self, model_id: str, tokenizer: Any, token: str):
-        self.model_id, self.tokenizer, self.token = model_id, tokenizer, token
-        self.status, self.reason = "loading", ""
-        self.jobs: queue.Queue = queue.Queue()
-        self.active: Job | None = None
-        self.lock = threading.Lock()
+    def __init__(self, max_queue: int = 8, stuck_after: float = 300.0):
+        self.max_queue, self.stuck_after = max_queue, stuck_after
+        self.cv = threading.Condition()
+        self.waiting: deque[Handle] = deque()
+        self.active: Handle | None = None
+        self.state, self.reason = "loading", ""
+        self.stopping = False
+        self.progress_at = time.monotonic()
         self.info: dict[str, Any] = {"requests": 0, "pid": os.getpid()}
 
-    def fail(self, reason: str) -> None:
-        with self.lock:
-            if self.status == "failed":
-                return
-            self.status, self.reason = "failed", reason
-            job = self.active
-        if job is not None:
-            job.out.put(("error", reason))
-        while True:  # requests waiting for their turn get the same answer
-            try:
-                waiting = self.jobs.get_nowait()
-            except queue.Empty:
-                break
-            if isinstance(waiting, Job):
-                waiting.out.put(("error", reason))
+    # --- the HTTP side's calls (protocol.Engine)
 
-    def encode(self, body: dict) -> list[int]:
-        messages = body.get("messages")
-        if not isinstance(messages, list) or not messages:
-            raise ValueError("messages must be a non-empty list of {role, content}")
-        kw = dict(body.get("chat_template_kwargs") or {})
-        with self.lock:  # one tokenizer, many HTTP threads
-            ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, **kw)
-        if hasattr(ids, "keys"):
-            ids = ids["input_ids"]
-        return [int(t) for t in ids]
+    def submit(self, request: Request, sink: Sink) -> Handle:
+        with self.cv:
+            if self.state == "failed":
+                raise EngineDown(self.reason)
+            if self.state == "loading" or self.stopping:
+                raise EngineDown("the ranks are still loading" if self.state == "loading" else "the ranks are stopping")
+            if len(self.waiting) >= self.max_queue:
+                raise EngineBusy(f"{len(self.waiting)} requests already wait for the ranks (the queue holds "
+                                 f"{self.max_queue}); try again shortly")
+            h = Handle(request, sink)
+            self.waiting.append(h)
+            self.cv.notify_all()
+            return h
 
+    def cancel(self, handle: Handle) -> None:
+        handle.cancelled.set()
+        with self.cv:
+            queued = handle in self.waiting
+            if queued:
+                self.waiting.remove(handle)
+        if queued:
+            handle.put(Done("cancelled", {}))
 
-def make_handler(state: State):
-    class Handler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
+    def status(self) -> Status:
+        with self.cv:
+            info = dict(self.info, queued=len(self.waiting))
+            if self.state != "ok":
+                return Status(self.state, self.reason, info)
+            if self.active is None and not self.waiting:
+                return Status("ok", "", info)
+            idle = time.monotonic() - self.progress_at
+            if self.active is not None and idle > self.stuck_after:
+                return Status("stuck", f"the running request made no progress for {idle:.0f} s "
+                              f"(limit {self.stuck_after:.0f} s)", info)
+            return Status("busy", "", info)
 
-        def log_message(self, *args) -> None:  # quiet: the log is for failures
-            pass
+    def shutdown(self) -> None:
+        with self.cv:
+            self.stopping = True
+            self.cv.notify_all()
 
-        def _json(self, code: int, obj: dict) -> None:
-            data = json.dumps(obj).encode()
-            self.send_response(code)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
+    # --- rank 0's main loop
 
-        def _error(self, code: int, message: str, kind: str) -> None:
-            self._json(code, {"error": {"message": message, "type": kind, "code": code}})
+    def ready(self, **info) -> None:
+        with self.cv:
+            self.info.update(info)
+            if self.state == "loading":
+                self.state = "ok"
 
-        def do_GET(self) -> None:
-            if self.path == "/health":
-                body = {"status": state.status, "model": state.model_id, **state.info}
-                if state.status == "failed":
-                    body["reason"] = state.reason
-                self._json(200 if state.status == "ok" else 503, body)
-            elif self.path == "/v1/models":
-                self._json(200, {"object": "list", "data": [{"id": state.model_id, "object": "model",
-                                                             "owned_by": "arthur-cluster"}]})
-            else:
-                self._error(404, f"no route {self.path}", "not_found")
-
-        def _body(self) -> dict | None:
-            n = int(self.headers.get("Content-Length") or 0)
-            if n > MAX_BODY:
-                self._error(413, f"request body of {n} bytes is over the {MAX_BODY} byte cap", "invalid_request")
-                return None
-            try:
-                body = json.loads(self.rfile.read(n) or b"{}")
-                if not isinstance(body, dict):
-                    raise ValueError("not an object")
-                return body
-            except ValueError as e:
-                self._error(400, f"the body is not a JSON object ({e})", "invalid_request")
-                return None
-
-        def do_POST(self) -> None:
-            if self.path == "/admin/shutdown":
-                if not state.token or self.headers.get("Authorization") != f"Bearer {state.token}":
-                    self._error(403, "wrong or missing token", "forbidden")
-                    return
-                self._json(200, {"status": "stopping"})
-                state.jobs.put(None)
-                return
-            if self.path != "/v1/chat/completions":
-                self._error(404, f"no route {self.path}", "not_found")
-                return
-            body = self._body()
-            if body is None:
-                return
-            if state.status != "ok":
-                self._error(503, state.reason or "the ranks are still loading", "unavailable")
-                return
-            try:
-                prompt = state.encode(body)
-                params = Params(max_tokens=int(body.get("max_completion_tokens") or body.get("max_tokens") or 256),
-                                temperature=float(body.get("temperature") or 0.0), seed=int(body.get("seed") or 0))
-                if params.max_tokens < 1:
-                    raise ValueError("max_tokens must be at least 1")
-            except (ValueError, TypeError, KeyError) as e:
-                self._error(400, str(e), "invalid_request")
-                return
-            job = Job(prompt, params)
-            state.jobs.put(job)
-            if body.get("stream"):
-                self._stream(job)
-            else:
-                self._whole(job)
-
-        def _events(self, job: Job):
-            deadline = time.monotonic() + REQUEST_TIMEOUT
+    def next(self) -> Handle | None:
+        """The next request not cancelled, or None once shutdown was asked."""
+        with self.cv:
             while True:
-                try:
-                    ev = job.out.get(timeout=max(0.1, deadline - time.monotonic()))
-                except queue.Empty:
-                    yield ("error", f"no answer within {REQUEST_TIMEOUT:.0f} s")
-                    return
-                yield ev
-                if ev[0] in ("done", "error"):
-                    return
+                while self.waiting and self.waiting[0].cancelled.is_set():
+                    self.waiting.popleft().put(Done("cancelled", {}))
+                if self.stopping:
+                    return None
+                if self.waiting and self.state == "ok":
+                    self.active = self.waiting.popleft()
+                    self.progress_at = time.monotonic()
+                    return self.active
+                self.cv.wait()
 
-        def _chunk(self, rid: str, delta: dict, finish: str | None = None, **extra) -> bytes:
-            obj = {"id": rid, "object": "chat.completion.chunk", "created": int(time.time()),
-                   "model": state.model_id, "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
-                   **extra}
-            return b"data: " + json.dumps(obj).encode() + b"\n\n"
+    def touch(self) -> None:
+        self.progress_at = time.monotonic()
 
-        def _stream(self, job: Job) -> None:
-            rid = f"chatcmpl-{uuid.uuid4().hex[:12]}"
-            started = False
-            try:
-                for ev in self._events(job):
-                    if not started:
-                        if ev[0] == "error":
-                            self._error(503, ev[1], "unavailable")
-                            return
-                        self.send_response(200)
-                        self.send_header("Content-Type", "text/event-stream")
-                        self.send_header("Cache-Control", "no-cache")
-                        self.send_header("Connection", "close")
-                        self.end_headers()
-                        self.wfile.write(self._chunk(rid, {"role": "assistant", "content": ""}))
-                        started = True
-                    if ev[0] == "prefill":
-                        self.wfile.write(f": prefill {ev[1]}/{ev[2]}\n\n".encode())
-                    elif ev[0] == "text":
-                        self.wfile.write(self._chunk(rid, {"content": ev[1]}))
-                    elif ev[0] == "error":
-                        self.wfile.write(b"data: " + json.dumps({"error": {"message": ev[1], "type": "unavailable",
-                                                                          "code": 503}}).encode() + b"\n\n")
-                    elif ev[0] == "done":
-                        info = ev[1]
-                        self.wfile.write(self._chunk(rid, {}, info["finish_reason"], usage=usage(info),
-                                                     arthur=info))
-                        self.wfile.write(b"data: [DONE]\n\n")
-                    self.wfile.flush()
-            except (BrokenPipeError, ConnectionResetError):
-                pass  # the client left; the ranks finish the request (they must stay in step)
-            self.close_connection = True
+    def finish(self, info: dict) -> None:
+        with self.cv:
+            job, self.active = self.active, None
+            self.info.update({"requests": self.info["requests"] + 1, "weight_loads": info["weight_loads"],
+                              "rank_pids": info["rank_pids"], "last": {k: v for k, v in info.items() if k != "ids"}})
+        if job is not None:
+            job.put(Done(info["finish_reason"], info))
 
-        def _whole(self, job: Job) -> None:
-            parts: list[str] = []
-            for ev in self._events(job):
-                if ev[0] == "text":
-                    parts.append(ev[1])
-                elif ev[0] == "error":
-                    self._error(503, ev[1], "unavailable")
-                    return
-                elif ev[0] == "done":
-                    info = ev[1]
-                    self._json(200, {"id": f"chatcmpl-{uuid.uuid4().hex[:12]}", "object": "chat.completion",
-                                     "created": int(time.time()), "model": state.model_id,
-                                     "choices": [{"index": 0, "finish_reason": info["finish_reason"],
-                                                  "message": {"role": "assistant", "content": "".join(parts)}}],
-                                     "usage": usage(info), "arthur": info})
+    def fail(self, reason: str) -> None:
+        with self.cv:
+            if self.state == "failed":
+                return
+            self.state, self.reason = "failed", reason
+            gone = ([self.active] if self.active else []) + list(self.waiting)
+            self.active = None
+            self.waiting.clear()
+            self.cv.notify_all()
+        for h in gone:  # requests running or waiting get the same answer
+            h.put(Failed(reason))
 
-    return Handler
+    @property
+    def failed(self) -> bool:
+        return self.state == "failed"
 
+    def emitter(self, job: Handle) -> Callable[[tuple], None]:
+        """Rank 0: run_request's events into the request's sink."""
 
-def usage(info: dict) -> dict:
-    return {"prompt_tokens": info["prompt_tokens"], "completion_tokens": len(info["ids"]),
-            "total_tokens": info["prompt_tokens"] + len(info["ids"]),
-            "prompt_tokens_details": {"cached_tokens": info["cached_tokens"]}}
+        def emit(ev: tuple) -> None:
+            self.progress_at = time.monotonic()
+            if ev[0] == "prefill":
+                job.put(Prefill(ev[1], ev[2]))
+            elif ev[0] == "token":
+                job.put(Token(ev[1], ev[2], ev[3]))
+
+        return emit
 
 
 # --- the rank's main --------------------------------------------------------------------------------------
@@ -611,21 +611,22 @@ def serve(args) -> int:
         group = mx.distributed.init(backend=args.backend, strict=True)
     rank, size = (group.rank(), group.size()) if group else (0, 1)
     stopping = threading.Event()
-    state = httpd = control = None
+    engine = front = control = None
     if rank == 0:
-        state = State(args.model_id or args.model, None, os.environ.get("ARTHUR_RESIDENT_TOKEN", ""))
+        from . import api
+
+        engine = RankEngine(max_queue=args.max_queue, stuck_after=args.stuck_after)
         def lost(reason: str) -> None:  # the deployment ends: the other ranks see their connection close
-            state.fail(reason)
+            engine.fail(reason)
             control.close()
 
         control = Control(args.control_bind, args.control_port, size - 1, lost)
-        httpd = ThreadingHTTPServer((args.bind, args.port), make_handler(state))
-        httpd.daemon_threads = True
-        threading.Thread(target=httpd.serve_forever, daemon=True).start()
+        front = api.serve_http(api.Front(engine, args.model_id or args.model,
+                                         os.environ.get("ARTHUR_RESIDENT_TOKEN", "")), args.bind, args.port)
     else:
         follow_control(args.control, rank, stopping)
     loads = 0
-    model, tokenizer, _config = load_model(args, group)
+    model, tokenizer, config = load_model(args, group)
     loads += 1
     if group is not None:
         mx.eval(mx.distributed.all_sum(mx.array(1.0), group=group))
@@ -641,82 +642,56 @@ def serve(args) -> int:
     eos = set(tokenizer.eos_token_ids or [])
     if rank == 0:
         if not control.ready.wait(CONNECT_WAIT):
-            state.fail(f"only {len(control.peers)} of {size - 1} other ranks reached the control port")
-        state.tokenizer = tokenizer
-        with state.lock:
-            if state.status == "loading":
-                state.status = "ok"
-        state.info.update({"ranks": size, "mode": args.mode, "weight_loads": [1] * size})
+            engine.fail(f"only {len(control.peers)} of {size - 1} other ranks reached the control port")
+        front.ready(tokenizer, args.context or int(config.get("max_position_embeddings") or 0) or None)
+        engine.ready(ranks=size, mode=args.mode, weight_loads=[1] * size)
     while True:
         job = None
         if rank == 0:
-            job = state.jobs.get()
-            if state.status == "failed":  # nothing more runs on the group; shutdown just ends this process
+            job = engine.next()
+            if engine.failed:  # nothing more runs on the group; shutdown just ends this process
                 if job is None:
                     break
-                job.out.put(("error", state.reason))
+                job.put(Failed(engine.reason))
                 continue
-            state.active = job
         try:
             if rank == 0:
                 op, prompt, params = broadcast(group, OP_STOP if job is None else OP_GENERATE,
-                                               job.prompt if job else None, job.params if job else None)
+                                               job.request.prompt if job else None,
+                                               Params.of(job.request) if job else None)
             else:
                 op, prompt, params = broadcast(group, 0)
             if op == OP_STOP:
                 break
             mx.reset_peak_memory()
-            emit = _emitter(job, tokenizer) if rank == 0 else (lambda ev: None)
-            info = run_request(model, pc, prompt, params, step=args.prefill_step, eos=eos, emit=emit)
+            emit = engine.emitter(job) if rank == 0 else (lambda ev: None)
+            asked = job.cancelled.is_set if rank == 0 else (lambda: False)
+            info = run_request(model, pc, prompt, params, step=args.prefill_step, eos=eos, emit=emit,
+                               stop_requested=asked, group=group)
             per_rank = gather_ints([loads, info["prefilled_tokens"], int(mx.get_peak_memory()), weight_bytes(model),
                                     os.getpid()], group)
         except Exception as e:  # noqa: BLE001 - a lost peer or a bad input: the deployment cannot go on
             if rank != 0:
                 raise
             end = time.monotonic() + 2.0  # a lost peer is usually the cause: let the control port name it
-            while state.status != "failed" and time.monotonic() < end:
+            while not engine.failed and time.monotonic() < end:
                 time.sleep(0.05)
-            state.fail(f"rank 0 failed during a request: {type(e).__name__}: {e}")
+            engine.fail(f"rank 0 failed during a request: {type(e).__name__}: {e}")
             control.close()
             pc.forget()
             continue
         if rank == 0:
-            emit(("flush",))
             info.update({"weight_loads": [r[0] for r in per_rank], "prefilled_per_rank": [r[1] for r in per_rank],
                          "peak_memory_bytes": [r[2] for r in per_rank], "weight_bytes": [r[3] for r in per_rank],
                          "rank_pids": [r[4] for r in per_rank]})
-            state.info.update({"requests": state.info["requests"] + 1, "weight_loads": info["weight_loads"],
-                               "rank_pids": info["rank_pids"], "last": {k: v for k, v in info.items() if k != "ids"}})
-            state.active = None
-            job.out.put(("done", info))
+            engine.finish(info)
         pc.flush()
     stopping.set()
     if control:
         control.close()
-    if httpd is not None:
-        httpd.shutdown()
+    if front is not None:
+        front.stop()
     return 0
-
-
-def _emitter(job: Job, tokenizer) -> Callable[[tuple], None]:
-    """Rank 0: prefill progress and detokenized text into the request's queue."""
-    detok = tokenizer.detokenizer
-    detok.reset()
-    eos = set(tokenizer.eos_token_ids or [])
-
-    def emit(ev: tuple) -> None:
-        if ev[0] == "prefill":
-            job.out.put(ev)
-        elif ev[0] == "token" and ev[1] not in eos:
-            detok.add_token(ev[1])
-            if detok.last_segment:
-                job.out.put(("text", detok.last_segment))
-        elif ev[0] == "flush":
-            detok.finalize()
-            if detok.last_segment:
-                job.out.put(("text", detok.last_segment))
-
-    return emit
 
 
 def parser() -> argparse.ArgumentParser:
@@ -735,6 +710,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--block", type=int, default=128, help="prefix cache: restore points every this many tokens")
     p.add_argument("--no-disk-cache", action="store_true", help="keep prefixes in memory only")
     p.add_argument("--window", type=int, default=2048, help="prefix cache: ... within the prompt's last tokens")
+    p.add_argument("--context", type=int, default=0, help="tokens of context (default: the model's config)")
+    p.add_argument("--max-queue", type=int, default=8, help="requests that may wait; more are answered 429")
+    p.add_argument("--stuck-after", type=float, default=300.0,
+                   help="seconds without progress before /health calls the running request stuck")
     return p
 
 
