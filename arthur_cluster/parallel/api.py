@@ -42,7 +42,7 @@ DRAIN_MAX = 32 << 20  # an over-cap body is read and dropped up to here, so the 
 BODY_WAIT = 30.0  # seconds to receive a whole body
 IDLE_WAIT = 15.0  # seconds a connection may sit without a request in progress
 MAX_CONNECTIONS = 256  # open connections; more are closed at once
-LIMIT_CONCURRENCY = 128  # requests in progress; more are answered 503 by uvicorn
+LIMIT_CONCURRENCY = MAX_CONNECTIONS + 16  # uvicorn answers 503 past this many connections or tasks (a backstop)
 REQUEST_WAIT = 3600.0  # seconds one answer may take in total
 POLL = 0.5  # seconds between checks that a waiting client is still there
 
@@ -654,7 +654,8 @@ class _Protocol(H11Protocol):
     def connection_made(self, transport) -> None:
         super().connection_made(transport)
         if len(self.connections) > MAX_CONNECTIONS:
-            idle = next((c for c in self.connections if c is not self and c._is_idle()), None)
+            idle = next((c for c in self.connections if c is not self and c._is_idle()
+                         and not c.transport.is_closing()), None)
             (idle or self).transport.close()  # an idle one makes room; with none idle, the new one goes
         self._arm()
 
