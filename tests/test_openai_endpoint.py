@@ -64,7 +64,7 @@ def test_greedy_text_equals_mlx_lm_server_and_is_not_empty(sdk, reference):
 
 
 def test_stream_equals_whole(sdk):
-    for q in QUESTIONS[:3]:
+    for q in QUESTIONS[1:3]:
         for thinking in (None, False):
             whole = ask(sdk, q, thinking=thinking, max_tokens=MAX, temperature=0)
             chunks = list(ask(sdk, q, thinking=thinking, max_tokens=MAX, temperature=0, stream=True,

@@ -106,17 +106,19 @@ def test_three_questions_load_once_prefill_the_document_once_and_match_scratch_r
 def test_openai_routes_plain_and_streaming(served, scratch):
     models = requests.get(served.url + "/v1/models", timeout=5).json()
     assert models["data"][0]["id"] == "tiny-nemotron"
-    body = {"model": "tiny-nemotron", "messages": _messages("Why?"), "max_tokens": MAX_TOKENS}
+    body = {"model": "tiny-nemotron", "messages": _messages("Why?"), "max_tokens": MAX_TOKENS, "temperature": 0}
     plain = requests.post(served.url + "/v1/chat/completions", json=body, timeout=60).json()
     assert plain["object"] == "chat.completion" and plain["choices"][0]["finish_reason"] in ("stop", "length")
     assert plain["usage"]["completion_tokens"] == MAX_TOKENS and plain["arthur"]["ids"] == scratch["Why?"][1]
-    r = requests.post(served.url + "/v1/chat/completions", json={**body, "stream": True}, stream=True, timeout=60)
+    r = requests.post(served.url + "/v1/chat/completions", json={**body, "stream": True, "stream_options": {
+        "include_usage": True}}, stream=True, timeout=60)
     lines = [ln for ln in r.iter_lines(decode_unicode=True) if ln.startswith("data: ")]
     assert lines[-1] == "data: [DONE]"
     chunks = [json.loads(ln[6:]) for ln in lines[:-1]]
-    text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks)
+    text = "".join(c["delta"].get("content") or "" for ch in chunks for c in ch["choices"])
     assert text == plain["choices"][0]["message"]["content"]
-    assert chunks[-1]["choices"][0]["finish_reason"] == plain["choices"][0]["finish_reason"]
+    assert chunks[-2]["choices"][0]["finish_reason"] == plain["choices"][0]["finish_reason"]
+    assert chunks[-1]["choices"] == []  # the usage chunk
     assert chunks[-1]["usage"]["prompt_tokens_details"]["cached_tokens"] > 0  # the same prompt again
     bad = requests.post(served.url + "/v1/chat/completions", json={"messages": []}, timeout=10)
     assert bad.status_code == 400 and "messages" in bad.json()["error"]["message"]

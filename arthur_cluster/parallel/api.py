@@ -99,7 +99,7 @@ class StreamOptions(BaseModel):
 
 class _Common(BaseModel):
     model_config = _STRICT
-    model: str = Field(max_length=1024)
+    model: str | None = Field(default=None, max_length=1024)  # absent: the one model served
     max_tokens: int | None = Field(default=None, ge=1, le=TOKEN_MAX)
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
@@ -504,7 +504,7 @@ def make_app(front: Front) -> FastAPI:
         if front.tokenizer is None:
             raise ApiError(503, front.engine.status().reason or "the ranks are still loading", None, "unavailable")
         req = parse(body, kind)
-        if req.model != front.model_id:
+        if req.model is not None and req.model != front.model_id:
             raise ApiError(404, f"model {req.model[:200]!r} is not served here; this server runs {front.model_id!r}",
                            "model", "model_not_found")
         return req
