@@ -52,6 +52,17 @@ def _wrong_rank(param: str) -> tuple[str, str]:
     return f"m.{param} = _part(m.{param}, n, r)", f"m.{param} = _part(m.{param}, n, (r + 1) % n)"
 
 
+API, SERVER = "arthur_cluster/parallel/api.py", "arthur_cluster/parallel/server.py"
+
+
+def _ep(test: str, ranks: str = "1-rank") -> str:
+    return f"tests/test_openai_endpoint.py::{test}[{ranks}]"
+
+
+def _ho(test: str, ranks: str = "1-rank") -> str:
+    return f"tests/test_openai_hostile.py::{test}[{ranks}]"
+
+
 MUTATIONS: list[Mutation] = [
     # Tensor-parallel NemotronH: a parameter of a Mamba layer taken from the wrong rank's share.
     Mutation("mamba D from the wrong rank", "arthur_cluster/parallel/nemotron_h.py", *_wrong_rank("D"), NEM_TENSOR_2),
@@ -142,6 +153,51 @@ MUTATIONS: list[Mutation] = [
              "    module = module_of(model_type)\n    own = OWN.get(module, {})",
              "    module = model_type\n    own = OWN.get(module, {})",
              ["tests/test_probe_static.py::test_model_types_mlx_lm_remaps_use_their_module"]),
+    # The OpenAI endpoint (parallel/api.py over parallel/server.py): what a client receives.
+    Mutation("api: new text read twice from the detokenizer (empty answers)", API,
+             "        self.detok.add_token(tid)\n        return self._scan(",
+             "        self.detok.add_token(tid)\n        self.detok.last_segment\n        return self._scan(",
+             [_ep("test_greedy_text_equals_mlx_lm_server_and_is_not_empty")]),
+    Mutation("api: finish_reason 'stop' when max_tokens cut the answer", SERVER,
+             '    finish = "length"\n    while total - done > 1:', '    finish = "stop"\n    while total - done > 1:',
+             [_ep("test_length_exactly_when_max_tokens_cut")]),
+    Mutation("api: stream chunks typed chat.completion", API,
+             'obj = "chat.completion.chunk" if chat else "text_completion"',
+             'obj = "chat.completion" if chat else "text_completion"', [_ep("test_stream_equals_whole")]),
+    Mutation("api: temperature decoded wrongly on the other ranks", SERVER,
+             "temperature=t, top_p=top_p, seed=", "temperature=t * 2, top_p=top_p, seed=",
+             [_ep("test_sampling_seeds_n_and_temperature_reach_every_rank", "2-ranks")]),
+    Mutation("api: seed left out of the broadcast", SERVER,
+             "return [op, n, p.max_tokens, p.seed,", "return [op, n, p.max_tokens, 0,",
+             [_ep("test_sampling_seeds_n_and_temperature_reach_every_rank", "2-ranks")]),
+    Mutation("api: temperature multiplies the logits", SERVER,
+             "scaled = logprobs * (1.0 / params.temperature)", "scaled = logprobs * params.temperature",
+             [_ep("test_sampling_seeds_n_and_temperature_reach_every_rank")]),
+    Mutation("api: unseeded requests all draw with seed 0", API,
+             "else secrets.randbelow(SEED_MAX + 1)", "else 0",
+             [_ep("test_sampling_seeds_n_and_temperature_reach_every_rank")]),
+    Mutation("api: stop strings ignored", API,
+             'pats = [(s, "stop") for s in self.stops]', "pats = []",
+             [_ep("test_stop_strings_cut_the_text_and_finish_with_stop")]),
+    Mutation("api: a client that leaves does not cancel its request", API,
+             "            if c.finish is None:\n                self.engine.cancel(c.handle)",
+             "            if c.finish is None:\n                pass",
+             [_ho("test_clients_that_leave_cancel_their_requests")]),
+    Mutation("api: no prompt-length check", API,
+             "        if len(prompt) >= ctx:", "        if False:",
+             [_ho("test_too_much_input_is_refused_naming_the_numbers")]),
+    Mutation("api: body size not capped", API,
+             "    if too_big or size > cap:", "    if False:",
+             [_ho("test_too_much_input_is_refused_naming_the_numbers")]),
+    Mutation("api: unbounded queue", SERVER,
+             "            if len(self.waiting) >= self.max_queue:", "            if False:",
+             [_ho("test_a_full_queue_answers_429_and_health_says_busy")]),
+    Mutation("api: a caller's template arguments accepted", API,
+             "    model_config = _STRICT\n    enable_thinking", "    model_config = ConfigDict(extra='allow')\n    enable_thinking",
+             [_ho("test_hostile_json_bodies_are_answered_and_the_next_request_is_right")]),
+    Mutation("api: idle connections never make room", API,
+             "            (idle or self).transport.close()", "            pass",
+             [_ho("test_idle_connections_are_capped_and_normal_clients_still_get_in")]),
 ]
 
 
