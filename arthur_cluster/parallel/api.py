@@ -286,7 +286,8 @@ class Front:
 
     def _encode_chat(self, req: ChatRequest) -> tuple[list[int], bool]:
         tok = self.tokenizer
-        msgs = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in req.messages]
+        msgs = [{"role": "system" if m.role == "developer" else m.role, "content": m.text(),
+                 **({"name": m.name} if m.name else {})} for m in req.messages]
         flags = req.chat_template_kwargs
         kw = {} if flags is None or flags.enable_thinking is None else {"enable_thinking": flags.enable_thinking}
         with self.lock:
@@ -341,7 +342,7 @@ class Front:
                     1.0 if req.temperature is None else req.temperature), top_p=float(
                     1.0 if req.top_p is None else req.top_p), seed=seed, logprobs=logprobs, top_logprobs=top)
                 q: asyncio.Queue = asyncio.Queue()
-                h = self.engine.submit(r, lambda ev, q=q: loop.call_soon_threadsafe(q.put_nowait, ev))
+                h = self.engine.submit(r, _sink(loop, q))
                 choices.append(Choice(i, h, q, Decoder(self.tokenizer, self.eos, req.stops(), reasoning), []))
         except (EngineBusy, EngineDown) as e:
             for c in choices:
@@ -392,6 +393,19 @@ class Front:
 
 class ClientLeft(Exception):
     pass
+
+
+def _sink(loop: asyncio.AbstractEventLoop, q: asyncio.Queue):
+    """Events from the engine's thread into this request's queue; once the HTTP side is gone they are dropped
+    (an error here would reach rank 0's main loop)."""
+
+    def put(ev) -> None:
+        try:
+            loop.call_soon_threadsafe(q.put_nowait, ev)
+        except RuntimeError:
+            pass
+
+    return put
 
 
 def _usage(prompt_tokens: int, choices: list[Choice]) -> dict:

@@ -1,19 +1,12 @@
-"""Resident ranks: load a model once, keep a prefix cache, serve OpenAI-style chat completions from rank 0.
+"""Resident ranks: load a model once, keep a prefix cache, serve OpenAI-style completions from rank 0.
 
     python -m arthur_cluster.parallel.server --model PATH --mode tensor --port 8765 [--bind 127.0.0.1]
 
-Every rank loads its share of the weights once and then loops: rank 0 takes HTTP requests (one at a time), turns
-the messages into token ids and broadcasts them over mlx.core.distributed; every rank then runs the same
-generation in lockstep, and rank 0 streams the text back. Routes on rank 0:
-
-    POST /v1/chat/completions   {"messages": [...], "max_tokens": n, "temperature": t, "stream": bool,
-                                 "chat_template_kwargs": {"enable_thinking": bool}}
-    GET  /v1/models, GET /health (503 with the reason once the deployment has failed), POST /admin/shutdown
-
-Streaming answers are server-sent events: `data: {chunk}` lines with choices[0].delta.content, then a last
-chunk with finish_reason and usage, then `data: [DONE]`. Prefill progress goes out as SSE comment lines
-(`: prefill done/total`), which OpenAI clients ignore. Non-standard facts (per-rank weight loads, prompt
-tokens actually prefilled, generated ids) ride in an "arthur" object on the last chunk and in usage.
+Every rank loads its share of the weights once and then loops: rank 0 takes the next request from a bounded
+queue (RankEngine, filled by the HTTP side in api.py through protocol.Engine) and broadcasts its token ids and
+sampling values over mlx.core.distributed; every rank then runs the same generation in lockstep (the same
+seeded draws), and rank 0 hands the events back. The HTTP side (routes, validation, text): api.py and
+docs/openai.md.
 
 Health: besides the MLX group, every other rank keeps one TCP connection to rank 0's control port. A rank
 that dies (even by SIGKILL) closes it: rank 0 then answers every request 503 with which rank went away,
