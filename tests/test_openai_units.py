@@ -87,3 +87,16 @@ def test_thinking_goes_to_reasoning_and_its_markers_are_not_sent(tok):
     assert joined == {"reasoning": "weigh it", "normal": "The answer is four."}
     joined, _ = _decode(tok, "Sure.<think>hmm</think>Four.", [])
     assert joined == {"normal": "Sure.Four.", "reasoning": "hmm"}
+
+
+def test_a_template_that_raises_is_a_400_naming_messages(tiny_models):
+    from mlx_lm.utils import load_tokenizer
+
+    tok = load_tokenizer(tiny_models["nemotron_h-f32"])
+    tok._tokenizer.chat_template = "{{ raise_exception('roles must alternate') }}"
+    front = api.Front(server.RankEngine(), "tiny", "")
+    front.ready(tok, 4096)
+    req = api.parse({"messages": [{"role": "user", "content": "hi"}]}, api.ChatRequest)
+    with pytest.raises(api.ApiError, match="roles must alternate") as e:
+        front._encode_chat(req)
+    assert (e.value.status, e.value.param) == (400, "messages")
