@@ -187,6 +187,9 @@ def test_a_full_queue_answers_429_and_health_says_busy(deployment, normal):
 
 def test_idle_connections_are_capped_and_normal_clients_still_get_in(deployment, normal):
     u = urlparse(deployment.url)
+    with socket.create_connection((u.hostname, u.port), timeout=api.IDLE_WAIT + 10) as slow:
+        slow.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n")  # headers that never end
+        assert slow.recv(10) == b""  # closed after IDLE_WAIT, not held open
     idle = [socket.create_connection((u.hostname, u.port), timeout=WAIT) for _ in range(api.MAX_CONNECTIONS + 40)]
     try:
         assert _ok(deployment) == normal

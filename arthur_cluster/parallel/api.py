@@ -310,15 +310,15 @@ class Front:
         with self.lock:
             return [int(t) for t in self.tokenizer.encode(text)]
 
-    def _budget(self, prompt: list[int], asked: int | None, name: str) -> int:
+    def _budget(self, prompt: list[int], asked: int | None, name: str, source: str = "messages") -> int:
         ctx = self.context
         if not prompt:
-            raise ApiError(400, "the prompt is empty", "messages")
+            raise ApiError(400, "the prompt is empty", source)
         if ctx is None:
             return asked or DEFAULT_MAX_TOKENS
         if len(prompt) >= ctx:
             raise ApiError(400, f"the prompt is {len(prompt)} tokens; the model's context is {ctx} tokens, which "
-                                "must also hold at least one answer token", "messages")
+                                "must also hold at least one answer token", source)
         room = ctx - len(prompt)
         if asked is not None and asked > room:
             raise ApiError(400, f"{name} is {asked} but only {room} tokens are left in the {ctx}-token context "
@@ -538,7 +538,7 @@ def make_app(front: Front) -> FastAPI:
     async def completions(http: HttpRequest):
         req: CompletionRequest = await prepare(http, CompletionRequest)
         prompt = await asyncio.to_thread(front._encode_text, req)
-        budget = front._budget(prompt, req.max_tokens, "max_tokens")
+        budget = front._budget(prompt, req.max_tokens, "max_tokens", "prompt")
         choices = front._submit(prompt, req, budget, False)
         return await _answer(front, http, req, prompt, choices, chat=False)
 
