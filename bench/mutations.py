@@ -183,6 +183,10 @@ MUTATIONS: list[Mutation] = [
              "            if c.finish is None:\n                self.engine.cancel(c.handle)",
              "            if c.finish is None:\n                pass",
              [_ho("test_clients_that_leave_cancel_their_requests")]),
+    Mutation("api: a client that leaves is noticed only while no token arrives", API,
+             "            if now >= check:  # also while tokens flow: a client that left must not wait for the whole "
+             "answer", "            if ev is None and now >= check:",
+             [_ho("test_clients_that_leave_cancel_their_requests")]),
     Mutation("api: no prompt-length check", API,
              "        if len(prompt) >= ctx:", "        if False:",
              [_ho("test_too_much_input_is_refused_naming_the_numbers")]),

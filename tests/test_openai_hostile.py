@@ -149,10 +149,26 @@ def test_too_much_input_is_refused_naming_the_numbers(deployment, normal):
 
 
 def _long(**over) -> bytes:
-    return json.dumps(_chat(max_tokens=3000, temperature=1.0, **over)).encode()
+    return json.dumps(_chat(**{"max_tokens": 3000, "temperature": 1.0, **over})).encode()
+
+
+def _idle(res) -> dict:
+    end = time.monotonic() + WAIT
+    while (h := requests.get(res.url + "/health", timeout=WAIT).json())["status"] != "ok":
+        assert time.monotonic() < end, h
+        time.sleep(0.05)
+    return h
 
 
 def test_clients_that_leave_cancel_their_requests(deployment, normal):
+    # a seed whose first 100 sampled tokens hold no end token: 3,000 of them end by being cancelled
+    r = requests.post(deployment.url + "/v1/chat/completions", json=_chat(max_tokens=100, temperature=1.0, seed=1),
+                      timeout=WAIT * 4)
+    assert r.json()["choices"][0]["finish_reason"] == "length"
+    for stream in (False, True):  # a client that leaves while the answer runs (tokens flowing)
+        _raw(deployment, _post("/v1/chat/completions", _long(stream=stream, seed=1)), False)
+        time.sleep(0.3)
+        assert _idle(deployment)["last"]["finish_reason"] == "cancelled", stream
     # a streaming client that leaves mid-answer, then 100 that send a long request and leave at once
     u = urlparse(deployment.url)
     with socket.create_connection((u.hostname, u.port), timeout=WAIT) as s:

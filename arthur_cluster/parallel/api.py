@@ -377,14 +377,20 @@ class Front:
 
     async def events(self, c: Choice, http: HttpRequest, deadline: float) -> AsyncIterator[Any]:
         """The choice's events until it is done; a client that leaves cancels it (raises ClientLeft)."""
+        check = time.monotonic() + POLL
         while True:
             try:
                 ev = await asyncio.wait_for(c.queue.get(), POLL)
             except asyncio.TimeoutError:
+                ev = None
+            now = time.monotonic()
+            if now >= check:  # also while tokens flow: a client that left must not wait for the whole answer
+                check = now + POLL
                 if await http.is_disconnected():
-                    raise ClientLeft() from None
-                if time.monotonic() > deadline:
+                    raise ClientLeft()
+                if now > deadline:
                     raise ApiError(504, f"no complete answer within {REQUEST_WAIT:.0f} s", None, "timeout")
+            if ev is None:
                 continue
             yield ev
             if isinstance(ev, (Done, Failed)):
