@@ -397,8 +397,8 @@ class Front:
                 return
 
 
-class ClientLeft(Exception):
-    pass
+class ClientLeft(ArthurError, ConnectionError):
+    """The client closed its connection before its answer was complete."""
 
 
 def _sink(loop: asyncio.AbstractEventLoop, q: asyncio.Queue):
