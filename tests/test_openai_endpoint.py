@@ -61,6 +61,8 @@ def test_greedy_text_equals_mlx_lm_server_and_is_not_empty(sdk, reference):
         assert (want[1] if thinking is None else want[0]), (q, thinking)
     text = sdk.completions.create(model=MODEL_ID, prompt="The cluster", max_tokens=MAX, temperature=0)
     assert text.choices[0].text == reference["completion"] and text.object == "text_completion"
+    streamed = sdk.completions.create(model=MODEL_ID, prompt="The cluster", max_tokens=MAX, temperature=0, stream=True)
+    assert "".join(c.choices[0].text for c in streamed) == reference["completion"]
 
 
 def test_stream_equals_whole(sdk):
@@ -80,6 +82,11 @@ def test_stream_equals_whole(sdk):
             assert chunks[-1].usage.prompt_tokens == whole.usage.prompt_tokens
             assert whole.usage.prompt_tokens_details.cached_tokens >= 0
             assert chunks[-1].model_extra["arthur"]["ids"] == whole.model_extra["arthur"]["ids"]
+    whole = ask(sdk, QUESTIONS[0], max_tokens=8, temperature=1.0, seed=11, n=2)
+    chunks = list(ask(sdk, QUESTIONS[0], max_tokens=8, temperature=1.0, seed=11, n=2, stream=True))
+    for i in (0, 1):  # n choices streamed one after the other, each told apart by its index
+        text = "".join(getattr(ch.delta, "reasoning", None) or "" for c in chunks for ch in c.choices if ch.index == i)
+        assert text == said(whole.choices[i].message)[1]
     plain = list(ask(sdk, QUESTIONS[0], max_tokens=4, temperature=0, stream=True))
     assert all(c.usage is None for c in plain) and plain[-1].choices[0].finish_reason == "length"
 
