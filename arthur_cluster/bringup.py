@@ -113,7 +113,8 @@ class Hooks:
 
 def write_record(dep: Deployment, path: Path | None = None) -> Path:
     path = path or paths.deployment_file()
-    paths.write_atomic(path, dep.model_dump_json(indent=2) + "\n")
+    paths.private_dir(path.parent)  # the record holds the ranks' shutdown token
+    paths.write_atomic(path, dep.model_dump_json(indent=2) + "\n", mode=0o600)
     return path
 
 
@@ -527,12 +528,14 @@ def _up_mlx(choice: Choice, cat: Catalog, timeout: float, prompt: str, max_token
 
 
 def _recorded_residents() -> list[Resident]:
+    """Every deployment's ranks this machine knows of: both records, and lock files no record describes."""
     try:
         dep = read_record()
     except DeploymentError:
         dep = None
     found = [r for r in (dep.resident if dep else None, resident.read_state()) if r is not None]
-    return list({r.url: r for r in found}.values())
+    found += resident.unrecorded({r.deployment for r in found})
+    return list({r.deployment or r.url: r for r in found}.values())
 
 
 def _up_resident(choice: Choice, path: Path, hosts: list[dict], notes: list[str], timeout: float, prompt: str,
@@ -545,6 +548,11 @@ def _up_resident(choice: Choice, path: Path, hosts: list[dict], notes: list[str]
         hooks.say(f"stopping the resident ranks already up ({old.model} at {old.url})")
         notes.append(f"stopped the previous resident ranks of {old.model} at {old.url}")
         resident.stop(old)
+    left = resident.unrecorded(set(), wait=0)
+    if left:  # never a second copy beside ranks that are still up
+        raise BringUpError("resident ranks still run and could not be stopped: "
+                           + "; ".join(resident.describe(r) for r in left)
+                           + ". Stop them (`arthur-cluster down`), then run `up` again")
     res = start_resident(path, served, choice.route, hosts or None, bind=bind, timeout=timeout, hooks=hooks)
     try:
         hooks.say(f"asking {served} at {res.url}: {prompt!r}")
@@ -674,41 +682,72 @@ def _retire_previous(dep: Deployment, hooks: Hooks) -> None:
     hooks.say(dep.notes[-1])
 
 
-def stale_notes() -> list[str]:
-    """What is wrong with the recorded resident ranks (gone, failed), one line each; [] when all is well."""
+def _ranks_report() -> tuple[list[str], list[str]]:
+    """(what is wrong, what runs fine): the recorded resident ranks, the records themselves, and ranks holding
+    lock files that no record describes. One line each."""
+    problems, fine = [], []
     try:
         dep = read_record()
     except DeploymentError as exc:
-        return [str(exc)]
-    res = dep.resident if dep is not None else resident.read_state()
-    if res is None:
-        return []
-    why = resident.problem(res)
-    return [why] if why else []
+        dep = None
+        problems.append(f"{exc}; `arthur-cluster down` still stops every rank found by its lock file")
+    state, bad = resident.load_state()
+    if bad:
+        problems.append(f"{bad}; `arthur-cluster down` stops the ranks it described (found by their lock files) "
+                        "and removes it")
+    recorded = dep.resident if dep is not None else None
+    known = set()
+    for res in [r for r in (recorded, state) if r is not None]:
+        if res.deployment in known and res.deployment:
+            continue
+        known.add(res.deployment)
+        why = resident.problem(res)
+        if why:
+            problems.append(why)
+        elif recorded is None or res.deployment != recorded.deployment:
+            problems.append(f"{resident.describe(res)} run, but no deployment record names them (`up` was "
+                            "interrupted, or is still running); `arthur-cluster down` stops them")
+        else:
+            fine.append(f"resident {resident.describe(res)} answer")
+    for res in resident.unrecorded(known, wait=0):
+        problems.append(f"{resident.describe(res)} run with no record of them (a start was interrupted, or its "
+                        "record is lost); `arthur-cluster down` stops them")
+    return problems, fine
+
+
+def stale_notes() -> list[str]:
+    """What is wrong with the recorded resident ranks (gone, failed, unrecorded), one line each; [] when well."""
+    return _ranks_report()[0]
 
 
 def doctor_findings() -> list[dict]:
-    """`doctor`'s view of the deployment: resident ranks that are gone or failed (linker.Finding fields)."""
-    return [{"kind": "stale-record", "severity": "error", "path": str(paths.deployment_file()), "message": line,
-             "fix": "run `arthur-cluster down` (it stops what is left and removes the record), then `up`"}
-            for line in stale_notes()]
+    """`doctor`'s view of the deployment: resident ranks that are gone, failed or run without a record (errors),
+    and the ones that answer (notes: every live rank is listed)."""
+    problems, fine = _ranks_report()
+    fix = "run `arthur-cluster down` (it stops what is left and removes the record), then `up`"
+    return ([{"kind": "stale-record", "severity": "error", "path": str(paths.deployment_file()), "message": line,
+              "fix": fix} for line in problems]
+            + [{"kind": "note", "severity": "note", "path": str(paths.deployment_file()), "message": line}
+               for line in fine])
 
 
 def down(*, record_path: Path | None = None) -> DownResult:
-    """Stop what the record says runs (exo: delete its instance), then remove the record."""
+    """Stop what the record says runs (exo: delete its instance), and every resident rank found by its lock file
+    that no record describes; then remove the records. A corrupt record is moved aside, and said so."""
     from .exo_client import ExoClient, ExoError, ExoHTTPError
 
     path = record_path or paths.deployment_file()
-    dep = read_record(path)
-    orphan = resident.read_state()  # ranks whose `up` was killed before it wrote the record
+    try:
+        dep, bad = read_record(path), None
+    except DeploymentError as exc:
+        dep, bad = None, exc
+    orphan, orphan_bad = resident.load_state()  # ranks whose `up` was killed before it wrote the record
+    out = DownResult(had_deployment=dep is not None, model=dep.model if dep else None,
+                     engine=dep.engine if dep else None, instance_id=dep.instance_id if dep else None)
+    known: set[str] = set()
     if dep is None:
-        actions = [f"no deployment recorded at {path}"]
-        if orphan is not None:
-            actions += resident.stop(orphan)
-        return DownResult(had_deployment=orphan is not None, model=orphan.model if orphan else None,
-                          engine="mlx" if orphan else None, actions=actions)
-    out = DownResult(had_deployment=True, model=dep.model, engine=dep.engine, instance_id=dep.instance_id)
-    if dep.engine == "exo" and dep.instance_id:
+        out.actions.append(str(bad) if bad else f"no deployment recorded at {path}")
+    elif dep.engine == "exo" and dep.instance_id:
         client = ExoClient(dep.endpoint)
         try:
             client.delete_instance(dep.instance_id)
@@ -723,10 +762,36 @@ def down(*, record_path: Path | None = None) -> DownResult:
                                   "answers, or delete the instance from exo's dashboard.") from None
     elif dep.resident is not None:
         out.actions += resident.stop(dep.resident)
+        known.add(dep.resident.deployment)
     else:
         out.actions.append("MLX ran in-process: nothing left running")
-    if orphan is not None and (dep.resident is None or orphan.url != dep.resident.url):
+    if orphan is not None and orphan.deployment not in known and (dep is None or dep.resident is None
+                                                                   or orphan.url != dep.resident.url):
         out.actions += resident.stop(orphan)
-    path.unlink(missing_ok=True)
-    out.actions.append(f"removed {path}")
+        known.add(orphan.deployment)
+        _found(out, orphan.model)
+    if orphan_bad:
+        resident.state_file().unlink(missing_ok=True)
+        out.actions.append(f"{orphan_bad}: removed it (the ranks it described are found by their lock files)")
+    for res in resident.unrecorded(known):
+        out.actions.append(f"found {resident.describe(res)} with no record of them")
+        out.actions += resident.stop(res)
+        _found(out, res.model)
+    if bad is not None:
+        aside = path.with_name(f"{path.name}.corrupt-{datetime.now().strftime('%Y%m%d-%H%M%S')}")
+        try:
+            path.rename(aside)
+        except OSError as exc:
+            raise DeploymentError(f"{path}: unreadable, and it cannot be moved aside ({exc.strerror}); delete it "
+                                  "by hand") from None
+        out.actions.append(f"moved the unreadable record to {aside}; if it named an exo instance, delete that "
+                           "from exo's dashboard")
+    elif dep is not None:
+        path.unlink(missing_ok=True)
+        out.actions.append(f"removed {path}")
     return out
+
+
+def _found(out: DownResult, model: str) -> None:
+    if not out.had_deployment:
+        out.had_deployment, out.model, out.engine = True, model, "mlx"

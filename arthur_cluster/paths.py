@@ -182,12 +182,32 @@ def prompt_cache_dir() -> Path:
     return state_dir() / "prompt-cache"
 
 
-def write_atomic(path: Path, text: str) -> None:
-    """Write beside the target, then rename: readers see the old file or the new one, never half of one."""
+def private_dir(path: Path) -> Path:
+    """A folder only this user can enter (0700): records, tokens and rank locks live in it. One we own that is
+    wider is narrowed; one another user owns is refused, since they could read or swap what we write."""
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    st = path.stat()
+    if st.st_uid != os.getuid():
+        raise LocationError(f"{path} belongs to another user (uid {st.st_uid}); set {ENV_STATE_DIR} to a folder "
+                            "of your own")
+    if st.st_mode & 0o077:
+        os.chmod(path, 0o700)
+    return path
+
+
+def write_atomic(path: Path, text: str, mode: int | None = None) -> None:
+    """Write beside the target, then rename: readers see the old file or the new one, never half of one.
+    With `mode` (0o600 for records and tokens) the file has that mode from its creation on, never wider."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
     try:
-        tmp.write_text(text, encoding="utf-8")
+        if mode is None:
+            tmp.write_text(text, encoding="utf-8")
+        else:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                os.fchmod(f.fileno(), mode)  # the umask may have narrowed it; never wider than asked
+                f.write(text)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)  # only left when the write or the rename failed

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import sys
 import threading
 import time
@@ -28,6 +27,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ..errors import ArthurError
+from .control import Control, follow_control
 from .protocol import (Done, EngineBusy, EngineDown, Failed, Handle, Prefill, Request, Sink, Status,
                        Token)
 
@@ -382,84 +382,7 @@ def broadcast(group, op: int, prompt: list[int] | None = None, params: Params | 
     return op, [int(t) for t in ids], mine
 
 
-# --- health: one TCP connection from each rank to rank 0 ----------------------------------------------------
-
-
-class Control:
-    """Rank 0's side: accepts the other ranks' connections; a closed one means that rank is gone."""
-
-    def __init__(self, host: str, port: int, expected: int, on_lost: Callable[[str], None]):
-        self.expected, self.on_lost = expected, on_lost
-        self.peers: dict[int, tuple[socket.socket, dict]] = {}
-        self.stopping = False
-        self.ready = threading.Event()
-        self.sock = socket.create_server((host, port))
-        if expected == 0:
-            self.ready.set()
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while len(self.peers) < self.expected:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            conn.settimeout(10)
-            try:
-                hello = json.loads(conn.makefile("rb").readline(4096) or b"{}")
-            except (OSError, ValueError):
-                conn.close()
-                continue
-            conn.settimeout(None)
-            self.peers[int(hello.get("rank", -1))] = (conn, hello)
-            threading.Thread(target=self._watch, args=(conn, hello), daemon=True).start()
-        self.ready.set()
-
-    def _watch(self, conn: socket.socket, hello: dict) -> None:
-        try:
-            while conn.recv(1024):
-                pass
-        except OSError:
-            pass
-        if not self.stopping:
-            self.on_lost(f"rank {hello.get('rank')} (pid {hello.get('pid')} on {hello.get('host')}) is gone: "
-                         "its connection to rank 0 closed")
-
-    def close(self) -> None:
-        self.stopping = True
-        for conn, _ in list(self.peers.values()):
-            try:
-                conn.close()
-            except OSError:
-                pass
-        self.sock.close()
-
-
-def follow_control(address: str, rank: int, stopping: threading.Event) -> None:
-    """Another rank's side: connect to rank 0 and exit the moment that connection closes."""
-    host, port = address.rsplit(":", 1)
-    deadline = time.monotonic() + CONNECT_WAIT
-    while True:
-        try:
-            conn = socket.create_connection((host, int(port)), timeout=5)
-            break
-        except OSError:
-            if time.monotonic() > deadline:
-                raise ServerError(f"rank {rank} cannot reach rank 0's control port at {address}") from None
-            time.sleep(0.2)
-    conn.settimeout(None)
-    conn.sendall((json.dumps({"rank": rank, "pid": os.getpid(), "host": socket.gethostname()}) + "\n").encode())
-
-    def watch() -> None:
-        try:
-            while conn.recv(1024):
-                pass
-        except OSError:
-            pass
-        if not stopping.is_set():
-            os._exit(3)  # rank 0 is gone or gave up: nothing to follow any more
-
-    threading.Thread(target=watch, daemon=True).start()
+# --- health: one TCP connection from each rank to rank 0 (parallel/control.py) ----------------------------------
 
 
 # --- rank 0's queue: the engine behind the HTTP side (protocol.Engine) ---------------------------------------
@@ -707,12 +630,18 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--max-queue", type=int, default=8, help="requests that may wait; more are answered 429")
     p.add_argument("--stuck-after", type=float, default=300.0,
                    help="seconds without progress before /health calls the running request stuck")
+    p.add_argument("--deployment", default="", help="the deployment's id: marks its processes (`down` checks it "
+                   "before it signals one)")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     import faulthandler
+
+    from .ownership import claim
+
+    claim()  # the lock file this rank inherited names its pid from now on
     import signal
 
     faulthandler.register(signal.SIGUSR1)  # `kill -USR1 <pid>` prints every thread's stack to the rank's log
