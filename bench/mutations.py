@@ -32,6 +32,7 @@ NEM_TENSOR = ["tests/test_parallel_nemotron_h.py::test_split_matches_single_proc
               "tests/test_parallel_nemotron_h.py::test_split_matches_single_process[4bit-tensor-4]"]
 NEM_TENSOR_2 = NEM_TENSOR[:1]
 DOC_CACHE = ["tests/test_docjob.py::test_every_cached_answer_equals_a_from_scratch_prefill"]
+OWN = "tests/test_rank_ownership.py"
 
 
 @dataclass
@@ -206,6 +207,41 @@ MUTATIONS: list[Mutation] = [
     Mutation("api: idle connections never make room", API,
              "            (idle or self).transport.close()", "            pass",
              [_ho("test_idle_connections_are_capped_and_normal_clients_still_get_in")]),
+    # Resident ranks: only provable ranks are signalled, the control port admits only the deployment's ranks,
+    # records stay private, and ranks stay visible without a readable record.
+    Mutation("down signals a process that lacks the deployment's id", "arthur_cluster/parallel/ownership.py",
+             '    if f"--deployment {deployment}" not in p.command:\n', "    if False:\n",
+             [f"{OWN}::test_down_signals_nothing_a_hostile_record_names[reused]"]),
+    Mutation("down signals another user's process", "arthur_cluster/parallel/ownership.py",
+             "    if p.uid != os.getuid():\n", "    if False:\n",
+             [f"{OWN}::test_down_signals_nothing_a_hostile_record_names[other-user]"]),
+    Mutation("down ignores the recorded start time (a reused PID)", "arthur_cluster/parallel/ownership.py",
+             "    if start and p.start != start:\n", "    if False:\n",
+             [f"{OWN}::test_down_signals_nothing_a_hostile_record_names[reused-other-start]"]),
+    Mutation("pids 0 and 1 pass as ranks' pids", "arthur_cluster/parallel/ownership.py",
+             "    if type(pid) is not int or pid <= 1:\n", "    if type(pid) is not int or pid < 0:\n",
+             [f"{OWN}::test_down_signals_nothing_a_hostile_record_names[one]",
+              f"{OWN}::test_down_signals_nothing_a_hostile_record_names[zero]"]),
+    Mutation("control port trusts a hello without checking its HMAC", "arthur_cluster/parallel/control.py",
+             "        if not hmac.compare_digest(mac, _mac(self.secret, \"hello\", nonce, theirs, rank, pid, host)):\n",
+             "        if False:\n",
+             [f"{OWN}::test_forged_and_malformed_hellos_are_dropped_and_only_the_real_ranks_join"]),
+    Mutation("control port takes any JSON value as a hello", "arthur_cluster/parallel/control.py",
+             "    if not isinstance(obj, dict):\n        raise Refused(", "    if False:\n        raise Refused(",
+             [f"{OWN}::test_forged_and_malformed_hellos_are_dropped_and_only_the_real_ranks_join"]),
+    Mutation("the rank does not inherit its lock (ranks vanish with the record)", "arthur_cluster/parallel/resident.py",
+             "pass_fds=(lock.fd,))", "pass_fds=())",
+             [f"{OWN}::test_a_corrupt_record_is_reported_down_still_stops_the_ranks_and_up_never_runs_two_copies"]),
+    Mutation("up does not look for ranks no record describes", "arthur_cluster/bringup.py",
+             "    found += resident.unrecorded({r.deployment for r in found})\n", "",
+             [f"{OWN}::test_a_corrupt_record_is_reported_down_still_stops_the_ranks_and_up_never_runs_two_copies"]),
+    Mutation("the deployment record (with the token) written at the umask's mode", "arthur_cluster/bringup.py",
+             'paths.write_atomic(path, dep.model_dump_json(indent=2) + "\\n", mode=0o600)',
+             'paths.write_atomic(path, dep.model_dump_json(indent=2) + "\\n")',
+             [f"{OWN}::test_records_are_private_and_another_user_cannot_read_the_token"]),
+    Mutation("a state folder left readable by others", "arthur_cluster/paths.py",
+             "        os.chmod(path, 0o700)\n", "        pass\n",
+             [f"{OWN}::test_records_are_private_and_another_user_cannot_read_the_token"]),
 ]
 
 

@@ -217,16 +217,18 @@ from arthur_cluster.fallback import Route
 from arthur_cluster.parallel import ownership, resident
 
 case = sys.argv[1]
-mine = subprocess.Popen(["sleep", "120"])
-other = subprocess.Popen(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "sleep", "120"])
-time.sleep(0.3)
 dep = ownership.new_id()
+marked = ["sh", "-c", "sleep 120; :", "x", "--deployment", dep]  # carries the deployment's id, as a rank does
+canaries = {"plain": subprocess.Popen(["sleep", "120"]), "marked": subprocess.Popen(marked),
+            "other": subprocess.Popen(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", *marked])}
+time.sleep(0.5)
+pid = {k: c.pid for k, c in canaries.items()}
 pids, starts = {
     "one": ([1], []), "zero": ([0], []), "negative": ([-5], []),
-    "other-user": ([other.pid], [ownership.start_of(other.pid)]),
-    "reused": ([mine.pid], [ownership.start_of(mine.pid)]),
-    "reused-other-start": ([mine.pid], ["12345"]),
-    "no-id": ([mine.pid], []),
+    "other-user": ([pid["other"]], [ownership.start_of(pid["other"])]),
+    "reused": ([pid["plain"]], [ownership.start_of(pid["plain"])]),
+    "reused-other-start": ([pid["marked"]], ["12345"]),
+    "no-id": ([pid["marked"]], []),
 }[case]
 res = resident.Resident(url="http://127.0.0.1:9", model="m", model_path="/x", mode="single", backend="ring", n=1,
                         pids=pids, starts=starts, token="t" * 32, deployment="" if case == "no-id" else dep)
@@ -237,7 +239,7 @@ resident.write_state(res)
 p = subprocess.run([sys.executable, "-m", "arthur_cluster.cli", "down", "--json"], capture_output=True, text=True,
                    timeout=120)
 print(json.dumps({"code": p.returncode, "stdout": p.stdout, "stderr": p.stderr, "pids": pids,
-                  "mine": mine.poll() is None, "other": other.poll() is None}))
+                  "alive": {k: c.poll() is None for k, c in canaries.items()}}))
 """
 
 
@@ -254,7 +256,7 @@ def test_down_signals_nothing_a_hostile_record_names(case, tmp_path):
     assert p.returncode == 0 and p.stdout.strip(), p.stderr[-3000:]
     out = json.loads(p.stdout.strip().splitlines()[-1])
     assert out["code"] == 0 and "Traceback" not in out["stderr"], out
-    assert out["mine"] and out["other"], f"down killed a process that is not a rank: {out}"
+    assert all(out["alive"].values()), f"down killed a process that is not a rank: {out}"
     actions = json.loads(out["stdout"])["actions"]
     skipped = [a for a in actions if a.startswith("skipped pid")]
     assert len(skipped) == 1 and f"skipped pid {out['pids'][0]}:" in skipped[0], actions

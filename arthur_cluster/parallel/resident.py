@@ -383,16 +383,18 @@ def stop(res: Resident, grace: float = 10.0) -> list[str]:
             targets.append(p)
         elif not ownership.gone(why):
             skipped.append(f"skipped pid {p}: {why}; it was not signalled")
+    asked = False
     if targets:
         try:
             r = requests.post(res.url + "/admin/shutdown", headers={"Authorization": f"Bearer {res.token}"},
                               timeout=3)
-            if r.status_code == 200:
-                actions.append(f"asked rank 0 at {res.url} to stop")
+            asked = r.status_code == 200
         except requests.RequestException:
             pass
+    if asked:
+        actions.append(f"asked rank 0 at {res.url} to stop")
     live = lambda ps: [p for p in ps if _ours(p, res, starts.get(p, ""))]  # noqa: E731 - proved again each time
-    end = time.monotonic() + grace
+    end = time.monotonic() + (grace if asked else 0)  # not answering (still loading): signals at once
     while time.monotonic() < end and live(targets):
         time.sleep(0.1)
     left = live(targets)
