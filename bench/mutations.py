@@ -242,6 +242,10 @@ MUTATIONS: list[Mutation] = [
     Mutation("a state folder left readable by others", "arthur_cluster/paths.py",
              "        os.chmod(path, 0o700)\n", "        pass\n",
              [f"{OWN}::test_records_are_private_and_another_user_cannot_read_the_token"]),
+    Mutation("doctor names loading ranks without their pids", "arthur_cluster/parallel/resident.py",
+             'are still loading (processes {alive})"', 'are still loading"',
+             [f"{OWN}::test_up_serve_killed_at_seeded_points_is_always_listed_by_doctor_and_stopped_by_down"],
+             "takes minutes: 20 kills of `up --serve`"),
 ]
 
 

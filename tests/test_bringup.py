@@ -195,8 +195,9 @@ def test_down_with_exo_gone_keeps_the_record(exo_factory, library):
 def test_corrupt_record_is_named(library):
     paths.deployment_file().parent.mkdir(parents=True, exist_ok=True)
     paths.deployment_file().write_text("{not json")
-    with pytest.raises(bringup.DeploymentError, match=str(paths.deployment_file())):
-        bringup.down()
+    out = bringup.down()  # named, and moved aside (it may have named an exo instance: the user is told)
+    assert out.actions[0].startswith(str(paths.deployment_file())) and "not a deployment record" in out.actions[0]
+    assert any("moved the unreadable record" in a for a in out.actions) and not paths.deployment_file().exists()
 
 
 # --- the commands --------------------------------------------------------------------------------------------------

@@ -112,6 +112,19 @@ def test_forged_and_malformed_hellos_are_dropped_and_only_the_real_ranks_join():
         c.close()
 
 
+def test_a_flood_of_silent_connections_only_delays_a_real_rank():
+    port = _free_port()
+    c = control.Control("127.0.0.1", port, 1, lambda r: None, secret=SECRET)
+    try:
+        silent = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(control.MAX_PENDING)]
+        threading.Timer(1.0, lambda: [s.close() for s in silent]).start()
+        conn = control.join(f"127.0.0.1:{port}", 1, SECRET)  # knocks again while every slot is taken
+        assert c.ready.wait(5) and list(c.peers) == [1] and any("handshakes at once" in r for r in c.refused)
+        conn.close()
+    finally:
+        c.close()
+
+
 def test_a_rank_does_not_follow_a_stand_in_for_rank_0():
     srv = socket.create_server(("127.0.0.1", 0))
     port = srv.getsockname()[1]

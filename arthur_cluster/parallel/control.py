@@ -42,6 +42,10 @@ class Refused(ValueError):
     """One connection failed the handshake (the message says how); it is closed, nothing else changes."""
 
 
+class Closed(Refused):
+    """The other side closed the connection before a complete line."""
+
+
 def _secret(secret: str | None) -> bytes:
     value = os.environ.get(ENV_SECRET, "") if secret is None else secret
     if len(value) < 32:
@@ -66,8 +70,10 @@ def _read_line(conn: socket.socket, deadline: float) -> bytes:
             chunk = conn.recv(HELLO_MAX + 1 - len(buf))
         except socket.timeout:
             raise Refused(f"no complete line within {HANDSHAKE_TIMEOUT:g} s") from None
+        except ConnectionError:
+            raise Closed("the connection was reset") from None
         if not chunk:
-            raise Refused("closed before a complete line")
+            raise Closed("closed before a complete line")
         buf += chunk
         if len(buf) > HELLO_MAX and b"\n" not in buf:
             raise Refused(f"a line over the {HELLO_MAX}-byte cap")
@@ -123,8 +129,11 @@ class Control:
                 conn, addr = self.sock.accept()
             except OSError:
                 return
-            if self.ready.is_set() or not self.pending.acquire(blocking=False):
-                self._refuse(conn, addr, "not expected now (every rank is in, or too many handshakes at once)")
+            if self.ready.is_set():  # said, so that a late rank fails at once instead of knocking again
+                self._refuse(conn, addr, "every rank is already in", tell=True)
+                continue
+            if not self.pending.acquire(blocking=False):
+                self._refuse(conn, addr, f"over {MAX_PENDING} handshakes at once")
                 continue
             threading.Thread(target=self._handshake, args=(conn, addr), daemon=True).start()
 
@@ -161,8 +170,11 @@ class Control:
                 self.ready.set()
         return self.peers[rank][1]
 
-    def _refuse(self, conn: socket.socket, addr, why: str) -> None:
+    def _refuse(self, conn: socket.socket, addr, why: str, tell: bool = False) -> None:
         try:
+            if tell:
+                conn.settimeout(1)
+                conn.sendall((json.dumps({"refused": why}) + "\n").encode())
             conn.close()
         except OSError:
             pass
@@ -206,13 +218,31 @@ def _connect(address: str, rank: int) -> socket.socket:
             time.sleep(0.2)
 
 
+def _nonce(address: str, rank: int) -> tuple[socket.socket, str]:
+    """A connection and rank 0's nonce. Closed before the nonce means rank 0 had too many handshakes at once
+    (somebody else is knocking): try again, within CONNECT_WAIT."""
+    end = time.monotonic() + CONNECT_WAIT
+    while True:
+        conn = _connect(address, rank)
+        try:
+            first = _object(_read_line(conn, time.monotonic() + HANDSHAKE_TIMEOUT))
+            if isinstance(first.get("refused"), str):
+                raise Refused(f"it refused this rank: {first['refused'][:200]}")
+            return conn, _hexfield(first, "nonce", 32)
+        except Refused as e:
+            conn.close()
+            if not isinstance(e, Closed) or time.monotonic() > end:
+                raise ControlError(f"rank {rank}: rank 0's control port at {address} did not admit this rank "
+                                   f"({e})") from None
+            time.sleep(0.2)
+
+
 def join(address: str, rank: int, secret: str | None = None) -> socket.socket:
     """Another rank's handshake with rank 0; the connection, once both sides have proved the secret."""
     key = _secret(secret)
-    conn = _connect(address, rank)
+    conn, nonce = _nonce(address, rank)
     try:
         deadline = time.monotonic() + HANDSHAKE_TIMEOUT
-        nonce = _hexfield(_object(_read_line(conn, deadline)), "nonce", 32)
         ours, pid, host = secrets.token_hex(16), os.getpid(), socket.gethostname()[:255] or "?"
         hello = {"rank": rank, "pid": pid, "host": host, "nonce": ours,
                  "mac": _mac(key, "hello", nonce, ours, rank, pid, host)}

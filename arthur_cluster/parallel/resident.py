@@ -341,7 +341,10 @@ def problem(res: Resident) -> str | None:
         return f"the resident ranks of {res.model} at {res.url} are stuck: {h.get('reason')}"
     if h is not None:
         return f"the resident ranks of {res.model} at {res.url} are still loading (processes {alive})"
-    gone = "all its processes are gone" if not alive else f"processes {alive} still run"
+    unproved = [p for p, st in _pairs(res)
+                if p not in alive and not ownership.gone(ownership.check(p, res.deployment, st))]
+    gone = (f"processes {alive} still run" if alive else "all its processes are gone" if not unproved else
+            f"the processes it names ({unproved}) are not provably its ranks, so `down` will not signal them")
     return (f"stale record: nothing answers at {res.url} (ranks of {res.model}, started {res.started_at}) and "
             f"{gone}; `arthur-cluster down` cleans it up")
 
