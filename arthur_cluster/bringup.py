@@ -773,7 +773,7 @@ def down(*, record_path: Path | None = None) -> DownResult:
     if orphan_bad:
         resident.state_file().unlink(missing_ok=True)
         out.actions.append(f"{orphan_bad}: removed it (the ranks it described are found by their lock files)")
-    for res in resident.unrecorded(known):
+    for res in resident.unrecorded(known, clean=True):
         out.actions.append(f"found {resident.describe(res)} with no record of them")
         out.actions += resident.stop(res)
         _found(out, res.model)

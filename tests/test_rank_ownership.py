@@ -438,3 +438,13 @@ def test_a_corrupt_record_is_reported_down_still_stops_the_ranks_and_up_never_ru
     finally:
         for pid in _rank_processes(marker):
             os.kill(pid, signal.SIGKILL)
+
+
+def test_a_lock_nobody_holds_is_not_a_rank_doctor_leaves_it_and_down_removes_it():
+    held = ownership.hold(ownership.new_id(), "rank0", {"model": "m", "url": "http://127.0.0.1:9"})
+    assert [lk.path for lk in ownership.live()] == [held.path] and _mode(held.path) == 0o600
+    ownership.release(held)  # as when the rank that held it has ended
+    assert ownership.live() == [] and held.path.exists()
+    assert "ranks of m" not in _doctor_text() and held.path.exists()  # doctor changes nothing
+    out = bringup.down()
+    assert not out.had_deployment and not held.path.exists()

@@ -224,8 +224,9 @@ def _young(path: Path, age: float = 60.0) -> bool:
         return True
 
 
-def live() -> list[Live]:
-    """Every held lock file under locks_dir(); lock files nobody holds are removed on the way."""
+def live(clean: bool = False) -> list[Live]:
+    """Every held lock file under locks_dir(); with `clean`, lock files nobody holds are removed on the way
+    (`doctor` changes nothing, so it does not clean)."""
     folder = locks_dir()
     try:
         names = sorted(os.listdir(folder))[:MAX_LOCKS]
@@ -248,7 +249,8 @@ def live() -> list[Live]:
                 if found is not None:
                     out.append(found)
                 continue
-            path.unlink(missing_ok=True)  # nobody holds it: what it described has ended
+            if clean:
+                path.unlink(missing_ok=True)  # nobody holds it: what it described has ended
         except OSError:
             continue
         finally:

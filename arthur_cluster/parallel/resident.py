@@ -418,7 +418,7 @@ def stop(res: Resident, grace: float = 10.0) -> list[str]:
     elif not skipped:
         actions.append(f"the resident ranks of {res.model} were already gone")
     actions += skipped
-    ownership.live()  # removes the lock files the stopped ranks held
+    ownership.live(clean=True)  # removes the lock files the stopped ranks held
     cur = read_state()
     if cur is None or (cur.url, cur.deployment) == (res.url, res.deployment):
         state_file().unlink(missing_ok=True)
@@ -428,13 +428,13 @@ def stop(res: Resident, grace: float = 10.0) -> list[str]:
 # --- ranks without a (readable) record ----------------------------------------------------------------------
 
 
-def unrecorded(known: set[str], wait: float = 15.0) -> list[Resident]:
+def unrecorded(known: set[str], wait: float = 15.0, clean: bool = False) -> list[Resident]:
     """Deployments whose ranks hold lock files but that no record in `known` (deployment ids) describes: a start
     killed before it wrote its record, or a record gone corrupt. A lock whose rank is still being spawned (no
-    pid yet) is waited for, up to `wait` seconds."""
+    pid yet) is waited for, up to `wait` seconds. `clean` removes lock files nobody holds any more."""
     end = time.monotonic() + wait
     while True:
-        locks = [lk for lk in ownership.live() if lk.deployment not in known]
+        locks = [lk for lk in ownership.live(clean) if lk.deployment not in known]
         if all(lk.pid for lk in locks) or time.monotonic() > end:
             break
         time.sleep(0.2)
