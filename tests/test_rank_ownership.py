@@ -382,9 +382,18 @@ KILLS = 20
 SEED = int(os.environ.get("ARTHUR_KILL_SEED", "19"))
 
 
-def test_up_serve_killed_at_seeded_points_is_always_listed_by_doctor_and_stopped_by_down(library, tmp_path):
-    cat = _catalog(tmp_path)
+@pytest.fixture
+def no_ranks_left(library):
+    """The test's model folder (every rank of the test names it); whatever the test leaves running is killed."""
     marker = str(library / LLAMA_ID)
+    yield marker
+    for pid in _rank_processes(marker):
+        os.kill(pid, signal.SIGKILL)
+
+
+def test_up_serve_killed_at_seeded_points_is_always_listed_by_doctor_and_stopped_by_down(no_ranks_left, tmp_path):
+    cat = _catalog(tmp_path)
+    marker = no_ranks_left
     t0 = time.monotonic()
     full = _cli("up", "--engine", "mlx", "--serve", "--catalog", cat, "--json", timeout=300)
     span = time.monotonic() - t0  # how long one whole `up --serve` takes on this machine now
@@ -412,32 +421,28 @@ def test_up_serve_killed_at_seeded_points_is_always_listed_by_doctor_and_stopped
     assert any(seen), f"no kill point left a rank running ({points})"  # the schedule reaches the ranks
 
 
-def test_a_corrupt_record_is_reported_down_still_stops_the_ranks_and_up_never_runs_two_copies(library, tmp_path):
+def test_a_corrupt_record_is_reported_down_still_stops_the_ranks_and_up_never_runs_two_copies(no_ranks_left):
     cat = Catalog(target=LLAMA_ID, fallbacks=[])
-    marker = str(library / LLAMA_ID)
+    marker = no_ranks_left
     first = bringup.up(cat, engine="mlx", serve=True)
-    try:
-        pids = set(first.resident.pids)
-        assert set(_rank_processes(marker)) == pids
-        resident.state_file().write_text('{"url": "http://127.0.0.1:1", "pids": [')
-        paths.deployment_file().write_text("{not json")
-        text = _doctor_text()
-        assert "resident ranks' record is corrupt" in text and str(paths.deployment_file()) in text
-        assert _listed(pids, text)
-        second = bringup.up(cat, engine="mlx", serve=True)  # the old ranks go first, found by their locks
-        assert set(_rank_processes(marker)) == set(second.resident.pids) and not pids & set(second.resident.pids)
-        resident.state_file().write_text("[]")
-        paths.deployment_file().write_text("\0\0\0")
-        r = _cli("down", "--json")
-        assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
-        actions = json.loads(r.stdout)["actions"]
-        assert any("stopped the resident ranks" in a for a in actions), actions
-        assert any("moved the unreadable record" in a for a in actions), actions
-        assert _rank_processes(marker) == {} and not paths.deployment_file().exists()
-        assert list(paths.state_dir().glob("deployment.json.corrupt-*"))
-    finally:
-        for pid in _rank_processes(marker):
-            os.kill(pid, signal.SIGKILL)
+    pids = set(first.resident.pids)
+    assert set(_rank_processes(marker)) == pids
+    resident.state_file().write_text('{"url": "http://127.0.0.1:1", "pids": [')
+    paths.deployment_file().write_text("{not json")
+    text = _doctor_text()
+    assert "resident ranks' record is corrupt" in text and str(paths.deployment_file()) in text
+    assert _listed(pids, text)
+    second = bringup.up(cat, engine="mlx", serve=True)  # the old ranks go first, found by their locks
+    assert set(_rank_processes(marker)) == set(second.resident.pids) and not pids & set(second.resident.pids)
+    resident.state_file().write_text("[]")
+    paths.deployment_file().write_text("\0\0\0")
+    r = _cli("down", "--json")
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
+    actions = json.loads(r.stdout)["actions"]
+    assert any("stopped the resident ranks" in a for a in actions), actions
+    assert any("moved the unreadable record" in a for a in actions), actions
+    assert _rank_processes(marker) == {} and not paths.deployment_file().exists()
+    assert list(paths.state_dir().glob("deployment.json.corrupt-*"))
 
 
 def test_a_lock_nobody_holds_is_not_a_rank_doctor_leaves_it_and_down_removes_it():
