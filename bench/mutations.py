@@ -246,6 +246,9 @@ MUTATIONS: list[Mutation] = [
              'are still loading (processes {alive})"', 'are still loading"',
              [f"{OWN}::test_up_serve_killed_at_seeded_points_is_always_listed_by_doctor_and_stopped_by_down"],
              "takes minutes: 20 kills of `up --serve`"),
+    Mutation("ps cuts the command line short (macOS proof)", "arthur_cluster/parallel/ownership.py",
+             '["ps", "-ww", "-o"', '["ps", "-o"',
+             [f"{OWN}::test_a_process_is_proved_by_uid_start_time_and_the_deployment_id"]),
 ]
 
 

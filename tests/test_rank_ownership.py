@@ -280,6 +280,33 @@ def test_down_signals_nothing_a_hostile_record_names(case, tmp_path):
     assert not any(a.startswith(("sent SIG", "stopped the resident")) for a in actions), actions
 
 
+@pytest.mark.parametrize("platform", ["linux", "darwin"])
+def test_a_process_is_proved_by_uid_start_time_and_the_deployment_id(platform, monkeypatch):
+    """The proof on Linux (/proc) and as macOS makes it (`ps`, which procps answers the same way here)."""
+    if not shutil.which("ps"):
+        _skip_or_fail("no ps on this machine")
+    monkeypatch.setattr(ownership.sys, "platform", platform)
+    dep = ownership.new_id()
+    marked = subprocess.Popen(["sh", "-c", "sleep 60; :", "x", "--deployment", dep])
+    plain = subprocess.Popen(["sleep", "60"])
+    try:
+        time.sleep(0.3)
+        start = ownership.start_of(marked.pid)
+        assert start and ownership.check(marked.pid, dep, start) is None
+        assert ownership.check(marked.pid, dep, "") is None  # an older record without start times
+        assert "reused" in ownership.check(marked.pid, dep, start + "0")
+        assert "lacks the deployment's id" in ownership.check(plain.pid, dep, ownership.start_of(plain.pid))
+        assert "lacks the deployment's id" in ownership.check(marked.pid, ownership.new_id())
+        assert "no deployment id" in ownership.check(marked.pid, "")
+        marked.kill()
+        marked.wait()
+        assert ownership.gone(ownership.check(marked.pid, dep, start))
+    finally:
+        for p in (marked, plain):
+            p.kill()
+            p.wait()
+
+
 # --- a real load, attacked at its control port --------------------------------------------------------------------
 
 

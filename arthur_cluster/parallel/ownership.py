@@ -73,8 +73,8 @@ def _linux(pid: int) -> Proc | None:
 
 def _ps(pid: int) -> Proc | None:
     try:
-        out = subprocess.run(["ps", "-o", "uid=,state=,lstart=,command=", "-p", str(pid)], capture_output=True,
-                             text=True, timeout=10).stdout.strip()
+        out = subprocess.run(["ps", "-ww", "-o", "uid=,state=,lstart=,command=", "-p", str(pid)],  # -ww: whole
+                             capture_output=True, text=True, timeout=10).stdout.strip()  # command lines
     except (OSError, subprocess.SubprocessError):
         return None
     parts = out.split()
