@@ -249,6 +249,9 @@ MUTATIONS: list[Mutation] = [
     Mutation("ps cuts the command line short (macOS proof)", "arthur_cluster/parallel/ownership.py",
              '["ps", "-ww", "-o"', '["ps", "-o"',
              [f"{OWN}::test_a_process_is_proved_by_uid_start_time_and_the_deployment_id"]),
+    Mutation("any JSON at a stale record's port taken for rank 0's health", "arthur_cluster/parallel/resident.py",
+             "    return body if isinstance(body, dict) else None", "    return body",
+             [f"{OWN}::test_whatever_now_listens_at_a_stale_records_port_is_not_taken_for_rank_0"]),
 ]
 
 

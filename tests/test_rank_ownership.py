@@ -490,3 +490,28 @@ def test_a_lock_nobody_holds_is_not_a_rank_doctor_leaves_it_and_down_removes_it(
     assert "ranks of m" not in _doctor_text() and held.path.exists()  # doctor changes nothing
     out = bringup.down()
     assert not out.had_deployment and not held.path.exists()
+
+
+def test_whatever_now_listens_at_a_stale_records_port_is_not_taken_for_rank_0():
+    import http.server
+
+    class ListAnswer(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # a JSON list, as some other local server might answer
+            body = b"[1, 2, 3]"
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *a):
+            pass
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), ListAnswer)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        bringup.write_record(_record([2 ** 22 + 9], ownership.new_id(), url=f"http://127.0.0.1:{httpd.server_port}"))
+        notes = bringup.stale_notes()
+        assert len(notes) == 1 and "nothing answers" in notes[0] and "all its processes are gone" in notes[0]
+    finally:
+        httpd.shutdown()
+        httpd.server_close()

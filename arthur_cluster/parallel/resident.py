@@ -70,6 +70,7 @@ def state_file() -> Path:
 
 
 RECORD_MAX = 1024 * 1024  # bytes of resident.json
+HEALTH_MAX = 64 * 1024  # bytes of a /health answer read
 
 
 def load_state() -> tuple[Resident | None, str | None]:
@@ -294,10 +295,11 @@ def _wait_ready(res: Resident, procs: list[subprocess.Popen], timeout: float, sa
 def health(res: Resident, timeout: float = 2.0) -> dict | None:
     """Rank 0's /health body (also when it answers 503), or None when nothing answers at the port."""
     try:
-        r = requests.get(res.url + "/health", timeout=timeout)
-        return r.json()
-    except (requests.RequestException, ValueError):
+        with requests.get(res.url + "/health", timeout=timeout, stream=True) as r:
+            body = json.loads(r.raw.read(HEALTH_MAX, decode_content=True) or b"null")
+    except (requests.RequestException, ValueError, OSError):
         return None
+    return body if isinstance(body, dict) else None  # whatever else listens on a reused port is not our rank 0
 
 
 def _pairs(res: Resident) -> list[tuple[object, str]]:
