@@ -230,7 +230,7 @@ MUTATIONS: list[Mutation] = [
              "    if not isinstance(obj, dict):\n        raise Refused(", "    if False:\n        raise Refused(",
              [f"{OWN}::test_forged_and_malformed_hellos_are_dropped_and_only_the_real_ranks_join"]),
     Mutation("the rank does not inherit its lock (ranks vanish with the record)", "arthur_cluster/parallel/resident.py",
-             "pass_fds=(lock.fd,))", "pass_fds=())",
+             "pass_fds=(lock.fd,) if lock else ()", "pass_fds=()",
              [f"{OWN}::test_a_corrupt_record_is_reported_down_still_stops_the_ranks_and_up_never_runs_two_copies"]),
     Mutation("up does not look for ranks no record describes", "arthur_cluster/bringup.py",
              "    found += resident.unrecorded({r.deployment for r in found})\n", "",
