@@ -49,6 +49,7 @@ def _root(
 
 # One error path: every command's known errors print as one line (commands/_errors.py).
 importlib.import_module("arthur_cluster.commands._errors").guard_all(app)
+importlib.import_module("arthur_cluster.commands._help").name_values(app)
 
 
 def _exit_on_signal(signum: int, _frame) -> None:

@@ -49,7 +49,12 @@ class Task(BaseModel):
 
     @property
     def label(self) -> str:
-        return {"ask": self.text, "summarize": "Summary", "prompt": self.text.splitlines()[0][:80]}[self.kind]
+        # one branch per kind: a summary has no text, so the prompt's first line must not be built for it
+        if self.kind == "summarize":
+            return "Summary"
+        if self.kind == "prompt":
+            return (self.text.strip().splitlines() or [""])[0][:80]
+        return self.text
 
 
 def make_tasks(asks: list[str] | None = None, summarize: bool = False, prompt: str | None = None) -> list[Task]:

@@ -126,7 +126,7 @@ class RouteSpec(BaseModel):
                 raise ProbeError(f"route {text!r}: {name} {value!r} is not one of {', '.join(allowed)}")
             spec[name] = value
         if len(parts) == 4 and parts[3] not in ("", "*", "any"):
-            if not parts[3].isdigit() or int(parts[3]) < 1:
+            if not (parts[3].isascii() and parts[3].isdigit()) or int(parts[3]) < 1:  # '²' is a digit to str
                 raise ProbeError(f"route {text!r}: the node count must be a positive number")
             if len(parts[3]) > 6 or int(parts[3]) > memory.MAX_NODES:
                 raise ProbeError(f"route {text[:60]!r}: {parts[3][:20]} nodes is past the cap of "

@@ -72,11 +72,12 @@ def test_each_kind_prints_one_line_naming_the_file(kind, tmp_path):
     f.write_bytes(data) if isinstance(data, bytes) else f.write_text(data)
     app = guarded_app()
     res = CliRunner().invoke(app, ["read", kind, str(f)])
-    assert res.exit_code == 1 and res.exception is None or isinstance(res.exception, SystemExit), res.exception
+    assert res.exit_code == 1, (res.exit_code, res.exception)
+    assert res.exception is None or isinstance(res.exception, SystemExit), res.exception
     out = res.output.strip()
     assert out.startswith("error:") and len(out.splitlines()) == 1 and str(f) in out.replace("\n", ""), out
     res = CliRunner().invoke(app, ["read", kind, str(f), "--json"])
-    assert str(f) in json.loads(res.stdout)["error"]
+    assert res.exit_code == 1 and str(f) in json.loads(res.stdout)["error"], res.exit_code
 
 
 def test_debug_shows_the_traceback(tmp_path):

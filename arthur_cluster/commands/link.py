@@ -77,14 +77,13 @@ def register(app: typer.Typer) -> None:
         all_models: bool = typer.Option(False, "--all", help="Link every MLX model LM Studio holds."),
         hf_cache: Optional[Path] = typer.Option(None, "--hf-cache", help="Hugging Face hub cache folder."),
         exo_dir: Optional[Path] = typer.Option(None, "--exo-dir", help="Read-only links directory for exo."),
-        cards_dir: Optional[Path] = typer.Option(None, "--cards-dir", help="Unused: no card file is written "
-                                                 "(exo deletes them; `up` registers the model, docs/exo.md)."),
+        # Kept for scripts written for earlier versions, out of the help: no card file is written (exo
+        # deletes them; `up` registers the model, docs/exo.md), and exo's link folder always gets an index.
+        cards_dir: Optional[Path] = typer.Option(None, "--cards-dir", hidden=True),
         no_hf: bool = typer.Option(False, "--no-hf", help="Do not link into the Hugging Face cache."),
         no_exo: bool = typer.Option(False, "--no-exo", help="Do not link for exo."),
         true_hash: bool = typer.Option(False, "--hash", help="Compute true etags (reads every byte once; cached)."),
-        exo_index: bool = typer.Option(False, "--exo-index",
-                                       help="Unused: exo's link folder always gets an index (generated where "
-                                            "the source has none or lacks total_size)."),
+        exo_index: bool = typer.Option(False, "--exo-index", hidden=True),
         repo_id: Optional[str] = typer.Option(None, "--repo-id", help="Link under this org/name instead."),
         dry_run: bool = typer.Option(False, "--dry-run", help="Show what would change; change nothing."),
         lmstudio_dir: Optional[Path] = typer.Option(None, "--lmstudio-dir", help="LM Studio models folder."),

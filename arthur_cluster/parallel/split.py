@@ -129,7 +129,18 @@ def layer_costs(config: Config) -> list[float]:
         per = {"M": mamba, "E": moe, "*": attn, "-": mlp}
         return [per.get(k, 0) * byte for k in _pattern(c)]
     mlp = 3 * d * int(c["intermediate_size"])
-    return [(attn + mlp) * byte] * int(c["num_hidden_layers"])
+    return [(attn + mlp) * byte] * _layer_count(c)
+
+
+def _layer_count(c: Config) -> int:
+    """num_hidden_layers within the inspection's cap: a hostile config must not make a list of 10**15 costs."""
+    from ..modelfiles import MAX_LAYERS
+
+    n = int(c["num_hidden_layers"])
+    if not 0 <= n <= MAX_LAYERS:
+        raise ShardingError(f"config.json: num_hidden_layers = {n:,} is outside 0..{MAX_LAYERS:,} (the cap); "
+                            "the config is corrupt: re-download it")
+    return n
 
 
 def pipeline_split(config: Config, n: int, memory_per_node: list[int] | None = None) -> list[range]:
