@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -80,6 +81,26 @@ def build_library(home: DemoHome, cat: catalog.Catalog, *, on_model=None) -> lis
         if on_model:
             on_model(repo_id, folder)
     return out
+
+
+def write_shell_setup(home: DemoHome, cat: catalog.Catalog) -> Path:
+    """What a kept demo home needs to be used from a shell: a catalogue naming the demo models (so `pick`, `up`
+    and `probe` find them) and env.sh, which points every location into the home. Returns env.sh."""
+    demo = cat.for_demo()
+    toml = home.root / "models.toml"
+
+    def q(s: str) -> str:
+        return json.dumps(s)  # a JSON string is a valid TOML basic string
+
+    toml.write_text("# The demo library's catalogue (arthur-cluster demo --keep).\n"
+                    f"target = {q(demo.target)}\nfallbacks = [{', '.join(q(f) for f in demo.fallbacks)}]\n\n"
+                    f"[demo]\ntarget = {q(demo.target)}\nfallbacks = [{', '.join(q(f) for f in demo.fallbacks)}]\n",
+                    encoding="utf-8")
+    env = {**home.environ(), paths.ENV_CATALOG: str(toml)}
+    script = home.root / "env.sh"
+    script.write_text("# Use the kept demo home from this shell: . env.sh\n"
+                      + "".join(f"export {k}={shlex.quote(v)}\n" for k, v in env.items()), encoding="utf-8")
+    return script
 
 
 def activate(home: DemoHome) -> None:

@@ -786,7 +786,7 @@ def plan_job(doc: Document, tasks: list[Task], runner: Any, *, max_tokens: int =
         if plan.feasible:
             plan.prefill_tokens = _map_reduce_prefill(plan, prompter, _caches(runner))
         plan.alternatives = _alternatives(runner, need, nodes, split, step)
-        _suggest(plan, runner, need, nodes, split, step, mem_limit < limit)
+        _suggest(plan, runner, need, nodes, split, step, mem_limit < limit, work)
     if plan.feasible:
         first = singles[0] if whole else _warmup_prompt(prompter, doc, tasks[0])
         _estimate_time(plan, runner, first, measure=warmup)
@@ -842,11 +842,14 @@ def _map_reduce_prefill(plan: Plan, prompter: Prompter, caches: bool) -> int:
 
 
 def _suggest(plan: Plan, runner: Any, need: int, nodes: list[memory.NodeMemory], split: memory.Split, step: int,
-             memory_bound: bool) -> None:
+             memory_bound: bool, work: int) -> None:
+    # The weights alone leave no room for a working context: neither the reserve nor --context is the cause.
+    no_room = memory_bound and work - plan.prompt_overhead - 5 < MIN_CHUNK
     ctx_ok = [a for a in plan.alternatives if a.single_pass and a.memory_fits is not False]
     if ctx_ok:
-        plan.suggestions.append("for a single pass use a model whose context holds the whole document: "
-                                + ", ".join(f"{a.model} ({a.context_length:,} tokens)" for a in ctx_ok))
+        lead = ("a model that fits this memory and holds the whole document" if memory_bound else
+                "for a single pass use a model whose context holds the whole document")
+        plan.suggestions.append(f"{lead}: " + ", ".join(f"{a.model} ({a.context_length:,} tokens)" for a in ctx_ok))
     elif plan.model_context is not None and need > plan.model_context:
         longest = max([plan.model_context] + [a.context_length or 0 for a in plan.alternatives])
         plan.explanation.append(f"no candidate model holds the whole document in one pass: it needs {need:,} tokens, "
@@ -859,7 +862,10 @@ def _suggest(plan: Plan, runner: Any, need: int, nodes: list[memory.NodeMemory],
     if plan.model_context and need <= plan.model_context and plan.context_limit < need and not memory_bound:
         plan.suggestions.append(f"--context {need} (or none: the model allows {plan.model_context:,}) runs it in "
                                 "one pass")
-    if plan.mode == "cannot-run":
+    if plan.mode == "cannot-run" and no_room:
+        plan.suggestions.append(f"a lower-bit quantization of {plan.model}, or a smaller model: its weights alone "
+                                "fill the memory of the nodes")
+    elif plan.mode == "cannot-run":
         plan.suggestions.append("a smaller --max-tokens leaves more room for the document in each chunk")
         if plan.context_limit < (plan.model_context or 0):
             plan.suggestions.append(f"a longer --context (the model allows {plan.model_context:,})")
@@ -889,7 +895,7 @@ def _estimate_time(plan: Plan, runner: Any, first: Prompt, measure: bool = True)
             plan.prefill_seconds = plan.prefill_tokens / tps
     decode = decode_rate(runner, first.prefix) if measure else None
     if decode:
-        plan.decode_tps = decode
+        plan.decode_tps, plan.rates_from = decode, plan.rates_from or "warm-up"
     _apply_rates(plan, runner)
 
 
@@ -1204,8 +1210,9 @@ def _map_reduce(job: Job, plan: Plan, doc: Document, prompter: Prompter, runner:
             items, level = [o.answer for o in outs], level + 1
 
 
-def _rate(tokens: int, seconds: float) -> float:
-    return round(tokens / seconds, 2) if seconds > 0 else 0.0
+def _rate(tokens: int, seconds: float) -> float | None:
+    """None when nothing was timed (all from cache or resumed, or an engine that reports no times): not 0."""
+    return round(tokens / seconds, 2) if tokens > 0 and seconds > 0 else None
 
 
 def _result(job: Job, plan: Plan, runner: Any, state: RunState) -> dict:
@@ -1223,7 +1230,8 @@ def _result(job: Job, plan: Plan, runner: Any, state: RunState) -> dict:
                    "cached": sum(u.cached_tokens for u in state.units), "prefilled": prefilled,
                    "generated": sum(u.generation_tokens for u in state.units)},
         "prefill_tps": _rate(prefilled, sum(u.prefill_seconds for u in fresh)),
-        "decode_tps": _rate(sum(u.generation_tokens for u in state.units), sum(u.decode_seconds for u in state.units)),
+        "decode_tps": _rate(sum(u.generation_tokens for u in fresh if u.decode_seconds > 0),
+                            sum(u.decode_seconds for u in fresh)),
         "ttft_seconds": [round(state.answers[t.id].ttft, 4) for t in plan.tasks if t.id in state.answers],
         "peak_memory_bytes": peak, "cache_hits": hits, "units": len(state.units), "resumed_units": state.resumed,
         "answers": [{"task": t.id, "kind": t.kind, "question": t.text, "answer": state.answers[t.id].answer,

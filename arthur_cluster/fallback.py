@@ -117,10 +117,16 @@ def fallback_reason(target: str, chosen: str, rejections: list[Rejection]) -> st
 class NoChoice(ArthurError, RuntimeError):
     """No candidate passes; `rejections` holds every reason in the order tried."""
 
-    def __init__(self, rejections: list[Rejection]):
+    def __init__(self, rejections: list[Rejection], on_disk: list[str] | None = None):
         self.rejections = rejections
+        self.on_disk = on_disk or []
         lines = "\n  ".join(str(r) for r in rejections) or "no candidates"
-        super().__init__(f"no model of the catalogue can run here:\n  {lines}")
+        hint = ""
+        if self.on_disk:  # the cause is the catalogue, not the downloads: say what could run instead
+            shown = ", ".join(self.on_disk[:5]) + (f" (+{len(self.on_disk) - 5} more)" if len(self.on_disk) > 5 else "")
+            hint = (f"\non disk but not in the catalogue: {shown}; name one (`arthur-cluster up "
+                    f"{self.on_disk[0]}`) or add it to models.toml's fallbacks")
+        super().__init__(f"no model of the catalogue can run here:\n  {lines}{hint}")
 
 
 ProbeFn = Callable[[str, "ModelInfo | None", Route, ClusterInfo, int], Verdict]
@@ -324,7 +330,15 @@ def pick(cat: Catalog, *, cluster: ClusterInfo | list[ClusterInfo], context: int
             choice = _try_routes(mid, entry, info, avail, cl, ctx, probe_fn, rejections)
             if choice is not None:
                 return choice
-    raise NoChoice(rejections)
+    absent = all(r.stage == "available" for r in rejections)
+    tried = set(candidates(cat, model, fallbacks))
+    others = dict.fromkeys(f.repo_id for f in found if f.repo_id not in tried and _runnable(f)) if absent else {}
+    raise NoChoice(rejections, list(others))
+
+
+def _runnable(f: sources.Found) -> bool:
+    info = modelfiles.inspect(f.path, repo_id=f.repo_id, source=f.source)
+    return info.ok and info.format == "mlx"
 
 
 def _try_routes(mid: str, entry: ModelEntry, info: ModelInfo | None, avail: Availability, cl: ClusterInfo,

@@ -1,5 +1,5 @@
-"""Friction a new user met: short names everywhere (up --fallback), a models table that fits 120 columns and
-says what GGUF is, and `link --all` that says what it skipped and what it did."""
+"""Friction a new user met: short names everywhere (up --fallback), a models table that fits 80 columns, lists
+each model once, says what GGUF is and explains its columns, and `link --all` that says what it skipped and what it did."""
 
 from __future__ import annotations
 
@@ -41,14 +41,24 @@ def messy_library(lmstudio_home, tiny_models):
     return models
 
 
-def test_models_table_fits_120_columns_and_names_gguf(messy_library):
-    proc = cli("models", "--source", "lmstudio", env={"COLUMNS": "120", "ARTHUR_LMSTUDIO_MODELS": str(messy_library)})
+def test_models_table_fits_80_columns_names_gguf_and_lists_each_model_once(messy_library):
+    env = {"COLUMNS": "200", "ARTHUR_LMSTUDIO_MODELS": str(messy_library)}
+    assert cli("link", "mlx-community/Tiny-Llama-MLX-4bit", env=env).returncode == 0  # an hf* entry appears
+    proc = cli("models", env=env)
     assert proc.returncode == 0, proc.stderr
     lines = [ln for ln in proc.stdout.splitlines() if ln.strip()]
-    assert max(len(ln) for ln in lines) <= 120, "\n".join(lines)
-    assert len(lines) == 2 + 4, "\n".join(lines)  # title, header, one line per model
-    gguf = next(ln for ln in lines if "Some-Model-GGUF" in ln)
-    assert "GGUF: not for MLX/exo" in gguf and " ok" not in gguf
+    assert max(len(ln) for ln in lines) <= 80, "\n".join(lines)
+    assert lines[0] == "4 model(s)", "\n".join(lines)  # the linked entry is its LM Studio row's
+    flat = "".join(ln.split(" ")[0] for ln in lines)  # the model column, folded lines joined
+    long = "a-very-long-publisher-name-for-testing/An-Extremely-Long-Model-Name-That-Would-Wrap-A-Table-"
+    assert long + "x" * 60 + "-MLX-4bit" in flat  # never cut
+    assert "mlx-community/Tiny-Llama-MLX-4bit" in flat and "lmstudio-community/Tiny-NemotronH-MLX-8bit" in flat
+    llama = next(ln for ln in lines if ln.startswith("mlx-community/"))
+    assert " lms " in llama and " hf,exo " in llama and llama.rstrip().endswith("ok")
+    gguf = next(ln for ln in lines if ln.startswith("someone/Some-Model-GGUF"))
+    assert gguf.rstrip().endswith("GGUF") and "  someone/Some-Model-GGUF: GGUF: LM Studio runs it" in proc.stdout
+    legend = " ".join(lines[-4:])
+    assert "lms LM Studio" in legend and "hf*" in legend and "--json" in legend
 
 
 def test_link_all_reports_skips_and_a_summary(messy_library, tmp_path):

@@ -7,6 +7,8 @@ from typing import Optional
 
 import typer
 
+from rich.markup import escape
+
 from . import _out
 
 ENGINES = ("exo", "mlx")
@@ -48,30 +50,31 @@ def _fail_with(message: str, rejections: list, as_json: bool) -> None:
 
 def _print_choice(choice) -> None:
     c = _out.console
-    c.print(f"[bold]{choice.model}[/]  {choice.route.label}", highlight=False)
-    c.print(f"  why: {choice.why}", highlight=False)
+    c.print(f"[bold]{escape(choice.model)}[/]  {escape(choice.route.label)}", highlight=False)
+    c.print(f"  why: {choice.why}", highlight=False, markup=False)
     if choice.nodes:
-        c.print(f"  nodes: {', '.join(choice.nodes)}", highlight=False)
+        c.print(f"  nodes: {', '.join(choice.nodes)}", highlight=False, markup=False)
     for r in choice.rejections:
-        c.print(f"  [yellow]rejected[/] {r}", highlight=False)
+        c.print(f"  [yellow]rejected[/] {escape(str(r))}", highlight=False)
 
 
 def _print_deployment(dep, record: Path) -> None:
     c = _out.console
     s = dep.smoke
-    c.print(f"[bold green]up:[/] {dep.model}", highlight=False)
-    c.print(f"  route:    {dep.route.label}" + (f" ({', '.join(dep.nodes)})" if dep.nodes else ""), highlight=False)
+    c.print(f"[bold green]up:[/] {escape(dep.model)}", highlight=False)
+    c.print(f"  route:    {dep.route.label}" + (f" ({', '.join(dep.nodes)})" if dep.nodes else ""), highlight=False,
+            markup=False)
     if dep.endpoint:
-        c.print(f"  endpoint: {dep.endpoint}  (model id {dep.served_id})", highlight=False)
-    c.print(f"  question: {s.question}", highlight=False)
-    c.print(f"  answer:   {s.answer.strip()!r}", highlight=False)
+        c.print(f"  endpoint: {dep.endpoint}  (model id {dep.served_id})", highlight=False, markup=False)
+    c.print(f"  question: {s.question}", highlight=False, markup=False)
+    c.print(f"  answer:   {s.answer.strip()!r}", highlight=False, markup=False)
     c.print(f"  tokens/s: {s.generation_tps:.1f} ({s.generation_tokens} tokens; prompt {s.prompt_tps:.1f} tok/s)",
             highlight=False)
     if dep.fallback_reason:
-        c.print(f"  [yellow]fallback:[/] {dep.fallback_reason}", highlight=False)
+        c.print(f"  [yellow]fallback:[/] {escape(dep.fallback_reason)}", highlight=False)
     for n in dep.notes:
-        c.print(f"  note: {n}", highlight=False)
-    c.print(f"  record:   {record}", highlight=False)
+        c.print(f"  note: {n}", highlight=False, markup=False)
+    c.print(f"  record:   {record}", highlight=False, markup=False)
 
 
 class _Reporter:
@@ -87,7 +90,7 @@ class _Reporter:
 
     def say(self, text: str) -> None:
         if not self.quiet:
-            self.bar.console.print(f"[dim]>[/] {text}", highlight=False, soft_wrap=True)
+            self.bar.console.print(f"[dim]>[/] {escape(text)}", highlight=False, soft_wrap=True)
 
     def progress(self, label: str, done: int, total: int) -> None:
         if label not in self.tasks:
@@ -130,7 +133,7 @@ def register(app: typer.Typer) -> None:
                              "fallback_reason": choice.fallback_reason(model or cat.target)})
             return
         for n in found.notes:
-            _out.console.print(f"note: {n}", highlight=False)
+            _out.console.print(f"note: {n}", highlight=False, markup=False)
         _print_choice(choice)
 
     @app.command("up")
@@ -202,4 +205,4 @@ def register(app: typer.Typer) -> None:
             _out.print_json(res)
             return
         for a in res.actions:
-            _out.console.print(a, highlight=False)
+            _out.console.print(a, highlight=False, markup=False)

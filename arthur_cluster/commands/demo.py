@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import shlex
 import shutil
 import tempfile
 from pathlib import Path
 from typing import Optional
 
 import typer
+
+from rich.markup import escape
 
 from . import _out
 
@@ -48,10 +51,36 @@ def register(app: typer.Typer) -> None:
         finally:
             if home is None and not keep:
                 shutil.rmtree(root, ignore_errors=True)
-            elif not as_json:
-                _out.console.print(f"Demo home kept at {root}")
+            else:
+                _kept(dhome, record, as_json)
         if as_json:
             _out.print_json(record)
+
+
+def _kept(dhome, record: dict, as_json: bool) -> None:
+    """Say how to use what was kept: the same commands, pointed at the demo home."""
+    from .. import catalog, demo
+
+    try:
+        cat = catalog.load()
+        env = demo.write_shell_setup(dhome, cat)
+    except (OSError, catalog.CatalogError) as e:
+        if not as_json:
+            _out.console.print(f"Demo home kept at {dhome.root} ({e})", highlight=False, markup=False)
+        return
+    record["env"] = str(env)
+    if as_json:
+        return
+    doc = shlex.quote(str(dhome.root / "documents" / "operations-log.md"))
+    short = cat.for_demo().target.split("/")[-1]
+    _out.console.print(
+        f"Demo home kept at {dhome.root}. To use it from this shell:\n"
+        f"  . {shlex.quote(str(env))}\n"
+        "then, for example:\n"
+        "  arthur-cluster models\n"
+        f"  arthur-cluster probe {short} --static-only\n"
+        f"  arthur-cluster doc {doc} --ask \"Which node holds the most memory?\" --summarize\n"
+        "  arthur-cluster down", highlight=False, markup=False)
 
 
 def _errors() -> tuple[type[Exception], ...]:
@@ -62,9 +91,10 @@ def _errors() -> tuple[type[Exception], ...]:
             bringup.BringUpError, docjob.DocJobError)
 
 
-def _say(as_json: bool, text: str) -> None:
+def _say(as_json: bool, text: str, plain: str = "") -> None:
+    """`text` may hold markup; `plain` (paths, ids, user text) is printed as written."""
     if not as_json:
-        _out.console.print(text)
+        _out.console.print(text + escape(plain), highlight=False)
 
 
 def _step_library(dhome, cat, record: dict, as_json: bool) -> None:
@@ -72,14 +102,14 @@ def _step_library(dhome, cat, record: dict, as_json: bool) -> None:
 
     from .. import demo
 
-    _say(as_json, f"[bold]1. Demo library[/] in {dhome.lmstudio_models}")
+    _say(as_json, "[bold]1. Demo library[/] in ", str(dhome.lmstudio_models))
     ids = cat.candidates()
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), disable=as_json, transient=True) as bar:
         task = bar.add_task(f"building {len(ids)} miniature models", total=len(ids))
         built = demo.build_library(dhome, cat, on_model=lambda rid, _: bar.advance(task))
     record["library"] = [str(p) for p in built]
     for rid in ids:
-        _say(as_json, f"   built {rid}")
+        _say(as_json, "", f"   built {rid}")
 
 
 def _step_models(dhome, record: dict, as_json: bool) -> None:
@@ -92,24 +122,24 @@ def _step_models(dhome, record: dict, as_json: bool) -> None:
         q = r["quantization"]
         quant = f"{q['bits']}-bit" if q else "unquantized"
         state = "ok" if not r["problems"] else "; ".join(r["problems"])
-        _say(as_json, f"   {r['repo_id']}: {r['architecture']}, {r['parameters']:,} parameters, {quant}, "
+        _say(as_json, "", f"   {r['repo_id']}: {r['architecture']}, {r['parameters']:,} parameters, {quant}, "
                       f"{_out.human_bytes(r['bytes'])}, context {r['context_length']}: {state}")
 
 
 def _step_link(dhome, cat, record: dict, as_json: bool) -> None:
     from .. import linker, modelfiles, sources
 
-    _say(as_json, f"[bold]3. Link[/] into {dhome.hf_cache} and exo's read-only directory")
+    _say(as_json, "[bold]3. Link[/] ", f"into {dhome.hf_cache} and exo's read-only directory")
     results = []
     for found in sources.lmstudio():
         info = modelfiles.require_ok(modelfiles.inspect(found.path, repo_id=found.repo_id, source="lmstudio"))
         res = linker.link(info)
         results.append(res)
-        _say(as_json, f"   {found.repo_id}: HF cache {res.snapshot}, exo {res.exo_link or '-'}"
+        _say(as_json, "", f"   {found.repo_id}: HF cache {res.snapshot}, exo {res.exo_link or '-'}"
                       + "".join(f"\n   warning: {w}" for w in res.warnings))
     record["links"] = results
     if results and results[-1].env_line:
-        _say(as_json, f"   exo: add [bold]{results[-1].env_line}[/] to exo's environment")
+        _say(as_json, "", f"   exo: add {results[-1].env_line} to exo's environment")
 
 
 def _step_probe(cat, record: dict, proof: bool, as_json: bool) -> None:
@@ -117,7 +147,7 @@ def _step_probe(cat, record: dict, proof: bool, as_json: bool) -> None:
     from .probe import print_report
 
     how = "static checks and a proof on 2 real ranks" if proof else "static checks"
-    _say(as_json, f"[bold]4. Probe[/] {cat.target} ({how})")
+    _say(as_json, "[bold]4. Probe[/] ", f"{cat.target} ({how})")
     status = _out.err_console.status("probing") if not as_json else None
     if status:
         status.start()
@@ -150,10 +180,10 @@ def _step_up(cat, record: dict, as_json: bool) -> None:
 
 def _step_doc(dhome, question: str, record: dict, as_json: bool, kept: bool) -> None:
     from .. import demo, docjob
-    from .doc import RichReporter
+    from .doc import RichReporter, _at
 
     path = demo.write_document(dhome)
-    _say(as_json, f"[bold]6. Document job[/] on the deployment: {path.name}, asking {question!r}")
+    _say(as_json, "[bold]6. Document job[/] ", f"on the deployment: {path.name}, asking {question!r}")
     reporter = RichReporter(quiet=as_json)
     try:
         result = docjob.run([str(path)], asks=[question], max_tokens=24, reporter=reporter,
@@ -167,6 +197,6 @@ def _step_doc(dhome, question: str, record: dict, as_json: bool, kept: bool) -> 
                                highlight=False, markup=False)
         t = result["tokens"]
         _out.console.print(f"   {result['mode']} pass on {result['route']}: {t['document']:,} document tokens, "
-                           f"{t['generated']} generated, {result['decode_tps']} tok/s; answers in {result['dir']}"
+                           f"{t['generated']} generated{_at(result['decode_tps'])}; answers in {result['dir']}"
                            + ("" if kept else " (removed with the demo home; --keep keeps it)"),
                            highlight=False)

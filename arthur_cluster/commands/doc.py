@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import List, Optional
 
 import typer
+from rich.markup import escape
 from rich.progress import ProgressColumn
 
 from . import _out
@@ -113,15 +115,26 @@ def _finish(reporter: "RichReporter", plan, result: dict, as_json: bool) -> None
         return
     c = _out.console
     for a in result["answers"]:
-        c.print(f"\n[bold]{a['task']}[/] {a['question'] or a['kind']}", highlight=False)
+        title = a["question"] or {"summarize": "Summary"}.get(a["kind"], a["kind"])
+        c.print(f"\n[bold]{a['task']}[/] {escape(title)}", highlight=False)
         c.print(a["answer"], highlight=False, markup=False)
+    c.print("\n" + summary_text(result), highlight=False, markup=False)
+    c.print(f"Answers: {Path(result['dir']) / 'answers.md'}", highlight=False, markup=False)
+
+
+def _at(tps: float | None) -> str:
+    return f" at {tps:,.1f} tok/s" if tps else ""  # no rate when nothing was timed, never "0.0 tok/s"
+
+
+def summary_text(result: dict) -> str:
     t = result["tokens"]
-    c.print(f"\n{result['model']} ({result['engine']}, {result['route']}), {result['mode']}: "
-            f"{t['prefilled']:,} tokens prefilled at {result['prefill_tps']} tok/s, {t['cached']:,} from cache, "
-            f"{t['generated']:,} generated at {result['decode_tps']} tok/s, peak "
-            f"{_out.human_bytes(result['peak_memory_bytes'])}; resumed units: {result['resumed_units']}",
-            highlight=False)
-    c.print(f"Answers: {Path(result['dir']) / 'answers.md'}", highlight=False)
+    peak = result["peak_memory_bytes"]
+    resumed = result["resumed_units"]
+    return (f"{result['model']} ({result['engine']}, {result['route']}), {result['mode']}: "
+            f"{t['prefilled']:,} tokens prefilled{_at(result['prefill_tps'])}, {t['cached']:,} from cache, "
+            f"{t['generated']:,} generated{_at(result['decode_tps'])}"
+            + (f", peak {_out.human_bytes(peak)}" if peak else "")
+            + (f"; {resumed} unit(s) resumed from an earlier run" if resumed else ""))
 
 
 # --- progress ---------------------------------------------------------------------------------------
@@ -131,14 +144,14 @@ class RichReporter:
     """Prefill and generation bars (tokens, tok/s, ETA) on stderr; silent with --json."""
 
     def __init__(self, quiet: bool = False):
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
         from .. import docjob
 
         self.quiet = quiet
         self.job: docjob.Job | None = None
         self._progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                  _RateColumn(), TimeRemainingColumn(), console=_out.err_console, disable=quiet,
+                                  _RateColumn(), _LeftColumn(), console=_out.err_console, disable=quiet,
                                   transient=True)
         self._pre = self._gen = None
         self._started = False
@@ -168,48 +181,88 @@ class RichReporter:
             if task is not None:
                 self._progress.remove_task(task)
         short = label if len(label) <= 48 else label[:45] + "..."
-        self._pre = self._progress.add_task(f"prefill  {short}", total=prompt_tokens)
-        self._gen = self._progress.add_task(f"generate {short}", total=max_tokens)
+        self._pre = self._progress.add_task(escape(f"prefill  {short}"), total=prompt_tokens)
+        self._gen = self._progress.add_task(escape(f"generate {short}"), total=max_tokens)
 
     def prefill(self, done: int, total: int) -> None:
         if self._pre is not None:
-            self._progress.update(self._pre, completed=done, total=total)
+            self._update(self._pre, done, total=total)
 
     def token(self, generated: int) -> None:
         if self._gen is not None:
-            self._progress.update(self._gen, completed=generated)
+            self._update(self._gen, generated)
+
+    def _update(self, task, done: int, **kw) -> None:
+        # The rate counts from the first report on: what came before it (a cached prefix, restored at once)
+        # was not computed, and counting it made rates of millions of tok/s.
+        if "base" not in self._progress.tasks[self._progress.task_ids.index(task)].fields:
+            kw.update(base=done, since=time.monotonic())
+        self._progress.update(task, completed=done, **kw)
 
     def unit_done(self, answer, resumed: bool = False) -> None:
         if self.quiet:
             return
         self._ensure()
         how = "resumed" if resumed else f"{answer.generation_tokens} tokens, cache {answer.cache}"
-        self._progress.console.print(f"  done {answer.unit} ({how})", highlight=False)
+        self._progress.console.print(f"  done {answer.unit} ({how})", highlight=False, markup=False)
+
+
+RATE_AFTER = 0.5  # seconds of work before a rate is shown: two reports a millisecond apart are no rate
+
+
+def rate(task, now: float) -> float | None:
+    """Tokens/s of the work done since the task's first report, or None while too little is timed."""
+    base, since = task.fields.get("base"), task.fields.get("since")
+    if base is None or now - since < RATE_AFTER or task.completed <= base:
+        return None
+    return (task.completed - base) / (now - since)
 
 
 class _RateColumn(ProgressColumn):
     def render(self, task):
         from rich.text import Text
 
-        return Text(f"{task.speed:,.1f} tok/s" if task.speed else "", style="progress.data.speed")
+        tps = rate(task, time.monotonic())
+        return Text(f"{tps:,.1f} tok/s" if tps else "", style="progress.data.speed")
+
+
+class _LeftColumn(ProgressColumn):
+    """Time left at that same rate (rich's own estimate counts the cached tokens too)."""
+
+    def render(self, task):
+        from rich.text import Text
+
+        tps = rate(task, time.monotonic())
+        if not tps or task.total is None:
+            return Text("")
+        left = max(task.total - task.completed, 0) / tps
+        return Text(f"{int(left) // 60}:{int(left) % 60:02d} left", style="progress.remaining")
 
 
 def time_text(plan) -> str:
-    """Prefill plus generation (at most every unit's reserved tokens), with where the rates came from."""
+    """Prefill plus generation (at most every unit's reserved tokens), with where the rates came from; a rate
+    is given only where one was measured, and "no rates" only when none was."""
     if plan.cached_prefix and plan.mode == "single":
         pre = "no prefill (the document's prompt cache is on disk)"
-    elif plan.prefill_seconds is not None:
+    elif plan.prefill_seconds is not None and plan.warmup_tps:
         pre = f"prefill {plan.prefill_tokens:,} tokens ~{plan.prefill_seconds:,.0f} s at {plan.warmup_tps:,.0f} tok/s"
     else:
         pre = f"prefill {plan.prefill_tokens:,} tokens"
     gen = f"generate at most {plan.generate_tokens:,} tokens"
-    if plan.generate_seconds is not None:
+    if plan.generate_seconds is not None and plan.decode_tps:
         gen += f" ~{plan.generate_seconds:,.0f} s at {plan.decode_tps:,.1f} tok/s"
+    source = f" (rates from {plan.rates_from})" if plan.rates_from else ""
     if plan.seconds is not None:
-        return (f"about {plan.seconds:,.0f} s if every answer runs to its reserved length: {pre}; {gen} "
-                f"(rates from {plan.rates_from})")
+        return f"about {plan.seconds:,.0f} s if every answer runs to its reserved length: {pre}; {gen}{source}"
+    if plan.warmup_tps or plan.decode_tps:
+        missing = "prefill" if not plan.warmup_tps else "generation"
+        return f"{pre}; {gen}{source}; no {missing} rate measured for this model here yet: the job measures it"
     return (f"{pre}; {gen}; no rates measured for this model here yet (the plan does not load the weights): "
             "the job measures them when it starts")
+
+
+FITS_UNKNOWN = ("fits ?: the node's memory is not known; give memory_bytes to each [[cluster.nodes]] in "
+                "models.toml, or --exo URL (exo reports it)")
 
 
 def print_plan(plan) -> None:
@@ -218,25 +271,28 @@ def print_plan(plan) -> None:
     c = _out.console
     h = _out.human_bytes
     fb = f"; fallback: {plan.fallback_reason}" if plan.fallback_reason else ""
-    c.print(f"[bold]Plan[/] {plan.model} ({plan.engine}, {plan.route}{fb})", highlight=False)
+    c.print(f"[bold]Plan[/] {escape(f'{plan.model} ({plan.engine}, {plan.route}{fb})')}", highlight=False)
     exact = "" if plan.tokens_exact else " (estimated: no local tokenizer)"
     c.print(f"  document: {plan.document_tokens:,} tokens{exact}; context {plan.context_limit:,}"
             f" (model {plan.model_context or 0:,}); {plan.reserve_tokens:,} reserved per answer; "
-            f"tasks: {len(plan.tasks)}", highlight=False)
+            f"tasks: {len(plan.tasks)}", highlight=False, markup=False)
     if plan.thinking_supported:
         c.print(f"  thinking: {'template default' if plan.thinking is None else ('on' if plan.thinking else 'off')}")
     for line in plan.explanation:
-        c.print(f"  {line}", highlight=False)
+        c.print(f"  {line}", highlight=False, markup=False)
     if plan.memory is not None:
         t = Table(box=None, padding=(0, 1), show_edge=False)
         for col in ("node", "weights", "KV", "Mamba", "activations", "total", "budget", "fits"):
             t.add_column(col)
         for n in plan.memory.nodes:
             fits = "?" if n.fits is None else ("yes" if n.fits else "[red]no[/]")
-            t.add_row(n.node, h(n.weights), h(n.kv_cache), h(n.mamba_state), h(n.activation), h(n.total),
+            t.add_row(escape(n.node), h(n.weights), h(n.kv_cache), h(n.mamba_state), h(n.activation), h(n.total),
                       h(n.budget), fits)
         c.print(f"  memory at {plan.memory.context:,} tokens ({plan.memory.split}):")
         c.print(t)
-    c.print("  time: " + time_text(plan), highlight=False)
+        if any(n.fits is None for n in plan.memory.nodes):
+            c.print("  " + FITS_UNKNOWN, highlight=False, markup=False)
+    if plan.feasible:
+        c.print("  time: " + time_text(plan), highlight=False, markup=False)
     for s in plan.suggestions:
-        c.print(f"  [yellow]would help:[/] {s}", highlight=False)
+        c.print(f"  [yellow]would help:[/] {escape(s)}", highlight=False)

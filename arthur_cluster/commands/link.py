@@ -7,6 +7,8 @@ from typing import Optional
 
 import typer
 
+from rich.markup import escape
+
 from . import _out
 
 
@@ -60,14 +62,14 @@ def _progress_bar(enabled: bool):
 def _print_result(res) -> None:
     c = _out.console
     verb = "would " if res.dry_run else ""
-    c.print(f"[bold]{res.repo_id}[/]  <- {res.source}", highlight=False)
+    c.print(f"[bold]{escape(res.repo_id)}[/]  <- {escape(str(res.source))}", highlight=False)
     for a in res.actions:
-        c.print(f"  {verb}{a.op:8} {a.target}  {a.detail}", highlight=False)
+        c.print(f"  {verb}{a.op:8} {a.target}  {a.detail}", highlight=False, markup=False)
     for w in res.warnings:
-        c.print(f"  [yellow]note:[/] {w}", highlight=False)
+        c.print(f"  [yellow]note:[/] {escape(w)}", highlight=False)
     if res.env_line:
         c.print("  Start exo with:", highlight=False)
-        c.print(f"    {res.env_line}", highlight=False, soft_wrap=True)
+        c.print(f"    {res.env_line}", highlight=False, soft_wrap=True, markup=False)
 
 
 def register(app: typer.Typer) -> None:
@@ -132,11 +134,11 @@ def register(app: typer.Typer) -> None:
             _out.print_json({"results": results, "errors": errors, "skipped": skipped, "summary": summary})
         else:
             for sk in skipped:
-                _out.console.print(f"[yellow]skipped[/] {sk}", highlight=False)
+                _out.console.print(f"[yellow]skipped[/] {escape(sk)}", highlight=False)
             for e in errors:
-                _out.err_console.print(f"[bold red]error:[/] {e}", highlight=False)
+                _out.err_console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False)
             if summary:
-                _out.console.print(summary, highlight=False)
+                _out.console.print(summary, highlight=False, markup=False)
         if errors:
             raise typer.Exit(_out.EXIT_ERROR)
 
@@ -167,9 +169,9 @@ def register(app: typer.Typer) -> None:
         else:
             verb = "would remove" if dry_run else "removed"
             for p in res.removed:
-                _out.console.print(f"{verb} {p}", highlight=False)
+                _out.console.print(f"{verb} {p}", highlight=False, markup=False)
             for w in res.warnings:
-                _out.console.print(f"[yellow]note:[/] {w}", highlight=False)
+                _out.console.print(f"[yellow]note:[/] {escape(w)}", highlight=False)
             if not res.removed and not res.warnings:
                 _out.console.print("nothing to remove", highlight=False)
         if res.kept:
@@ -191,12 +193,13 @@ def register(app: typer.Typer) -> None:
         else:
             c = _out.console
             c.print(f"HF cache {rep.hf_cache}: {rep.checked.get('hf_linked', 0)} linked, "
-                    f"{rep.checked.get('hf_other', 0)} other", highlight=False)
-            c.print(f"exo links {rep.exo_dir}: {rep.checked.get('exo_linked', 0)} linked", highlight=False)
+                    f"{rep.checked.get('hf_other', 0)} other", highlight=False, markup=False)
+            c.print(f"exo links {rep.exo_dir}: {rep.checked.get('exo_linked', 0)} linked", highlight=False,
+                    markup=False)
             colour = {"error": "red", "warning": "yellow", "note": "cyan"}
             for f in rep.findings:
-                c.print(f"[{colour[f.severity]}]{f.kind}[/] {f.path}: {f.message}" + (f" — {f.fix}" if f.fix else ""),
-                        highlight=False)
+                c.print(f"[{colour[f.severity]}]{f.kind}[/] " + escape(f"{f.path}: {f.message}" +
+                                                                   (f" — {f.fix}" if f.fix else "")), highlight=False)
             c.print("[green]no problems[/]" if rep.ok else "[red]problems found[/]")
         if not rep.ok:
             raise typer.Exit(_out.EXIT_ERROR)

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 from typing import Optional
 
 import typer
+from rich.markup import escape
 
 from . import _out
 
@@ -37,11 +39,6 @@ def inventory(sources: tuple[str, ...], lmstudio_dir: Path | None, hf_cache: Pat
     return rows
 
 
-def _layers(counts: dict[str, int]) -> str:
-    short = {"mamba": "M", "moe": "E", "attention": "*", "mlp": "-"}
-    return " ".join(f"{short.get(k, k)}{v}" for k, v in counts.items())
-
-
 def register(app: typer.Typer) -> None:
     @app.command("models")
     def models_cmd(
@@ -65,15 +62,24 @@ def register(app: typer.Typer) -> None:
             _out.console.print("No models found. LM Studio folder: "
                                f"{lmstudio_dir or _lms_dir()} (set --lmstudio-dir or ARTHUR_LMSTUDIO_MODELS).")
             return
-        _out.console.print(table(rows))
+        print_table(rows)
 
 
 def _status(r: dict) -> str:
+    """A word for the table; the problems themselves are listed under it."""
     if r["format"] != "mlx":
-        return f"{r['format'].upper()}: not for MLX/exo"
+        return r["format"].upper()
     if r["problems"]:
-        return r["problems"][0] + (f" (+{len(r['problems']) - 1})" if len(r["problems"]) > 1 else "")
-    return "ok" if r["tokenizer"] else "no tokenizer"
+        return "bad"
+    return "ok" if r["tokenizer"] else "no tok"
+
+
+def _problem(r: dict) -> str | None:
+    if r["format"] != "mlx":
+        return f"{r['format'].upper()}: LM Studio runs it; MLX and exo run MLX safetensors folders only"
+    if r["problems"]:
+        return "; ".join(r["problems"][:2]) + (f" (+{len(r['problems']) - 2} more)" if len(r["problems"]) > 2 else "")
+    return None if r["tokenizer"] else "no tokenizer files: MLX cannot run it"
 
 
 def _linked(places: list[str]) -> str:
@@ -82,38 +88,62 @@ def _linked(places: list[str]) -> str:
     return ",".join(dict.fromkeys(kinds)) or "-"
 
 
-def _params(n: int | None) -> str:
+def _context(n: int | None) -> str:
     if not n:
         return "-"
-    return f"{n / 1e9:.1f}B" if n >= 1e9 else f"{n / 1e6:.0f}M" if n >= 1e6 else f"{n / 1e3:.0f}K"
+    return f"{n // 1024}k" if n >= 1024 and n % 1024 == 0 else f"{n:,}"
+
+
+def _quant(q: dict | None) -> str:
+    return f"{q['bits']}bit" if q else "-"
 
 
 SOURCE_SHORT = {"lmstudio": "lms", "hf-cache": "hf", "exo": "exo", "path": "path"}
-# Fixed widths for 120 columns (one space between columns); the status column takes the rest.
-WIDTHS = {"model": 32, "src": 5, "arch": 10, "layers": 10, "params": 6, "quant": 6, "size": 7, "ctx": 7,
-          "linked": 6}
+# Widths for 80 columns with one space between columns; the model column folds long names (never cut).
+WIDTHS = {"src": 4, "arch": 10, "quant": 5, "size": 8, "ctx": 5, "linked": 6, "state": 5}
+WIDTH = 80
+LEGEND = ("src: lms LM Studio, hf Hugging Face cache, exo exo's folders; hf*/exo* an entry `arthur-cluster link` "
+          "made (listed once, on its LM Studio row); linked: where it is linked; quant: bits per weight; ctx: "
+          "tokens of context. Layers, parameters and paths: --json.")
+
+
+def once(rows: list[dict]) -> list[dict]:
+    """Each model once: an entry the linker made is its LM Studio source's, whose row says where it is linked."""
+    sourced = {r["repo_id"] for r in rows if r["source"] == "lmstudio"}
+    return [r for r in rows if not (r["linked_entry"] and r["repo_id"] in sourced)]
 
 
 def table(rows: list[dict]):
-    """One line per model within 120 columns: long names and problems are cut with an ellipsis (--json has
-    everything; * after the source marks an entry the linker made)."""
+    """One row per model within 80 columns (--json has everything)."""
     from rich.table import Table
 
-    t = Table(title=f"{len(rows)} model(s)", box=None, padding=(0, 1), collapse_padding=True, pad_edge=False,
-              header_style="bold")
+    shown = once(rows)
+    t = Table(title=f"{len(shown)} model(s)", title_justify="left", box=None, padding=(0, 1), collapse_padding=True,
+              pad_edge=False, header_style="bold")
+    name_width = WIDTH - sum(WIDTHS.values()) - len(WIDTHS)
+    t.add_column("model", overflow="fold", max_width=name_width)
     for col, w in WIDTHS.items():
-        t.add_column(col, no_wrap=True, overflow="ellipsis", min_width=w, max_width=w)
-    t.add_column("status", no_wrap=True, overflow="ellipsis", max_width=120 - sum(WIDTHS.values()) - len(WIDTHS))
-    for r in rows:
-        q = r["quantization"]
-        t.add_row(
-            r["repo_id"], SOURCE_SHORT.get(r["source"], r["source"]) + ("*" if r["linked_entry"] else ""),
-            r["architecture"] or "-", _layers(r["layers"]),
-            _params(r["parameters"]),
-            f"{q['bits']}b g{q['group_size']}" if q else "-", _out.human_bytes(r["bytes"]),
-            str(r["context_length"] or "-"), _linked(r["linked_at"]), _status(r),
-        )
+        t.add_column(col, no_wrap=True, overflow="ellipsis", max_width=w)
+    for r in shown:
+        src = SOURCE_SHORT.get(r["source"], r["source"]) + ("*" if r["linked_entry"] else "")
+        t.add_row(escape(_name(r["repo_id"], name_width)), src, r["architecture"] or "-", _quant(r["quantization"]),
+                  _out.human_bytes(r["bytes"]), _context(r["context_length"]), _linked(r["linked_at"]), _status(r))
     return t
+
+
+def _name(repo_id: str, width: int) -> str:
+    """A long id breaks after its org, so the short name (what every command accepts) stays on one line."""
+    return repo_id.replace("/", "/\n", 1) if len(repo_id) > width else repo_id
+
+
+def print_table(rows: list[dict]) -> None:
+    c = _out.console
+    c.print(table(rows), width=WIDTH)
+    problems = [(r["repo_id"], p) for r in once(rows) if (p := _problem(r))]
+    for rid, p in problems:
+        c.print(textwrap.fill(f"{rid}: {p}", WIDTH, initial_indent="  ", subsequent_indent="    "), highlight=False,
+                markup=False)
+    c.print(textwrap.fill(LEGEND, WIDTH), highlight=False, markup=False, style="dim")
 
 
 def _lms_dir() -> Path:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Optional
 
 import typer
+from rich.markup import escape
 
 from . import _out
 
@@ -22,26 +23,46 @@ def _route_text(route) -> str:
     return ("proven on ring ranks; " if route.proven else "") + (notes[0] if notes else "")
 
 
+FITS_UNKNOWN = ("fits ?: the nodes' memory is not known for that node count; give memory_bytes to each "
+                "[[cluster.nodes]] in models.toml (with --cluster), or --exo URL (exo reports it)")
+
+
+def _shown(report) -> list:
+    """The routes the user asked about (--route R): only those, not every route probed."""
+    if not report.asked:
+        return list(report.routes)
+    from ..probe import RouteSpec
+
+    spec = RouteSpec.parse(report.asked)
+    return [r for r in report.routes if spec.matches(r)]
+
+
 def print_report(report) -> None:
     from rich.table import Table
 
     c = _out.console
     where = f" ({report.path})" if report.path else ""
-    c.print(f"[bold]{report.model}[/]{where}: {report.model_type or '?'}, context {report.context} tokens"
-            + (f", exo {report.exo_url}" if report.exo_url else ""), highlight=False)
+    c.print(f"[bold]{escape(report.model)}[/]" + escape(f"{where}: {report.model_type or '?'}, context "
+            f"{report.context} tokens" + (f", exo {report.exo_url}" if report.exo_url else "")), highlight=False)
+    routes = _shown(report)
     t = Table(show_lines=False)
     for col in ("route", "verdict", "peak/node", "fits", "why"):
         t.add_column(col, overflow="fold")
-    for r in report.routes:
+    for r in routes:
         fits = {True: "yes", False: "no", None: "?"}[r.fits]
         t.add_row(r.key, VERDICT_STYLE[r.verdict] + (" ✓" if r.proven else ""), _out.human_bytes(r.peak_bytes),
-                  fits, _route_text(r))
+                  fits, escape(_route_text(r)))
     c.print(t)
+    if any(r.fits is None for r in routes):
+        c.print(FITS_UNKNOWN, highlight=False, markup=False)
+    if len(routes) < len(report.routes):
+        c.print(f"{len(report.routes) - len(routes)} other route(s) probed: drop --route to see them, or --json",
+                highlight=False, markup=False)
     for f in report.findings:
-        c.print(f"{SEVERITY_STYLE[f.severity]} [bold]{f.check}[/] {f.line()}", highlight=False)
+        c.print(f"{SEVERITY_STYLE[f.severity]} [bold]{escape(f.check)}[/] {escape(f.line())}", highlight=False)
     asked = report.asked or "best route"
     chosen = report.route.key if report.route else "-"
-    c.print(f"[bold]{asked}[/] -> {VERDICT_STYLE[report.verdict]} ({chosen}); "
+    c.print(f"[bold]{escape(asked)}[/] -> {VERDICT_STYLE[report.verdict]} ({chosen}); "
             f"{report.timings.get('total', 0):.2f} s", highlight=False)
 
 
