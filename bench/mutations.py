@@ -325,6 +325,15 @@ MUTATIONS: list[Mutation] = [
     Mutation("models lists a linked model twice", "arthur_cluster/commands/models.py",
              '    return [r for r in rows if not (r["linked_entry"] and r["repo_id"] in sourced)]', "    return rows",
              ["tests/test_cli_friction.py::test_models_table_fits_80_columns_names_gguf_and_lists_each_model_once"]),
+    Mutation("models prints no legend", "arthur_cluster/commands/models.py",
+             "    c.print(textwrap.fill(LEGEND, WIDTH), highlight=False, markup=False, style=\"dim\")\n", "",
+             ["tests/test_readme.py::test_every_documented_command_is_run",
+              "tests/test_cli_friction.py::test_models_table_fits_80_columns_names_gguf_and_lists_each_model_once"],
+             "the README test: the models step fails before exo is needed"),
+    Mutation("an engine's last token dropped from a document answer", "arthur_cluster/docjob.py",
+             'unit=unit, text="".join(parts), prompt_tokens=', 'unit=unit, text="".join(parts[:-1]), prompt_tokens=',
+             ["tests/test_resident.py::test_document_job_on_a_multi_node_deployment_prefills_the_document_once"],
+             "the resident document test compares each answer with a from-scratch run"),
 ]
 
 

@@ -1,5 +1,6 @@
 """Friction a new user met: short names everywhere (up --fallback), a models table that fits 80 columns, lists
-each model once, says what GGUF is and explains its columns, and `link --all` that says what it skipped and what it did."""
+each model once, says what GGUF is and explains its columns, and `link --all` that says what it skipped and what
+it did."""
 
 from __future__ import annotations
 

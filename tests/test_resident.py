@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from arthur_cluster import bringup, docjob, paths
+from arthur_cluster import bringup, docjob, documents, paths
 from arthur_cluster.engines.base import EngineError, collect
 from arthur_cluster.fallback import Route
 from arthur_cluster.parallel import resident, server
@@ -124,7 +124,7 @@ def test_openai_routes_plain_and_streaming(served, scratch):
     assert bad.status_code == 400 and "messages" in bad.json()["error"]["message"]
 
 
-def test_document_job_on_a_multi_node_deployment_prefills_the_document_once(served, scratch, tmp_path):
+def test_document_job_on_a_multi_node_deployment_prefills_the_document_once(served, tmp_path, tiny_models):
     bringup.write_record(_deployment(served))
     doc = tmp_path / "doc.txt"
     doc.write_text(DOC)
@@ -133,10 +133,20 @@ def test_document_job_on_a_multi_node_deployment_prefills_the_document_once(serv
     t = result["tokens"]
     assert result["mode"] == "single" and result["cache_hits"]["resident"] == 2, result
     assert t["cached"] > t["document"] and t["prefilled"] < t["document"] + 3 * 64, t
+    # Each answer is the one a single process gives from scratch for the job's own prompt (the document and
+    # the question, as the job sends them), and the questions' answers are not all alike (random weights).
+    model, tok, _ = load(tiny_models["nemotron_h-f32"])
+    text = documents.load([str(doc)]).text
+    seen = set()
     for a in result["answers"]:
-        q = a["question"]
-        ids = scratch[q][1] if q in scratch else None
-        assert a["answer"] is not None and (ids is None or a["finish_reason"] in ("stop", "length"))
+        task = docjob.Task(id=a["task"], kind="ask", text=a["question"])
+        prompt = docjob.Prompt(docjob.single_head(text), docjob.task_tail(task, "single"))
+        ids = encode_request(tok, {"messages": prompt.messages()})
+        want = [t for t, _ in generate(model, ids, max_tokens=MAX_TOKENS, prefill_step=32)]
+        assert a["answer"] == tok.decode(want), a["question"]
+        assert a["finish_reason"] in ("stop", "length")
+        seen.add(a["answer"])
+    assert len(seen) > 1
 
 
 def test_new_ranks_resume_a_document_from_their_own_disks(served, home, scratch, tiny_models):
