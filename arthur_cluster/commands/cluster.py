@@ -68,8 +68,11 @@ def _print_deployment(dep, record: Path) -> None:
         c.print(f"  endpoint: {dep.endpoint}  (model id {dep.served_id})", highlight=False, markup=False)
     c.print(f"  question: {s.question}", highlight=False, markup=False)
     c.print(f"  answer:   {s.answer.strip()!r}", highlight=False, markup=False)
-    c.print(f"  tokens/s: {s.generation_tps:.1f} ({s.generation_tokens} tokens; prompt {s.prompt_tps:.1f} tok/s)",
-            highlight=False)
+    rates = [f"{s.generation_tokens} tokens"] + ([f"prompt {s.prompt_tps:.1f} tok/s"] if s.prompt_tps else [])
+    if s.generation_tps:  # an engine that reports no rate gets none printed, never 0.0
+        c.print(f"  tokens/s: {s.generation_tps:.1f} ({'; '.join(rates)})", highlight=False, markup=False)
+    else:
+        c.print(f"  tokens:   {'; '.join(rates)}", highlight=False, markup=False)
     if dep.fallback_reason:
         c.print(f"  [yellow]fallback:[/] {escape(dep.fallback_reason)}", highlight=False)
     for n in dep.notes:
