@@ -235,8 +235,8 @@ def run(args: argparse.Namespace) -> int:
         if args.die_after is not None and rank == args.die_rank and len(gen_ids) >= args.die_after:
             os._exit(137)  # fault injection for tests: an abrupt death, no clean-up
     detok.finalize()
-    if detok.last_segment:
-        out({"event": "token", "id": None, "text": detok.last_segment})
+    if rest := detok.last_segment:  # read once: mlx-lm hands each new segment out a single time
+        out({"event": "token", "id": None, "text": rest})
     gen_s = time.perf_counter() - tic
     finish = "stop" if gen_ids and gen_ids[-1] in eos else "length"
     per_rank = gather_ints([int(mx.get_peak_memory()), weight_bytes(model)], group)
