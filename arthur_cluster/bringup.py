@@ -28,8 +28,9 @@ from .catalog import Catalog
 from .cluster import ClusterError, ClusterInfo, Discovery, discover
 from .engines.base import ChatResult, Engine, EngineError, collect
 from .errors import ArthurError
-from .fallback import Choice, NoChoice, Rejection, Route
+from .fallback import Choice, NoChoice, Rejection
 from .hostfile import HostfileError, NodeError, node_program, run_on
+from .types import DEFAULT_CONTEXT, Route
 from .parallel import resident
 from .parallel.resident import Resident, ResidentError
 
@@ -80,7 +81,7 @@ class Deployment(BaseModel):
     model_path: Path | None = None
     hosts: list[dict] = Field(default_factory=list)  # MLX across nodes, in rank order: ssh name, ips, program, folder
     resident: Resident | None = None  # MLX ranks that stay up: where rank 0 listens, their pids, logs
-    context: int = fallback.DEFAULT_CONTEXT
+    context: int = DEFAULT_CONTEXT
     fallback_reason: str | None = None
     rejections: list[Rejection] = Field(default_factory=list)
     smoke: Smoke
@@ -356,9 +357,10 @@ def _register_card(client, served: str, hooks: Hooks) -> None:
 
 
 def _built_in_twin(client, choice: Choice, cat: Catalog, hooks: Hooks) -> str | None:
-    """exo's built-in id for these very files (models.toml's exo_id), when exo's card has their numbers:
-    weights size, quantization, layers and hidden size. Served under it, the model needs no card from Hugging
-    Face, which /models/add would ask (and wait 30 s per file for, when it hangs)."""
+    """exo's built-in id for these very files (models.toml's exo_id), when exo's card describes them: the same
+    family, layers, hidden size, quantization and tensor data size (exocard.differs_from_card; file sizes,
+    headers included, do not count). Served under it, the model needs no card from Hugging Face, which
+    /models/add would ask (and wait 30 s per file for, when it hangs)."""
     from . import exocard, modelfiles
     from .exo_client import ExoError
 
@@ -368,45 +370,25 @@ def _built_in_twin(client, choice: Choice, cat: Catalog, hooks: Hooks) -> str | 
     try:
         card = next((m for m in client.models() if m.id == exo_id and not m.is_custom), None)
         info = modelfiles.inspect(choice.available.path, repo_id=exo_id, source=choice.available.source)
-        if card is None or card.storage_size_megabytes != (info.data_bytes or 0) >> 20 \
-                or (card.quantization or "") != exocard.quantization_label(info):
+        if card is None or exocard.differs_from_card(
+                info, n_layers=info.num_layers, hidden_size=info.hidden_size, quantization=card.quantization,
+                storage_bytes=(card.storage_size_megabytes or 0) * exocard.MB, family=card.family):
             return None
-        full = next((p.instance for p in client.previews(exo_id) if p.ok), None)
+        full = next((p.instance.card for p in client.previews(exo_id) if p.ok and p.instance.card), None)
     except (ExoError, modelfiles.ModelFileError):
         return None
-    card_of = _card_of(full) or {}
-    numbers = (card_of.get("nLayers"), card_of.get("hiddenSize"), (card_of.get("storageSize") or {}).get("inBytes"))
-    if numbers != (info.num_layers, info.hidden_size, info.data_bytes):
+    if full is None or exocard.differs_from_card(info, n_layers=full.n_layers, hidden_size=full.hidden_size,
+                                                 quantization=card.quantization, storage_bytes=full.storage_bytes):
         return None
     hooks.say(f"{choice.available.served_id} holds the weights of exo's built-in card {exo_id}: serving it "
               "under that id (no card from Hugging Face needed)")
     return exo_id
 
 
-def _card_of(instance) -> dict | None:
-    """The model card inside an instance exo sent (every shard carries it)."""
-    if instance is None:
-        return None
-    for shard in (next(iter(instance.raw.values()), {}).get("shardAssignments", {}).get("runnerToShard") or {}).values():
-        body = next(iter(shard.values()), {}) if isinstance(shard, dict) else {}
-        card = body.get("modelCard") if isinstance(body, dict) else None
-        if isinstance(card, dict):
-            return card
-    return None
-
-
 def _env_hint() -> str:
     from . import linker
 
     return linker.env_line(paths.exo_links_dir())
-
-
-def _route_of(instance, engine: str = "exo") -> Route:
-    n = len(instance.shards)
-    if n <= 1:
-        return Route(engine=engine, sharding="single", nodes=1)
-    return Route(engine=engine, sharding="tensor" if instance.sharding == "Tensor" else "pipeline",
-                 backend="jaccl" if instance.meta == "MlxJaccl" else "ring", nodes=n)
 
 
 def _place(client, choice: Choice, served: str, timeout: float, hooks: Hooks):
@@ -426,10 +408,9 @@ def _place(client, choice: Choice, served: str, timeout: float, hooks: Hooks):
         if running:  # a placement from an earlier run still loading
             hooks.say(f"waiting for the instance of {served} already loading")
             return client.wait_ready(served, timeout=timeout, on_progress=progress, on_download=download), False
-        sharding, meta, n = choice.route.exo_placement()
-        hooks.say(f"placing {served} on exo: {sharding}/{meta}, at least {n} node(s)")
-        return client.place_and_wait(served, sharding, meta, n, timeout=timeout, on_progress=progress,
-                                     on_download=download), True
+        hooks.say(f"placing {served} on exo: {choice.route.label}")
+        return client.place_route_and_wait(served, choice.route, timeout=timeout, on_progress=progress,
+                                           on_download=download), True
     except ExoError as exc:
         raise AttemptFailed(str(exc)) from None
 
@@ -477,7 +458,7 @@ def _up_exo(choice: Choice, cat: Catalog, timeout: float, prompt: str, max_token
         if placed:
             _delete_quietly(client, instance.instance_id)
         raise AttemptFailed(f"placed, but the test question failed: {exc}") from None
-    return Deployment(model=choice.model, served_id=served, engine="exo", route=_route_of(instance),
+    return Deployment(model=choice.model, served_id=served, engine="exo", route=instance.route,
                       nodes=instance.node_ids, endpoint=client.url, instance_id=instance.instance_id,
                       model_path=choice.available.path, context=choice.context, smoke=smoke, notes=notes)
 
@@ -718,6 +699,16 @@ def _ranks_report() -> tuple[list[str], list[str]]:
 def stale_notes() -> list[str]:
     """What is wrong with the recorded resident ranks (gone, failed, unrecorded), one line each; [] when well."""
     return _ranks_report()[0]
+
+
+def doctor(**where) -> "linker.DoctorReport":
+    """`doctor`: the linker's checks (linker.doctor, `where` its folders) and the deployment's resident ranks.
+    Bring-up uses the linker, never the other way round."""
+    from . import linker
+
+    rep = linker.doctor(**where)
+    rep.findings += [linker.Finding(**f) for f in doctor_findings()]
+    return rep
 
 
 def doctor_findings() -> list[dict]:

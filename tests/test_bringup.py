@@ -316,7 +316,7 @@ def test_up_with_serve_keeps_the_model_behind_an_openai_endpoint_and_down_stops_
         engine = bringup.engine_for(dep)
         result = collect(engine.stream([{"role": "user", "content": "What is 2+2?"}], max_tokens=4))
         assert result.stats.generation_tokens == 4 and engine.last_done["weight_loads"] == [1]
-        assert bringup.stale_notes() == [] and not any(f.kind == "stale-record" for f in linker.doctor().findings)
+        assert bringup.stale_notes() == [] and not any(f.kind == "stale-record" for f in bringup.doctor().findings)
         old, dep = dep, bringup.up(catalogue(), engine="mlx", serve=True)  # again: the old ranks go first
         assert dep.resident.url != old.resident.url and not any(resident._alive(p) for p in old.resident.pids)
         assert any("stopped the previous resident ranks" in n for n in dep.notes)
@@ -340,7 +340,7 @@ def test_doctor_names_a_stale_resident_record(library):
                              sharding="single"), endpoint=gone.endpoint, resident=gone,
                              smoke=bringup.Smoke(question="q", answer="a"))
     bringup.write_record(dep)
-    findings = [f for f in linker.doctor().findings if f.kind == "stale-record"]
+    findings = [f for f in bringup.doctor().findings if f.kind == "stale-record"]
     assert len(findings) == 1 and "nothing answers at " + gone.url in findings[0].message
     assert "all its processes are gone" in findings[0].message and "down" in findings[0].fix
     hooks = Recorder()
