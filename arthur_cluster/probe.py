@@ -444,7 +444,7 @@ def _check_quantization(facts: StaticFacts) -> None:
     if experts_float:
         facts.unquantized_experts = True
         _add(facts, "quantization", "warning", f"MoE experts stored unquantized ({len(experts_float)} stacks, e.g. "
-             f"{experts_float[0]})", why="on CPU (exo MlxCpu nodes, Linux) gather_mm supports float32 only: "
+             f"{experts_float[0]})", why="on CPU (exo nodes on Linux, MLX on CPU) gather_mm supports float32 only: "
              "bf16/fp16 experts fail with '[GatherMM::eval] Currently only supports float32'",
              fix="on CPU nodes load in float32 (model.set_dtype(mx.float32)) or quantize the experts; "
              "Metal and CUDA are unaffected")

@@ -252,6 +252,14 @@ MUTATIONS: list[Mutation] = [
     Mutation("any JSON at a stale record's port taken for rank 0's health", "arthur_cluster/parallel/resident.py",
              "    return body if isinstance(body, dict) else None", "    return body",
              [f"{OWN}::test_whatever_now_listens_at_a_stale_records_port_is_not_taken_for_rank_0"]),
+    # The exo client.
+    Mutation("SSE line cap checked only at line end", "arthur_cluster/exo_client.py",
+             "        if len(buf) > MAX_LINE:\n            raise ExoProtocolError(f\"{where} sent a line longer",
+             "        if False:\n            raise ExoProtocolError(f\"{where} sent a line longer",
+             ["tests/test_exo_faults.py::test_a_stream_line_past_the_cap_is_refused_while_it_grows_not_at_its_end"]),
+    Mutation("a Running runner counted as not ready", "arthur_cluster/exo_client.py",
+             'return self.status in ("Ready", "Running")', 'return self.status in ("Ready",)',
+             ["tests/test_exo_faults.py::test_an_instance_whose_runners_are_running_is_ready_and_up_reuses_it"]),
 ]
 
 

@@ -148,3 +148,64 @@ def test_the_commands_say_one_line_naming_exo_never_a_traceback(fault_server, fa
     assert res.exit_code == 1 and server.url in res.output and "Traceback" not in res.output
     res = CliRunner().invoke(cli.app, ["pick", "--exo", server.url, "--json"])
     assert "Traceback" not in res.output and not isinstance(res.exception, RecursionError)
+
+
+def test_an_instance_whose_runners_are_running_is_ready_and_up_reuses_it(shared_exo, fault_server, tmp_path):
+    """A runner answering a request is RunnerRunning, not RunnerReady: the instance is serving. exo-real's
+    runners pass through Running only for the ~0.1 s of an answer, so the state exo's own code made for a
+    placed instance is served with its runners Running (checked against exo's State type)."""
+    from arthur_cluster import bringup
+    from tests.fixtures_exo import LLAMA_ID
+
+    client = ExoClient(shared_exo.url)
+    inst = client.place_and_wait(LLAMA_ID, timeout=60, poll=0.02)
+    state = shared_exo.get("/state")
+    client.delete_instance(inst.instance_id)
+    running = {**state, "runners": {r: {"RunnerRunning": {}} for r in state["runners"]}, "tasks": {}}
+    answers = {"/state": ("exo.shared.types.state:State", running)}
+    validate_with_exo(answers, tmp_path, shared_exo.kit.name)
+    stand_in = ExoClient(fault_server(answers=answers).url)
+    assert stand_in.wait_ready(LLAMA_ID, timeout=1.0, poll=0.1).instance_id == inst.instance_id
+    said: list[str] = []
+    got, placed = bringup._place(stand_in, None, LLAMA_ID, 1.0, bringup.Hooks(say=said.append))
+    assert (got.instance_id, placed) == (inst.instance_id, False) and "reusing it" in said[-1]
+
+
+class _Flood(threading.Thread):
+    """An event stream that sends one endless line (no newline), then holds the connection open."""
+
+    def __init__(self, size: int, hold: float):
+        import socket
+
+        super().__init__(daemon=True)
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        self.size, self.hold, self.sent = size, hold, 0
+
+    def run(self) -> None:
+        conn, _ = self.sock.accept()
+        try:
+            conn.recv(65536)
+            conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n\r\ndata: ")
+            block = b"x" * 65536
+            while self.sent < self.size:
+                conn.sendall(block)
+                self.sent += len(block)
+            time.sleep(self.hold)
+        except OSError:
+            pass  # the client gave up: what the test wants
+        finally:
+            conn.close()
+            self.sock.close()
+
+
+def test_a_stream_line_past_the_cap_is_refused_while_it_grows_not_at_its_end(monkeypatch):
+    """A line without a newline must be cut once it passes MAX_LINE, not buffered until it ends (it may
+    never end: memory would grow for the stream's whole time limit)."""
+    from arthur_cluster import exo_client
+
+    monkeypatch.setattr(exo_client, "MAX_LINE", 1 << 18)
+    flood = _Flood(size=4 << 20, hold=60.0)
+    flood.start()
+    with pytest.raises(ExoProtocolError, match="longer than 262144 bytes"):
+        list(ExoClient(flood.url).stream_chat("m", [{"role": "user", "content": "hi"}], timeout=20))
