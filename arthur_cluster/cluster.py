@@ -166,12 +166,12 @@ def from_catalog(cat: Catalog) -> ClusterInfo | None:
 # --- exo ------------------------------------------------------------------------------------------------
 
 
-def exo_client(url: str | None = None, deadline: float | None = None):
+def exo_client(url: str | None = None, deadline: float | None = None, read_timeout: float = DISCOVERY_READ_TIMEOUT):
     """A client with discovery's short timeouts (the module is imported lazily: `requests` costs time);
     deadline: a time.monotonic() instant no call may pass (the caller's whole budget)."""
     from .exo_client import ExoClient
 
-    return ExoClient(url or paths.exo_api(), read_timeout=DISCOVERY_READ_TIMEOUT, retries=1, deadline=deadline)
+    return ExoClient(url or paths.exo_api(), read_timeout=read_timeout, retries=1, deadline=deadline)
 
 
 def from_exo(client) -> ClusterInfo:

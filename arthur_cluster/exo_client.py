@@ -803,12 +803,13 @@ class ExoClient:
         url = self.url + path
         attempts = 1 + (self.retries if method == "GET" else 0)  # only GETs are safe to repeat
         for attempt in range(attempts):
-            total = self.left(timeout or self.read_timeout)
-            connect = min(self.connect_timeout, total)
-            if total <= 0.0:
+            total = timeout or self.read_timeout
+            limit = self.left(self.connect_timeout + total)  # connecting and answering, within the deadline
+            if limit <= 0.0:
                 raise ExoTimeout(f"exo at {self.url}: no time left for {method} {path} (the whole operation's "
                                  "time limit ran out); check exo's log, or raise --timeout.")
-            deadline = _Deadline(connect + total).start()
+            connect, total = min(self.connect_timeout, limit), min(total, limit)
+            deadline = _Deadline(limit).start()
             keep = False
             try:
                 resp = self.http.request(method, url, params=params, json=body, stream=True,

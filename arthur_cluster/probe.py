@@ -48,6 +48,7 @@ from .parallel.registry import mlx_lm_dir, model_remapping  # the static half: i
 PROBE_VERSION = 1
 DEFAULT_NODE_COUNTS = (2, 3, 4)
 MAX_PROOF_RANKS = 8  # ranks of the local proof are real processes on this machine
+PREVIEW_TIMEOUT = 20.0  # exo computes every placement for /instance/previews: slower than /state
 MAX_PROBE_NODES = 64  # --nodes N probes every count 2..N: about 10 routes and 2 plans each
 
 Verdict = Literal["ok", "blocked", "unknown"]
@@ -631,7 +632,7 @@ def live_exo(report: ProbeReport, exo, candidates: list[str], static_blocked: di
     from . import exo_client
     from .cluster import exo_client as client_for
 
-    client = client_for(exo.endpoint, exo.deadline)
+    client = client_for(exo.endpoint, exo.deadline, read_timeout=PREVIEW_TIMEOUT)
     report.exo_url = exo.endpoint
     nodes = exo.nodes
     # exo's API reports no version: nodes of another version never join, so they are simply not listed here.

@@ -115,8 +115,30 @@ def test_weights_missing_on_the_nodes_give_exos_download_error_then_the_fallback
     h = exo_factory("--nodes", "2", links=tmp_path / "not-the-links-dir")  # exo's nodes do not see the links
     dep = timed_up(30, Catalog(target=LLAMA, fallbacks=[]), exo_url=h.url, timeout=600)
     assert dep.engine == "mlx" and dep.model == LLAMA  # this machine, which has the weights
-    assert "Model files not found locally in offline mode" in dep.fallback_reason
+    assert "Model files not found locally in offline mode" in dep.fallback_reason  # what exo said
+    entry = paths.exo_links_dir() / paths.exo_model_dirname(LLAMA)
+    assert f"not in the exo model directories of node(s) mac-0 (exonode-0)" in dep.fallback_reason
+    assert str(entry) in dep.fallback_reason and f"`arthur-cluster link {LLAMA}`" in dep.fallback_reason
     assert h.instances() == {}  # the failed instance was deleted
+
+
+def test_missing_weights_of_a_model_without_an_exo_card_are_said_within_30_s_then_the_fallback(
+        exo_factory, library, tmp_path):
+    """exo cannot build a card for weights its nodes do not see (it asks Hugging Face, offline here): `up`
+    says so plainly, naming the nodes, the directory and the command, with what exo said, then falls back."""
+    h = exo_factory("--nodes", "2", links=tmp_path / "not-the-links-dir")
+    start = time.monotonic()
+    said: list[tuple[float, str]] = []
+    hooks = Recorder(on_say=lambda text: said.append((time.monotonic() - start, text)))
+    dep = bringup.up(catalogue(), exo_url=h.url, timeout=600, hooks=hooks)
+    at, line = next((t, x) for t, x in said if "are not in the exo model directories" in x)
+    assert at < 30, f"the missing weights were said after {at:.0f} s"
+    entry = paths.exo_links_dir() / paths.exo_model_dirname(NEMOTRON)
+    assert f"the weights of {NEMOTRON}" in line and "mac-0 (exonode-0)" in line and "mac-1 (exonode-1)" in line
+    assert str(entry) in line and f"`arthur-cluster link {NEMOTRON}`" in line and "exo said: " in line
+    assert not any("card" in x and "failed" in x and "weights" not in x for _, x in said)  # no bare card error
+    assert dep.engine == "mlx" and dep.model == NEMOTRON  # this machine has them
+    assert "are not in the exo model directories" in dep.fallback_reason
 
 
 def test_a_failed_runner_is_reported_with_its_message_and_mlx_takes_over(exo_factory, library):
@@ -224,6 +246,37 @@ def test_cli_pick_up_down_json(exo_factory, library, tmp_path):
     res = runner.invoke(cli.app, ["down", "--json"])
     assert res.exit_code == 0 and json.loads(res.stdout)["instance_id"] == dep["instance_id"]
     assert wait_for(lambda: h.instances() == {})
+
+
+def test_cli_exo_address_without_a_scheme_is_exo(exo_factory, library, tmp_path):
+    """`--exo HOST:PORT`, the form `up --help` shows, reaches exo (it was once a 'broken answer')."""
+    h = exo(exo_factory)
+    bare = h.url.removeprefix("http://")
+    res = CliRunner().invoke(cli.app, ["pick", "--engine", "exo", "--exo", bare, "--catalog",
+                                       write_catalog(tmp_path), "--json"])
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.stdout)
+    assert out["choice"]["model"] == NEMOTRON and out["choice"]["route"]["engine"] == "exo"
+    res = CliRunner().invoke(cli.app, ["pick", "--engine", "exo", "--exo", "ftp://" + bare, "--catalog",
+                                       write_catalog(tmp_path)])
+    assert res.exit_code == 1 and "HOST:PORT" in res.output and "Traceback" not in res.output
+
+
+def test_up_timeout_bounds_the_whole_bring_up_with_a_frozen_exo(library, tmp_path):
+    """An exo that accepts connections and never answers (a stopped process): `up --timeout 4` ends within a
+    bound near 4 s (once 112-132 s for --timeout 20), saying exo did not answer."""
+    frozen = socket.create_server(("127.0.0.1", 0), backlog=64)  # the kernel accepts; nobody ever answers
+    try:
+        port = frozen.getsockname()[1]
+        start = time.monotonic()
+        res = CliRunner().invoke(cli.app, ["up", "--engine", "exo", "--exo", f"127.0.0.1:{port}", "--timeout", "4",
+                                           "--catalog", write_catalog(tmp_path)])
+        took = time.monotonic() - start
+    finally:
+        frozen.close()
+    assert res.exit_code == 1 and "Traceback" not in res.output and str(port) in res.output, res.output
+    assert "did not" in res.output or "no time left" in res.output
+    assert took < 14, f"up --timeout 4 took {took:.0f} s"
 
 
 def test_cli_up_failure_is_one_clear_error(library, tmp_path):
