@@ -216,7 +216,9 @@ def probe_checks(cat: Catalog, *, prove: bool = False) -> ProbeFn:
         if found is None:
             return Verdict(status="unknown", reasons=["the probe has no verdict for this route"])
         errors = [f for f in found.findings if f.severity == "error"]
-        uncarded = route.engine == "exo" and info is not None and model not in cluster.exo_models
+        exo_id = cat.entry(model).exo_id  # exo's built-in card for these weights, when models.toml names it
+        uncarded = route.engine == "exo" and info is not None and model not in cluster.exo_models \
+            and exo_id not in cluster.exo_models
         if uncarded:
             errors = [f for f in errors if f.check != "exo.card"]
         # Memory is judged by the pick itself, at the job's context (the probe plans at its own default).

@@ -111,6 +111,28 @@ def test_nodes_too_small_for_nemotron_end_on_the_llama_with_a_memory_reason(exo_
     assert [i["MlxRingInstance"]["shardAssignments"]["modelId"] for i in h.instances().values()] == [LLAMA]
 
 
+def test_262k_tokens_on_two_48_gib_rdma_nodes_is_nemotron_tensor_over_jaccl_with_fused_attention(exo_factory,
+                                                                                                   lmstudio_home):
+    """The document jobs' case, on each exo version: exo v1.0.71 publishes no node backends, so its Macs are
+    known by their chip; the plan counts fused attention (no score matrix) and JACCL is taken where RDMA is."""
+    from arthur_cluster import cluster, fallback
+    from arthur_cluster.catalog import ModelEntry
+    from arthur_cluster.types import Route
+    from tests.fixtures_exo import EXO_NEMOTRON_ID, GIB
+
+    realshape.build(lmstudio_home / "models" / NEMOTRON, NEMOTRON_CONFIG)  # the real 33.6 GB shape, sparse
+    h = exo(exo_factory, "--ram-gib", "48", "--rdma")
+    cat = Catalog(target=NEMOTRON, fallbacks=[LLAMA], models={NEMOTRON: ModelEntry(exo_id=EXO_NEMOTRON_ID)})
+    jaccl = Route(engine="exo", sharding="tensor", backend="jaccl", nodes=2)
+    choice = fallback.pick(cat, cluster=cluster.from_exo(cluster.exo_client(h.url)), context=262144)
+    assert (choice.model, choice.route, choice.verdict.status) == (NEMOTRON, jaccl, "ok"), choice.rejections
+    assert choice.plan.fits and choice.plan.peak_node.total < 20 * GIB  # fused; materialised scores: ~83 GiB
+    dep = timed_up(60, cat, engine="exo", exo_url=h.url, context=262144, timeout=60)
+    assert (dep.model, dep.served_id, dep.route, dep.context) == (NEMOTRON, EXO_NEMOTRON_ID, jaccl, 262144)
+    assert [i["MlxJacclInstance"]["shardAssignments"]["modelId"] for i in h.instances().values()] == [
+        EXO_NEMOTRON_ID]
+
+
 def test_weights_missing_on_the_nodes_give_exos_download_error_then_the_fallback(exo_factory, library, tmp_path):
     h = exo_factory("--nodes", "2", links=tmp_path / "not-the-links-dir")  # exo's nodes do not see the links
     dep = timed_up(30, Catalog(target=LLAMA, fallbacks=[]), exo_url=h.url, timeout=600)
