@@ -182,8 +182,8 @@ def from_exo(client) -> ClusterInfo:
     state = client.state()
     host = client.url.split("//", 1)[-1].rsplit(":", 1)[0].strip("[]")
     is_local = is_this_machine(host)
-    nodes = [ClusterNode(name=n.node_id, label=n.friendly_name, memory_bytes=n.ram_total,
-                         available_bytes=n.ram_available, apple=n.apple,
+    nodes = [ClusterNode(**n.memory().model_dump(include={"name", "memory_bytes", "available_bytes", "apple"}),
+                         label=n.friendly_name,
                          rdma=n.rdma_enabled and n.apple is not False,  # JACCL is RDMA between Macs
                          local=is_local and n.node_id == api_node)
              for n in sorted(state.nodes.values(), key=lambda n: n.node_id)]

@@ -1,4 +1,6 @@
-"""The exo HTTP API, typed (contract: shared/facts/exo.md, checked against exo's own code b5375f8c).
+"""The exo HTTP API, typed: the only module that reads or writes exo's JSON (docs/exo.md). Checked against
+exo's own code in the versions users run, main (b5375f8c) and the v1.0.71 release; what differs is read from
+the fields an answer carries (an absent field is "not said"), never from a version, which exo does not report.
 
 Every call has a total time limit over the whole answer (headers and body), not only per read: a server
 that sends one byte every few seconds cannot hold a call past it. Answers are size-capped. Only idempotent
@@ -36,7 +38,7 @@ GET_RETRIES = 2
 MAX_BODY = 32 << 20  # bytes of one JSON answer (a 16-node state is well under 1 MB)
 MAX_LINE = 1 << 20  # bytes of one SSE line
 
-Sharding = Literal["Pipeline", "Tensor"]
+ExoSharding = Literal["Pipeline", "Tensor"]  # exo's names; the project's are types.Sharding
 InstanceMeta = Literal["MlxRing", "MlxJaccl"]
 _META_BACKEND = {"MlxRing": "ring", "MlxJaccl": "jaccl"}
 
@@ -408,9 +410,9 @@ class Preview(BaseModel):
         return (self.sharding, self.instance_meta) == placement_of(route)[:2]
 
 
-def placement_of(route: Route) -> tuple[Sharding, InstanceMeta, int]:
+def placement_of(route: Route) -> tuple[ExoSharding, InstanceMeta, int]:
     """exo's (sharding, instance_meta, min_nodes) for a route; one node runs as a pipeline ring of one."""
-    sharding: Sharding = "Tensor" if route.sharding == "tensor" else "Pipeline"
+    sharding: ExoSharding = "Tensor" if route.sharding == "tensor" else "Pipeline"
     meta: InstanceMeta = "MlxJaccl" if route.backend == "jaccl" else "MlxRing"
     return sharding, meta, route.nodes
 
@@ -931,7 +933,7 @@ class ExoClient:
                                    memory_delta_by_node=deltas, error=p.get("error")))
         return out
 
-    def placement(self, model_id: str, sharding: Sharding = "Pipeline", meta: InstanceMeta = "MlxRing",
+    def placement(self, model_id: str, sharding: ExoSharding = "Pipeline", meta: InstanceMeta = "MlxRing",
                   min_nodes: int = 1) -> Instance:
         """GET /instance/placement: the instance exo's master would make now, or PlacementFailed with its reason."""
         params = {"model_id": model_id, "sharding": sharding, "instance_meta": meta, "min_nodes": min_nodes}
@@ -942,7 +944,7 @@ class ExoClient:
                                   f"{exc.exo_message}", model_id=model_id, reason=exc.exo_message) from None
         return parse_instance(data, f"{self.url}/instance/placement")
 
-    def place_instance(self, model_id: str, sharding: Sharding = "Pipeline", meta: InstanceMeta = "MlxRing",
+    def place_instance(self, model_id: str, sharding: ExoSharding = "Pipeline", meta: InstanceMeta = "MlxRing",
                        min_nodes: int = 1) -> PlaceResult:
         """Send the command only: exo places asynchronously (see wait_ready / place_and_wait)."""
         body = {"model_id": model_id, "sharding": sharding, "instance_meta": meta, "min_nodes": min_nodes}
@@ -1058,7 +1060,7 @@ class ExoClient:
         return PlacementFailed(f"exo's master did not place {model_id} ({sharding}/{meta}, >= {n} node(s)) at "
                                f"{self.url}: {reason}", model_id=model_id, reason=reason)
 
-    def place_and_wait(self, model_id: str, sharding: Sharding = "Pipeline", meta: InstanceMeta = "MlxRing",
+    def place_and_wait(self, model_id: str, sharding: ExoSharding = "Pipeline", meta: InstanceMeta = "MlxRing",
                        min_nodes: int = 1, *, timeout: float = 600.0, poll: float = 0.5,
                        on_progress: Callable[[int, int], None] | None = None,
                        on_download: Callable[[int, int], None] | None = None, cleanup: bool = True) -> Instance:

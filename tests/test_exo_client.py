@@ -217,3 +217,15 @@ def test_exo_api_env_sets_the_default(monkeypatch):
     assert ExoClient().url == "http://localhost:52415"
     monkeypatch.setenv("EXO_API", "http://studio-1.local:6000/")
     assert ExoClient().url == "http://studio-1.local:6000"
+
+
+def test_exo_addresses_as_users_write_them():
+    from arthur_cluster.exo_client import BadExoURL, normalize_url
+
+    assert normalize_url("mac1:52415") == "http://mac1:52415"  # the form `up --help` shows
+    assert normalize_url("mac1") == "http://mac1:52415" and normalize_url(" http://10.0.0.2:8000/ ") == \
+        "http://10.0.0.2:8000"
+    assert normalize_url("[::1]") == "http://[::1]:52415" and normalize_url("https://h:1") == "https://h:1"
+    for bad in ("ftp://mac1", ":52415", "http://", ""):
+        with pytest.raises(BadExoURL, match="HOST:PORT"):
+            normalize_url(bad)
