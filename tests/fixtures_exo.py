@@ -87,7 +87,7 @@ class Harness:
     kit: Kit
 
     def get(self, path: str):
-        return requests.get(self.url + path, timeout=10).json()
+        return requests.get(self.url + path, timeout=30).json()  # a loaded CI machine answers slowly
 
     def instances(self) -> dict:
         return self.get("/state/instances")
