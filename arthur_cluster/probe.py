@@ -37,7 +37,7 @@ from typing import Callable, Literal
 
 from pydantic import BaseModel, Field, computed_field
 
-from . import memory, modelfiles, paths, remotecode, safeio, sources
+from . import memory, modelfiles, paths, remotecode, safeio
 from .catalog import ClusterEntry, ModelEntry
 from .errors import ArthurError
 from .memory import MemoryPlan

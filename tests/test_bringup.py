@@ -378,7 +378,6 @@ def test_a_previous_instance_that_cannot_be_stopped_is_said_so(exo_factory, libr
 def test_up_with_serve_keeps_the_model_behind_an_openai_endpoint_and_down_stops_it(library):
     import requests
 
-    from arthur_cluster import linker
     from arthur_cluster.engines.base import collect
     from arthur_cluster.parallel import resident
 
@@ -406,7 +405,6 @@ def test_up_with_serve_keeps_the_model_behind_an_openai_endpoint_and_down_stops_
 
 
 def test_doctor_names_a_stale_resident_record(library):
-    from arthur_cluster import linker
     from arthur_cluster.parallel.resident import Resident
 
     gone = Resident(url=f"http://127.0.0.1:{hostfile.free_ports(1)[0]}", model="m", model_path="/x", mode="single",

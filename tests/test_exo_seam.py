@@ -44,3 +44,13 @@ def test_the_scan_sees_what_it_is_for():
     for fine in ('x.get("model_id")', '"tensor split over 2 nodes"', '"Ready"', '# nodeBackends in a comment'):
         assert not offences(fine + "\n"), fine
     assert offences(SEAM.read_text(encoding="utf-8"))  # the seam itself does speak exo's JSON
+
+
+def test_the_linker_never_imports_bring_up():
+    """Bring-up uses the linker (it links before placing); the linker must not reach back (an import circle)."""
+    import ast
+
+    tree = ast.parse((PACKAGE / "linker.py").read_text(encoding="utf-8"))
+    imported = {a.name for n in ast.walk(tree) if isinstance(n, (ast.Import, ast.ImportFrom))
+                for a in n.names} | {n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+    assert not any("bringup" in name for name in imported), imported
