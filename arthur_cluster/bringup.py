@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import shlex
 import socket
+import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -28,8 +29,9 @@ from .catalog import Catalog
 from .cluster import ClusterError, ClusterInfo, Discovery, discover
 from .engines.base import ChatResult, Engine, EngineError, collect
 from .errors import ArthurError
-from .fallback import Choice, NoChoice, Rejection, Route
+from .fallback import Choice, NoChoice, Rejection
 from .hostfile import HostfileError, NodeError, node_program, run_on
+from .types import DEFAULT_CONTEXT, Route
 from .parallel import resident
 from .parallel.resident import Resident, ResidentError
 
@@ -80,7 +82,7 @@ class Deployment(BaseModel):
     model_path: Path | None = None
     hosts: list[dict] = Field(default_factory=list)  # MLX across nodes, in rank order: ssh name, ips, program, folder
     resident: Resident | None = None  # MLX ranks that stay up: where rank 0 listens, their pids, logs
-    context: int = fallback.DEFAULT_CONTEXT
+    context: int = DEFAULT_CONTEXT
     fallback_reason: str | None = None
     rejections: list[Rejection] = Field(default_factory=list)
     smoke: Smoke
@@ -330,13 +332,14 @@ def weights_elsewhere(choice: Choice, cat: Catalog, hooks: Hooks, repo_id: str |
 # --- exo --------------------------------------------------------------------------------------------------
 
 
-def _register_card(client, served: str, hooks: Hooks) -> None:
-    """exo must know a card for the id: built-in, already in its state, or added now through POST /models/add.
+def _register_card(client, served: str, hooks: Hooks, choice: Choice | None = None) -> None:
+    """exo must know a card for the id: built-in, already known, or added now through POST /models/add (every
+    exo version: main keeps it in its state on every node, v1.0.71 in a card file each node writes).
 
     exo builds that card from the model's folder in its model dirs (the linked entry, whose index carries
-    metadata.total_size) and keeps it in its state on every node; a card file written by anyone else is deleted
-    by exo's workers. exo checks the files against Hugging Face when it can reach it: refused at once is quick,
-    a Hugging Face that hangs costs exo 30 s per file, so the wait here is bounded (exo_client.ADD_TIMEOUT)."""
+    metadata.total_size). Without that folder it asks Hugging Face, which offline fails (3 to 5 attempts);
+    with it, it checks the files with Hugging Face when it can reach it: refused at once is quick, a Hugging
+    Face that hangs costs exo 30 s per file, so the wait here is bounded (exo_client.ADD_TIMEOUT)."""
     from .exo_client import ADD_TIMEOUT, ExoError, ExoTimeout
 
     try:
@@ -345,20 +348,39 @@ def _register_card(client, served: str, hooks: Hooks) -> None:
         hooks.say(f"registering {served} with exo (POST /models/add: exo builds its card from the linked folder)")
         client.add_model(served)
     except ExoTimeout:
-        raise AttemptFailed(f"exo at {client.url} did not build a card for {served} within {ADD_TIMEOUT:g} s: it is "
-                            "checking the files with Hugging Face, which does not answer. Retry later, or start exo "
-                            "with HF_ENDPOINT pointing at a reachable mirror") from None
+        said = (f"nothing within {ADD_TIMEOUT:g} s: exo did not build a card for {served}; it is either checking "
+                "the files with Hugging Face, which does not answer (start exo with HF_ENDPOINT pointing at a "
+                "reachable mirror), or asking Hugging Face for files it does not find")
+        raise AttemptFailed(weights_missing(client.url, served, _exo_nodes(choice), said)) from None
     except ExoError as exc:
-        detail = getattr(exc, "exo_message", "") or str(exc)
-        raise AttemptFailed(f"exo at {client.url} cannot build a card for {served}: {detail}. exo reads the model "
-                            f"from its model dirs: start it with {_env_hint()} (run `arthur-cluster link {served}` "
-                            "first)") from None
+        said = getattr(exc, "exo_message", "") or str(exc)
+        raise AttemptFailed(weights_missing(client.url, served, _exo_nodes(choice), said)) from None
+
+
+def _exo_nodes(choice: Choice | None, ids: list[str] | None = None) -> list[str]:
+    """The nodes named as the user knows them (friendly name and id): `ids`, else the route's."""
+    if choice is None:
+        return list(ids or [])
+    by_id = {n.name: n.display for n in choice.cluster.nodes}
+    return [by_id.get(i, i) for i in ids] if ids else [n.display for n in fallback.route_nodes(choice.cluster,
+                                                                                            choice.route)]
+
+
+def weights_missing(url: str, served: str, nodes: list[str], said: str) -> str:
+    """One message for weights exo cannot read: which nodes, which directory, the command that fixes it, and
+    what exo said."""
+    entry = paths.exo_links_dir() / paths.exo_model_dirname(served)
+    where = f"node(s) {', '.join(nodes)}" if nodes else "its nodes"
+    return (f"the weights of {served} are not in the exo model directories of {where} (exo at {url}): each node "
+            f"needs them linked at {entry}, and its exo started with {_env_hint()}; run `arthur-cluster link "
+            f"{served}` on each node, then restart its exo. exo said: {said}")
 
 
 def _built_in_twin(client, choice: Choice, cat: Catalog, hooks: Hooks) -> str | None:
-    """exo's built-in id for these very files (models.toml's exo_id), when exo's card has their numbers:
-    weights size, quantization, layers and hidden size. Served under it, the model needs no card from Hugging
-    Face, which /models/add would ask (and wait 30 s per file for, when it hangs)."""
+    """exo's built-in id for these very files (models.toml's exo_id), when exo's card describes them: the same
+    family, layers, hidden size, quantization and tensor data size (exocard.differs_from_card; file sizes,
+    headers included, do not count). Served under it, the model needs no card from Hugging Face, which
+    /models/add would ask (and wait 30 s per file for, when it hangs)."""
     from . import exocard, modelfiles
     from .exo_client import ExoError
 
@@ -368,31 +390,19 @@ def _built_in_twin(client, choice: Choice, cat: Catalog, hooks: Hooks) -> str | 
     try:
         card = next((m for m in client.models() if m.id == exo_id and not m.is_custom), None)
         info = modelfiles.inspect(choice.available.path, repo_id=exo_id, source=choice.available.source)
-        if card is None or card.storage_size_megabytes != (info.data_bytes or 0) >> 20 \
-                or (card.quantization or "") != exocard.quantization_label(info):
+        if card is None or exocard.differs_from_card(
+                info, n_layers=info.num_layers, hidden_size=info.hidden_size, quantization=card.quantization,
+                storage_bytes=(card.storage_size_megabytes or 0) * exocard.MB, family=card.family):
             return None
-        full = next((p.instance for p in client.previews(exo_id) if p.ok), None)
+        full = next((p.instance.card for p in client.previews(exo_id) if p.ok and p.instance.card), None)
     except (ExoError, modelfiles.ModelFileError):
         return None
-    card_of = _card_of(full) or {}
-    numbers = (card_of.get("nLayers"), card_of.get("hiddenSize"), (card_of.get("storageSize") or {}).get("inBytes"))
-    if numbers != (info.num_layers, info.hidden_size, info.data_bytes):
+    if full is None or exocard.differs_from_card(info, n_layers=full.n_layers, hidden_size=full.hidden_size,
+                                                 quantization=card.quantization, storage_bytes=full.storage_bytes):
         return None
     hooks.say(f"{choice.available.served_id} holds the weights of exo's built-in card {exo_id}: serving it "
               "under that id (no card from Hugging Face needed)")
     return exo_id
-
-
-def _card_of(instance) -> dict | None:
-    """The model card inside an instance exo sent (every shard carries it)."""
-    if instance is None:
-        return None
-    for shard in (next(iter(instance.raw.values()), {}).get("shardAssignments", {}).get("runnerToShard") or {}).values():
-        body = next(iter(shard.values()), {}) if isinstance(shard, dict) else {}
-        card = body.get("modelCard") if isinstance(body, dict) else None
-        if isinstance(card, dict):
-            return card
-    return None
 
 
 def _env_hint() -> str:
@@ -401,17 +411,9 @@ def _env_hint() -> str:
     return linker.env_line(paths.exo_links_dir())
 
 
-def _route_of(instance, engine: str = "exo") -> Route:
-    n = len(instance.shards)
-    if n <= 1:
-        return Route(engine=engine, sharding="single", nodes=1)
-    return Route(engine=engine, sharding="tensor" if instance.sharding == "Tensor" else "pipeline",
-                 backend="jaccl" if instance.meta == "MlxJaccl" else "ring", nodes=n)
-
-
 def _place(client, choice: Choice, served: str, timeout: float, hooks: Hooks):
     """A ready instance of the model: the one already running, or a new one placed and waited for."""
-    from .exo_client import ExoError
+    from .exo_client import DownloadFailed, ExoError
 
     label = f"loading {served}"
     progress = lambda done, total: hooks.progress(label, done, total)  # noqa: E731
@@ -426,10 +428,12 @@ def _place(client, choice: Choice, served: str, timeout: float, hooks: Hooks):
         if running:  # a placement from an earlier run still loading
             hooks.say(f"waiting for the instance of {served} already loading")
             return client.wait_ready(served, timeout=timeout, on_progress=progress, on_download=download), False
-        sharding, meta, n = choice.route.exo_placement()
-        hooks.say(f"placing {served} on exo: {sharding}/{meta}, at least {n} node(s)")
-        return client.place_and_wait(served, sharding, meta, n, timeout=timeout, on_progress=progress,
-                                     on_download=download), True
+        hooks.say(f"placing {served} on exo: {choice.route.label}")
+        return client.place_route_and_wait(served, choice.route, timeout=timeout, on_progress=progress,
+                                           on_download=download), True
+    except DownloadFailed as exc:
+        raise AttemptFailed(weights_missing(client.url, served, _exo_nodes(choice, [exc.node_id]),
+                                            exc.error_message)) from None
     except ExoError as exc:
         raise AttemptFailed(str(exc)) from None
 
@@ -451,7 +455,7 @@ def _up_exo(choice: Choice, cat: Catalog, timeout: float, prompt: str, max_token
     from .engines.exo import ExoEngine
     from .exo_client import ExoClient
 
-    client = ExoClient(choice.cluster.endpoint)
+    client = ExoClient(choice.cluster.endpoint, deadline=choice.cluster.deadline)
     notes: list[str] = []
     twin = _built_in_twin(client, choice, cat, hooks) if choice.available.needs_link else None
     served = twin or choice.available.served_id
@@ -464,7 +468,7 @@ def _up_exo(choice: Choice, cat: Catalog, timeout: float, prompt: str, max_token
         raise AttemptFailed(no_card[served])
     else:
         try:
-            _register_card(client, served, hooks)
+            _register_card(client, served, hooks, choice)
         except AttemptFailed as exc:
             if no_card is not None:
                 no_card[served] = str(exc)
@@ -477,7 +481,7 @@ def _up_exo(choice: Choice, cat: Catalog, timeout: float, prompt: str, max_token
         if placed:
             _delete_quietly(client, instance.instance_id)
         raise AttemptFailed(f"placed, but the test question failed: {exc}") from None
-    return Deployment(model=choice.model, served_id=served, engine="exo", route=_route_of(instance),
+    return Deployment(model=choice.model, served_id=served, engine="exo", route=instance.route,
                       nodes=instance.node_ids, endpoint=client.url, instance_id=instance.instance_id,
                       model_path=choice.available.path, context=choice.context, smoke=smoke, notes=notes)
 
@@ -573,12 +577,13 @@ def _up_resident(choice: Choice, path: Path, hosts: list[dict], notes: list[str]
 # --- up / down --------------------------------------------------------------------------------------------------
 
 
-def _refresh(found: Discovery, cat: Catalog, engine: str | None, exo_url: str | None) -> Discovery:
+def _refresh(found: Discovery, cat: Catalog, engine: str | None, exo_url: str | None,
+             deadline: float | None = None) -> Discovery:
     """Ask exo again after a failure there: a node may have left, memory may have changed."""
     if not any(c.engine == "exo" for c in found.clusters):
         return found
     try:
-        fresh = discover(cat, engine=engine, exo_url=exo_url)
+        fresh = discover(cat, engine=engine, exo_url=exo_url, deadline=deadline)
     except ClusterError as exc:
         fresh = Discovery(clusters=[c for c in found.clusters if c.engine != "exo"],
                           notes=[*found.notes, f"exo dropped after a failure: {exc}"])
@@ -593,6 +598,9 @@ def up(cat: Catalog, *, model: str | None = None, fallbacks: list[str] | None = 
        hooks: Hooks | None = None, record: bool = True, serve: bool = False, bind: str | None = None) -> Deployment:
     """Bring up the first candidate that answers; raise BringUpError with every reason when none does.
 
+    timeout bounds the whole bring-up: exo's answers, placements, waits and each attempt get what is left of
+    it, and no attempt starts once it has run out.
+
     engine None: exo when reachable, then MLX (models.toml [cluster], else this machine) — the embedded default.
     The demo calls `up(catalog.for_demo(), engine="mlx")` inside its demo home. MLX across nodes (or any MLX
     route with serve=True) starts ranks that stay up, rank 0's HTTP server on `bind` (default: loopback on this
@@ -600,10 +608,11 @@ def up(cat: Catalog, *, model: str | None = None, fallbacks: list[str] | None = 
     """
     resident.check_bind(bind)  # before anything starts: a bad address is the user's to fix
     hooks = hooks or Hooks()
+    end = time.monotonic() + timeout
     for line in stale_notes():
         hooks.say(line)
     target = model or cat.target
-    found = discover(cat, engine=engine, exo_url=exo_url)  # ClusterError when engine="exo" and exo fails
+    found = discover(cat, engine=engine, exo_url=exo_url, deadline=end)  # ClusterError: engine="exo", exo fails
     for note in found.notes:
         hooks.say(note)
     for c in found.clusters:
@@ -627,18 +636,24 @@ def up(cat: Catalog, *, model: str | None = None, fallbacks: list[str] | None = 
         for r in choice.rejections:
             if r not in prior:
                 hooks.say(f"passed over {r}")
+        left = end - time.monotonic()
+        if left <= 0:
+            tried = "".join(f"\n  {r}" for r in [*found.notes, *choice.rejections])
+            raise BringUpError(f"--timeout {timeout:g} s ran out before anything came up (next would have been "
+                               f"{choice.model}, {choice.route.label}); raise --timeout, or fix what is listed:"
+                               f"{tried}", list(choice.rejections))
         hooks.say(f"trying {choice.model} ({choice.route.label})")
         try:
             if choice.route.engine == "exo":
-                dep = _up_exo(choice, cat, timeout, prompt, max_tokens, hooks, no_card)
+                dep = _up_exo(choice, cat, left, prompt, max_tokens, hooks, no_card)
             else:
-                dep = _up_mlx(choice, cat, timeout, prompt, max_tokens, hooks, serve=serve, bind=bind)
+                dep = _up_mlx(choice, cat, left, prompt, max_tokens, hooks, serve=serve, bind=bind)
         except AttemptFailed as exc:
             hooks.say(f"failed: {exc}; falling back")
             prior = list(choice.rejections) + [Rejection(model=choice.model, stage="bringup", reason=str(exc),
                                                          route=None if exc.scope == "model" else choice.route)]
             if choice.route.engine == "exo":
-                found = _refresh(found, cat, engine, exo_url)
+                found = _refresh(found, cat, engine, exo_url, end)
             continue
         dep.rejections = list(choice.rejections)
         dep.fallback_reason = fallback.fallback_reason(target, dep.model, choice.rejections)
@@ -718,6 +733,16 @@ def _ranks_report() -> tuple[list[str], list[str]]:
 def stale_notes() -> list[str]:
     """What is wrong with the recorded resident ranks (gone, failed, unrecorded), one line each; [] when well."""
     return _ranks_report()[0]
+
+
+def doctor(**where) -> "linker.DoctorReport":
+    """`doctor`: the linker's checks (linker.doctor, `where` its folders) and the deployment's resident ranks.
+    Bring-up uses the linker, never the other way round."""
+    from . import linker
+
+    rep = linker.doctor(**where)
+    rep.findings += [linker.Finding(**f) for f in doctor_findings()]
+    return rep
 
 
 def doctor_findings() -> list[dict]:

@@ -17,9 +17,7 @@ from . import paths
 from .catalog import Catalog
 from .errors import ArthurError
 from .hostfile import is_this_machine
-from .memory import NodeMemory
-
-Backend = Literal["ring", "jaccl", "nccl"]
+from .types import Backend, NodeMemory
 DISCOVERY_READ_TIMEOUT = 10.0  # exo answers /state in milliseconds; a silent port must not hold `up` for long
 
 
@@ -34,7 +32,7 @@ class ClusterNode(BaseModel):
     available_bytes: int | None = None
     rdma: bool = False  # exo: rdma_ctl enabled; models.toml: RDMA devices listed
     rdma_devices: list[str] = Field(default_factory=list)
-    backends: list[str] = Field(default_factory=list)
+    apple: bool | None = None  # Apple silicon running MLX on Metal (exo: its backends, else its chip); None: unknown
     ssh: str | None = None
     ips: list[str] = Field(default_factory=list)
     program: str | None = None  # models.toml: the command that runs arthur-cluster on the node
@@ -45,7 +43,8 @@ class ClusterNode(BaseModel):
         return f"{self.label} ({self.name})" if self.label and self.label != self.name else self.name
 
     def memory(self) -> NodeMemory:
-        return NodeMemory(name=self.name, memory_bytes=self.memory_bytes, available_bytes=self.available_bytes)
+        return NodeMemory(name=self.name, memory_bytes=self.memory_bytes, available_bytes=self.available_bytes,
+                          apple=self.apple)
 
 
 class ClusterInfo(BaseModel):
@@ -58,6 +57,7 @@ class ClusterInfo(BaseModel):
     exo_models: list[str] = Field(default_factory=list)  # ids exo has a card for (built-in or custom)
     exo_downloaded: list[str] = Field(default_factory=list)  # ids whose weights exo reports on disk
     problems: list[str] = Field(default_factory=list)
+    deadline: float | None = Field(default=None, exclude=True)  # time.monotonic() instant exo's answers may not pass
 
     @property
     def rdma_ready(self) -> bool:
@@ -70,6 +70,19 @@ class ClusterInfo(BaseModel):
 
     def memory(self) -> list[NodeMemory]:
         return [n.memory() for n in self.nodes]
+
+    @property
+    def apple(self) -> bool:
+        """Every node runs attention in Metal's fused kernel, which never holds the score matrix: models.toml's
+        nodes are Macs; this machine when it is one; exo's nodes when each is Apple silicon (an exo that
+        publishes no backends is judged by the chip)."""
+        if self.source == "catalog":
+            return True
+        if self.source == "local":
+            from .memory import machine_is_apple
+
+            return machine_is_apple()
+        return bool(self.nodes) and all(n.apple for n in self.nodes)
 
     def largest_first(self) -> list[ClusterNode]:
         """Nodes by memory budget, largest first (ties by name): the order placements fill them."""
@@ -153,11 +166,12 @@ def from_catalog(cat: Catalog) -> ClusterInfo | None:
 # --- exo ------------------------------------------------------------------------------------------------
 
 
-def exo_client(url: str | None = None):
-    """A client with discovery's short timeouts (the module is imported lazily: `requests` costs time)."""
+def exo_client(url: str | None = None, deadline: float | None = None, read_timeout: float = DISCOVERY_READ_TIMEOUT):
+    """A client with discovery's short timeouts (the module is imported lazily: `requests` costs time);
+    deadline: a time.monotonic() instant no call may pass (the caller's whole budget)."""
     from .exo_client import ExoClient
 
-    return ExoClient(url or paths.exo_api(), read_timeout=DISCOVERY_READ_TIMEOUT, retries=1)
+    return ExoClient(url or paths.exo_api(), read_timeout=read_timeout, retries=1, deadline=deadline)
 
 
 def from_exo(client) -> ClusterInfo:
@@ -166,16 +180,18 @@ def from_exo(client) -> ClusterInfo:
     so they are simply absent from its state."""
     api_node = client.node_id()
     state = client.state()
-    host = client.url.split("//", 1)[-1].split(":", 1)[0]
+    host = client.url.split("//", 1)[-1].rsplit(":", 1)[0].strip("[]")
     is_local = is_this_machine(host)
-    nodes = [ClusterNode(name=n.node_id, label=n.friendly_name, memory_bytes=n.ram_total,
-                         available_bytes=n.ram_available, rdma=n.rdma_enabled,
-                         backends=list(n.backends), local=is_local and n.node_id == api_node)
+    nodes = [ClusterNode(**n.memory().model_dump(include={"name", "memory_bytes", "available_bytes", "apple"}),
+                         label=n.friendly_name,
+                         rdma=n.rdma_enabled and n.apple is not False,  # JACCL is RDMA between Macs
+                         local=is_local and n.node_id == api_node)
              for n in sorted(state.nodes.values(), key=lambda n: n.node_id)]
     if not nodes:
         raise ClusterError(f"exo at {client.url} reports no nodes in its state; wait for it to start, or check "
                            "its log")
-    info = ClusterInfo(source="exo", engine="exo", endpoint=client.url, api_node=api_node, nodes=nodes)
+    info = ClusterInfo(source="exo", engine="exo", endpoint=client.url, api_node=api_node, nodes=nodes,
+                       deadline=client.deadline)
     info.backend = "jaccl" if info.rdma_ready else "ring"
     info.exo_models = sorted(m.id for m in client.models())
     info.exo_downloaded = sorted(m.id for m in client.models(downloaded=True))
@@ -193,18 +209,19 @@ class Discovery(BaseModel):
 
 
 def discover(cat: Catalog | None = None, *, engine: Literal["exo", "mlx"] | None = None,
-             exo_url: str | None = None) -> Discovery:
+             exo_url: str | None = None, deadline: float | None = None) -> Discovery:
     """exo first (when reachable), then MLX on the [cluster] section or this machine.
 
     engine="exo": exo must answer, else ClusterError with exo's own message. engine="mlx": exo is not asked.
+    deadline: a time.monotonic() instant exo's answers may not pass.
     """
     from .exo_client import ExoError
 
     out = Discovery()
     if engine in (None, "exo"):
-        url = (exo_url or paths.exo_api()).rstrip("/")
+        url = exo_url or paths.exo_api()
         try:
-            out.clusters.append(from_exo(exo_client(url)))
+            out.clusters.append(from_exo(exo_client(url, deadline)))
         except (ExoError, ClusterError) as exc:
             if engine == "exo":
                 raise ClusterError(str(exc)) from None

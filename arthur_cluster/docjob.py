@@ -23,7 +23,8 @@ from . import catalog, documents, memory, paths, safeio
 from .documents import Document
 from .engines.base import EngineError, Message
 from .errors import ArthurError
-from .memory import MemoryPlan, NodeMemory
+from .memory import MemoryPlan
+from .types import NodeMemory, Route
 
 SYSTEM = "You answer questions about the document the user gives you, using only that document."
 SENTINEL = "\u2063ARTHUR-TASK\u2063"  # an invisible marker that no template or document produces
@@ -448,21 +449,19 @@ def read_deployment() -> Any:
 
 
 def resolve_model(name: str) -> tuple[str, Path]:
-    """A folder path, a repo id or a short name (modelname's resolver, as every command uses) -> (repo id,
-    folder)."""
-    from . import modelname, sources
+    """A folder path, a repo id or a short name (modelname.resolve, as every command) -> (repo id, folder)."""
+    from . import modelname
 
-    modelname.check(name)
-    p = Path(name).expanduser()
-    if p.is_dir():
-        if not (p / "config.json").is_file():
-            raise DocJobError(f"{p}: no config.json; pass a model folder (LM Studio or Hugging Face layout)")
-        return sources.repo_id_of(p), p.resolve()
-    found = modelname.find(name)
-    if not found:
+    try:
+        repo_id, folder = modelname.resolve(name)
+    except modelname.ModelNameError as e:
+        raise DocJobError(str(e)) from None
+    if folder is None:
         raise DocJobError(f"model {name!r} not found in LM Studio, the Hugging Face cache or exo's folders; "
                           "pass the model folder's path or list models with `arthur-cluster models`")
-    return found.repo_id, found.path
+    if not (folder / "config.json").is_file():
+        raise DocJobError(f"{folder}: no config.json; pass a model folder (LM Studio or Hugging Face layout)")
+    return repo_id, folder
 
 
 def load_local(folder: Path, model_id: str, *, route: str = "local", fallback_reason: str | None = None,
@@ -628,6 +627,14 @@ def _tokenizer_and_info(folder: Path | None) -> tuple[Any, Any]:
 # --- planning ----------------------------------------------------------------------------------------
 
 
+def _deployed_route(runner: Any) -> Route | None:
+    """The deployment's Route for a runner that runs (or plans) on it; None for a model in this process."""
+    if isinstance(runner, EngineRunner) or (isinstance(runner, PlanRunner) and not runner.local):
+        dep = read_deployment()
+        return dep.route if dep is not None else None
+    return None
+
+
 def this_machine() -> memory.NodeMemory:
     from .cluster import local_node
 
@@ -644,8 +651,7 @@ def _exo_node_memory(dep: Any) -> dict[str, memory.NodeMemory]:
         state = exo_client(dep.endpoint).state()
     except ExoError:
         return {}
-    return {n.node_id: memory.NodeMemory(name=n.node_id, memory_bytes=n.ram_total, available_bytes=n.ram_available)
-            for n in state.nodes.values()}
+    return {n.node_id: n.memory() for n in state.nodes.values()}
 
 
 def deployment_nodes(dep: Any) -> list[memory.NodeMemory]:
@@ -666,15 +672,20 @@ def deployment_nodes(dep: Any) -> list[memory.NodeMemory]:
     return [memory.NodeMemory(name=name, memory_bytes=known.get(name)) for name in dep.nodes]
 
 
-def split_of(route: str, n_nodes: int) -> memory.Split:
-    if n_nodes <= 1:
-        return "single"
-    return "tensor" if "tensor" in route else "pipeline"
+def split_of(route: Route | None, n_nodes: int) -> memory.Split:
+    """How the plan divides the model: the deployment's route (Route.split), one node holding all of it."""
+    if n_nodes <= 1 or route is None:
+        return "single" if n_nodes <= 1 else "pipeline"
+    return route.split
 
 
-def _apple(runner: Any) -> bool:
-    """How the nodes run attention, as pick and probe judge it: a deployment's nodes (exo's, [cluster]'s) are
-    Macs; mlx-lm in this process, and nodes "like this one", run on this machine."""
+def _apple(runner: Any, nodes: list[NodeMemory] | None = None) -> bool:
+    """How the nodes run attention, as pick and probe judge it: what the nodes say of themselves (exo's chip
+    or backends); else a deployment's nodes (exo's, [cluster]'s) are Macs; mlx-lm in this process, and nodes
+    "like this one", run on this machine."""
+    said = [n.apple for n in nodes or [] if n.apple is not None]
+    if said:
+        return all(said)
     if isinstance(runner, EngineRunner) or (isinstance(runner, PlanRunner) and not runner.local):
         return True
     return memory.machine_is_apple()
@@ -685,7 +696,7 @@ def _memory_plan(runner: Any, context: int, nodes: list[memory.NodeMemory], spli
     try:
         source = runner.info if runner.info is not None else catalog.load().entry(runner.model_id)
         return memory.fit(source, context=context, nodes=nodes, split=split, prefill_step=step,
-                          apple=_apple(runner), name=runner.model_id)
+                          apple=_apple(runner, nodes), name=runner.model_id)
     except (memory.PlanError, catalog.CatalogError):
         return None
 
@@ -746,7 +757,7 @@ def plan_job(doc: Document, tasks: list[Task], runner: Any, *, max_tokens: int =
     # mlx-lm in this process runs on this machine; any other engine runs where the deployment put it.
     nodes = nodes or getattr(runner, "nodes", None) or \
         deployment_nodes(read_deployment() if isinstance(runner, EngineRunner) else None)
-    split = split_of(runner.route, len(nodes))
+    split = split_of(_deployed_route(runner), len(nodes))
     step = getattr(runner, "step", DEFAULT_STEP)
     model_ctx = runner.context_length
     limit = min(x for x in (model_ctx, context) if x) if (model_ctx or context) else None

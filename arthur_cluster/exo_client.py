@@ -1,4 +1,6 @@
-"""The exo HTTP API, typed (contract: shared/facts/exo.md, checked against exo's own code b5375f8c).
+"""The exo HTTP API, typed: the only module that reads or writes exo's JSON (docs/exo.md). Checked against
+exo's own code in the versions users run, main (b5375f8c) and the v1.0.71 release; what differs is read from
+the fields an answer carries (an absent field is "not said"), never from a version, which exo does not report.
 
 Every call has a total time limit over the whole answer (headers and body), not only per read: a server
 that sends one byte every few seconds cannot hold a call past it. Answers are size-capped. Only idempotent
@@ -24,6 +26,7 @@ from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 
 from . import paths
 from .errors import ArthurError
+from .types import NodeMemory, Route
 
 DEFAULT_URL = "http://localhost:52415"
 CONNECT_TIMEOUT = 3.0
@@ -35,8 +38,9 @@ GET_RETRIES = 2
 MAX_BODY = 32 << 20  # bytes of one JSON answer (a 16-node state is well under 1 MB)
 MAX_LINE = 1 << 20  # bytes of one SSE line
 
-Sharding = Literal["Pipeline", "Tensor"]
+ExoSharding = Literal["Pipeline", "Tensor"]  # exo's names; the project's are types.Sharding
 InstanceMeta = Literal["MlxRing", "MlxJaccl"]
+_META_BACKEND = {"MlxRing": "ring", "MlxJaccl": "jaccl"}
 
 
 # --- errors -------------------------------------------------------------------------------------
@@ -198,13 +202,41 @@ def new_session() -> requests.Session:
 
 
 class Node(BaseModel):
+    """One exo node. What an exo release does not publish stays None ("not said"), never "none": exo v1.0.71
+    has no node backends, so `backends` is None there and Apple silicon is judged from the chip."""
+
     node_id: str
     friendly_name: str | None = None
     ram_total: int | None = None  # bytes
     ram_available: int | None = None
-    rdma_enabled: bool = False
-    backends: list[str] = Field(default_factory=list)
+    rdma_ctl: bool | None = None  # rdma_ctl status; None: not published
+    rdma_peers: list[str] = Field(default_factory=list)  # nodes it has an RDMA (Thunderbolt 5) link to
+    backends: list[str] | None = None  # exo's engine backends (MlxMetal, MlxCpu, ...); None: not published
+    chip: str | None = None  # e.g. "Apple M4 Pro"
     last_seen: str | None = None
+
+    @property
+    def name(self) -> str:
+        return self.friendly_name or self.node_id
+
+    @property
+    def apple(self) -> bool | None:
+        """Apple silicon running MLX on Metal: from the backends when exo publishes them, else the chip."""
+        if self.backends is not None:
+            return "MlxMetal" in self.backends
+        if self.chip:
+            return self.chip.startswith("Apple")
+        return None
+
+    @property
+    def rdma_enabled(self) -> bool:
+        """RDMA usable by JACCL: rdma_ctl not reported off, and an RDMA link to some other node."""
+        return self.rdma_ctl is not False and bool(self.rdma_peers)
+
+    def memory(self) -> NodeMemory:
+        """The node as the memory plans see it (named by its id, as exo's instances name it)."""
+        return NodeMemory(name=self.node_id, memory_bytes=self.ram_total, available_bytes=self.ram_available,
+                          apple=self.apple)
 
 
 class Shard(BaseModel):
@@ -218,17 +250,36 @@ class Shard(BaseModel):
     n_layers: int = 0
 
 
+class Card(BaseModel):
+    """The numbers of the model card an instance carries (every shard holds it)."""
+
+    model_id: str
+    n_layers: int | None = None
+    hidden_size: int | None = None
+    storage_bytes: int | None = None
+    quantization: str | None = None
+
+
 class Instance(BaseModel):
     instance_id: str
     meta: str  # "MlxRing" | "MlxJaccl" | ...
     model_id: str
     sharding: str  # kind of its shards
     shards: list[Shard] = Field(default_factory=list)
+    card: Card | None = None
     raw: dict[str, Any] = Field(default_factory=dict, repr=False)  # the tagged object, as exo sent it
 
     @property
     def node_ids(self) -> list[str]:
         return [s.node_id for s in self.shards]
+
+    @property
+    def route(self) -> Route:
+        """The project's route for this instance (one shard: a single node, whatever exo calls it)."""
+        if len(self.shards) <= 1:
+            return Route.single("exo")
+        return Route(engine="exo", sharding="tensor" if self.sharding == "Tensor" else "pipeline",
+                     backend=_META_BACKEND.get(self.meta, "ring"), nodes=len(self.shards))
 
     @property
     def runner_ids(self) -> list[str]:
@@ -272,6 +323,7 @@ class Download(BaseModel):
 class Topology(BaseModel):
     nodes: list[str] = Field(default_factory=list)
     connections: list[tuple[str, str]] = Field(default_factory=list)
+    rdma: list[tuple[str, str]] = Field(default_factory=list)  # the connections that are RDMA links
 
 
 class ClusterState(BaseModel):
@@ -295,6 +347,11 @@ class ClusterState(BaseModel):
 
     def download(self, node_id: str, model_id: str) -> Download | None:
         return next((d for d in self.downloads.get(node_id, []) if d.model_id == model_id), None)
+
+    def memory(self) -> list[NodeMemory]:
+        """Every node's memory, largest free first (ties by id): the order exo's placement fills them."""
+        nodes = sorted(self.nodes.values(), key=lambda n: (-(n.ram_available or 0), n.node_id))
+        return [n.memory() for n in nodes]
 
 
 class ModelEntry(BaseModel):
@@ -331,6 +388,33 @@ class Preview(BaseModel):
     @property
     def nodes(self) -> int | None:
         return len(self.instance.shards) if self.instance else None
+
+    @property
+    def route(self) -> Route | None:
+        """The route this row answers: what was asked (sharding, meta) at the node count of its instance. A
+        1-node row is the single route only when asked as a ring (exo turns 1-node JACCL into a ring, too).
+        None for an error row (no node count) or an instance meta this tool does not know."""
+        backend = _META_BACKEND.get(self.instance_meta)
+        if not self.ok or backend is None:
+            return None
+        n = self.nodes or 1
+        if n == 1:
+            return Route.single("exo") if backend == "ring" else None
+        return Route(engine="exo", sharding="tensor" if self.sharding == "Tensor" else "pipeline", backend=backend,
+                     nodes=n)
+
+    def refuses(self, route: Route) -> bool:
+        """An error row for the (sharding, meta) of `route` (exo gives no node count with it)."""
+        if self.ok or route.engine != "exo":
+            return False
+        return (self.sharding, self.instance_meta) == placement_of(route)[:2]
+
+
+def placement_of(route: Route) -> tuple[ExoSharding, InstanceMeta, int]:
+    """exo's (sharding, instance_meta, min_nodes) for a route; one node runs as a pipeline ring of one."""
+    sharding: ExoSharding = "Tensor" if route.sharding == "tensor" else "Pipeline"
+    meta: InstanceMeta = "MlxJaccl" if route.backend == "jaccl" else "MlxRing"
+    return sharding, meta, route.nodes
 
 
 class PlaceResult(BaseModel):
@@ -456,16 +540,33 @@ def parse_instance(obj: Any, where: str = "instance") -> Instance:
                   for rid, shard in _dict(sa.get("runnerToShard"), f"{where}.runnerToShard").items()]
         shards.sort(key=lambda s: s.device_rank)
         return Instance(instance_id=str(body.get("instanceId", "")), meta=tag.removesuffix("Instance"),
-                        model_id=sa["modelId"], sharding=shards[0].kind if shards else "?", shards=shards, raw=obj)
+                        model_id=sa["modelId"], sharding=shards[0].kind if shards else "?", shards=shards,
+                        card=_instance_card(sa), raw=obj)
+
+
+def _instance_card(sa: dict[str, Any]) -> Card | None:
+    """The model card the first shard carries (every shard of an instance holds the same one)."""
+    for shard in _dict(sa.get("runnerToShard"), "runnerToShard").values():
+        _, body = _untag(shard, "shard")
+        card = body.get("modelCard")
+        if isinstance(card, dict) and isinstance(card.get("modelId"), str):
+            return Card(model_id=card["modelId"], n_layers=card.get("nLayers"), hidden_size=card.get("hiddenSize"),
+                        storage_bytes=_bytes(card.get("storageSize")), quantization=card.get("quantization"))
+    return None
 
 
 def _parse_topology(obj: Any) -> Topology:
     """{"nodes": [id, ...], "connections": {source: {sink: [edge, ...]}}}."""
     obj = _dict(obj, "/state.topology")
     nodes = [str(n) for n in obj.get("nodes") or []]
-    conns = [(str(s), str(t)) for s, sinks in _dict(obj.get("connections"), "/state.topology.connections").items()
-             for t in _dict(sinks, "/state.topology.connections")]
-    return Topology(nodes=nodes, connections=conns)
+    conns, rdma = [], []
+    for s, sinks in _dict(obj.get("connections"), "/state.topology.connections").items():
+        for t, edges in _dict(sinks, "/state.topology.connections").items():
+            conns.append((str(s), str(t)))
+            # an RDMA edge names its interfaces; a socket edge its multiaddr
+            if any(isinstance(e, dict) and "sourceRdmaIface" in e for e in edges or []):
+                rdma.append((str(s), str(t)))
+    return Topology(nodes=nodes, connections=conns, rdma=rdma)
 
 
 def parse_download(obj: Any, where: str) -> Download:
@@ -492,7 +593,9 @@ def _parse_state(obj: Any, where: str) -> ClusterState:
     def section(name: str) -> dict[str, Any]:
         return _dict(obj.get(name), f"{where}.{name}")
 
-    memory, rdma, backends = section("nodeMemory"), section("nodeRdmaCtl"), section("nodeBackends")
+    memory, rdma = section("nodeMemory"), section("nodeRdmaCtl")
+    # exo v1.0.71 publishes no nodeBackends: absent means "not said", not "no backend"
+    backends = section("nodeBackends") if "nodeBackends" in obj else None
     identities, seen = section("nodeIdentities"), section("lastSeen")
     topology = _parse_topology(obj.get("topology"))
     ids = list(dict.fromkeys([*topology.nodes, *memory, *seen, *identities]))
@@ -501,10 +604,15 @@ def _parse_state(obj: Any, where: str) -> ClusterState:
         mem = _dict(memory.get(nid), f"{where}.nodeMemory.{nid}")
         ident = _dict(identities.get(nid), f"{where}.nodeIdentities.{nid}")
         ctl = rdma.get(nid)
-        nodes[nid] = Node(node_id=nid, friendly_name=ident.get("friendlyName"),
+        node_backends = backends.get(nid) if backends is not None else None
+        if node_backends is not None and not isinstance(node_backends, list):
+            raise ExoProtocolError(f"{where}.nodeBackends.{nid} is not a list: {str(node_backends)[:80]}")
+        nodes[nid] = Node(node_id=nid, friendly_name=ident.get("friendlyName"), chip=ident.get("chipId"),
                           ram_total=_bytes(mem.get("ramTotal")), ram_available=_bytes(mem.get("ramAvailable")),
-                          rdma_enabled=bool(ctl.get("enabled") if isinstance(ctl, dict) else ctl),
-                          backends=[str(b) for b in backends.get(nid) or []],
+                          rdma_ctl=None if ctl is None else bool(ctl.get("enabled") if isinstance(ctl, dict) else ctl),
+                          rdma_peers=sorted({t for s, t in topology.rdma if s == nid}
+                                            | {s for s, t in topology.rdma if t == nid}),
+                          backends=None if node_backends is None else [str(b) for b in node_backends],
                           last_seen=str(seen[nid]) if nid in seen else None)
     instances = {k: parse_instance(v, f"{where}.instances[{k}]") for k, v in section("instances").items()}
     runners = {k: parse_runner_status(v, f"{where}.runners[{k}]") for k, v in section("runners").items()}
@@ -641,17 +749,52 @@ def _lines(resp: requests.Response, where: str) -> Iterator[str]:
         yield buf.rstrip(b"\r").decode("utf-8", errors="replace")
 
 
+DEFAULT_PORT = 52415
+
+
+class BadExoURL(ExoError, ValueError):
+    """The exo address cannot be an exo API (a scheme other than http/https, no host)."""
+
+
+def normalize_url(url: str) -> str:
+    """HOST, HOST:PORT or a full URL -> http(s)://HOST:PORT without a trailing slash (`--exo mac1:52415`
+    is the form the help shows; exo's port is the default when none is given)."""
+    text = url.strip()
+    if "://" not in text:
+        text = "http://" + text
+    scheme, _, rest = text.partition("://")
+    rest = rest.rstrip("/")
+    text = f"{scheme}://{rest}"
+    host = rest.split("/", 1)[0]
+    if scheme.lower() not in ("http", "https") or not host or host.startswith(":"):
+        raise BadExoURL(f"exo address {url[:80]!r}: give HOST, HOST:PORT or http://HOST:PORT (exo's API listens on "
+                        f"port {DEFAULT_PORT})")
+    if ":" not in host.rsplit("]", 1)[-1]:
+        text = f"{scheme}://{host}:{DEFAULT_PORT}" + rest[len(host):]
+    return text
+
+
 class ExoClient:
-    """One exo node's API (every node serves the same cluster state)."""
+    """One exo node's API (every node serves the same cluster state).
+
+    deadline: a time.monotonic() instant no call may run past (the caller's whole budget, e.g. `up --timeout`):
+    each call's limit shrinks to what is left of it, and a call made after it raises ExoTimeout at once."""
 
     def __init__(self, url: str | None = None, *, connect_timeout: float = CONNECT_TIMEOUT,
                  read_timeout: float = READ_TIMEOUT, retries: int = GET_RETRIES,
-                 session: requests.Session | None = None):
-        self.url = (url or paths.exo_api()).rstrip("/")
+                 session: requests.Session | None = None, deadline: float | None = None):
+        self.url = normalize_url(url or paths.exo_api())
         self.connect_timeout = connect_timeout
         self.read_timeout = read_timeout  # the total limit of one call, headers and body
         self.retries = retries
+        self.deadline = deadline
         self.http = session or new_session()
+
+    def left(self, seconds: float) -> float:
+        """`seconds`, cut to what is left of the deadline."""
+        if self.deadline is None:
+            return seconds
+        return max(0.0, min(seconds, self.deadline - time.monotonic()))
 
     # -- plumbing
 
@@ -660,14 +803,19 @@ class ExoClient:
         """One call within `timeout` seconds in total (the client's read_timeout by default). With stream=True
         the deadline keeps running until the caller closes the response (see _close)."""
         url = self.url + path
-        total = timeout or self.read_timeout
         attempts = 1 + (self.retries if method == "GET" else 0)  # only GETs are safe to repeat
         for attempt in range(attempts):
-            deadline = _Deadline(self.connect_timeout + total).start()
+            total = timeout or self.read_timeout
+            limit = self.left(self.connect_timeout + total)  # connecting and answering, within the deadline
+            if limit <= 0.0:
+                raise ExoTimeout(f"exo at {self.url}: no time left for {method} {path} (the whole operation's "
+                                 "time limit ran out); check exo's log, or raise --timeout.")
+            connect, total = min(self.connect_timeout, limit), min(total, limit)
+            deadline = _Deadline(limit).start()
             keep = False
             try:
                 resp = self.http.request(method, url, params=params, json=body, stream=True,
-                                         timeout=(self.connect_timeout, total))
+                                         timeout=(connect, total))
                 deadline.attach()
                 if stream:
                     resp.arthur_deadline = deadline  # type: ignore[attr-defined]
@@ -785,7 +933,7 @@ class ExoClient:
                                    memory_delta_by_node=deltas, error=p.get("error")))
         return out
 
-    def placement(self, model_id: str, sharding: Sharding = "Pipeline", meta: InstanceMeta = "MlxRing",
+    def placement(self, model_id: str, sharding: ExoSharding = "Pipeline", meta: InstanceMeta = "MlxRing",
                   min_nodes: int = 1) -> Instance:
         """GET /instance/placement: the instance exo's master would make now, or PlacementFailed with its reason."""
         params = {"model_id": model_id, "sharding": sharding, "instance_meta": meta, "min_nodes": min_nodes}
@@ -796,7 +944,7 @@ class ExoClient:
                                   f"{exc.exo_message}", model_id=model_id, reason=exc.exo_message) from None
         return parse_instance(data, f"{self.url}/instance/placement")
 
-    def place_instance(self, model_id: str, sharding: Sharding = "Pipeline", meta: InstanceMeta = "MlxRing",
+    def place_instance(self, model_id: str, sharding: ExoSharding = "Pipeline", meta: InstanceMeta = "MlxRing",
                        min_nodes: int = 1) -> PlaceResult:
         """Send the command only: exo places asynchronously (see wait_ready / place_and_wait)."""
         body = {"model_id": model_id, "sharding": sharding, "instance_meta": meta, "min_nodes": min_nodes}
@@ -837,6 +985,7 @@ class ExoClient:
         Raises RunnerFailed, DownloadFailed, PlacementFailed or InstanceNotReady.
         """
         known = known or set()
+        timeout = self.left(timeout)
         start = time.monotonic()
         deadline = start + timeout
         seen: Instance | None = None
@@ -911,7 +1060,7 @@ class ExoClient:
         return PlacementFailed(f"exo's master did not place {model_id} ({sharding}/{meta}, >= {n} node(s)) at "
                                f"{self.url}: {reason}", model_id=model_id, reason=reason)
 
-    def place_and_wait(self, model_id: str, sharding: Sharding = "Pipeline", meta: InstanceMeta = "MlxRing",
+    def place_and_wait(self, model_id: str, sharding: ExoSharding = "Pipeline", meta: InstanceMeta = "MlxRing",
                        min_nodes: int = 1, *, timeout: float = 600.0, poll: float = 0.5,
                        on_progress: Callable[[int, int], None] | None = None,
                        on_download: Callable[[int, int], None] | None = None, cleanup: bool = True) -> Instance:
@@ -931,6 +1080,11 @@ class ExoClient:
                 except ExoError:
                     pass  # the original error is the one to report
             raise
+
+    def place_route_and_wait(self, model_id: str, route: Route, **kw: Any) -> Instance:
+        """place_and_wait for one of the project's routes (its exo sharding, instance meta and node count)."""
+        sharding, meta, n = placement_of(route)
+        return self.place_and_wait(model_id, sharding, meta, n, **kw)
 
     # -- generation
 

@@ -13,46 +13,20 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable, Iterable, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, Field
 
 from . import memory, modelfiles, paths, sources
 from .catalog import Catalog, ModelEntry
 from .cluster import ClusterInfo, ClusterNode
 from .errors import ArthurError
 from .modelfiles import ModelInfo
-
-Engine = Literal["exo", "mlx"]
-Sharding = Literal["single", "pipeline", "tensor"]
-Backend = Literal["ring", "jaccl", "nccl"]
-Status = Literal["ok", "blocked", "unknown"]
-
-DEFAULT_CONTEXT = 8192  # a chat or a short document; `--context` sets the job's real need
+from .types import DEFAULT_CONTEXT, Backend, Engine, Route, Sharding, Status  # noqa: F401 (re-exported)
 
 # Preference, best first. Tensor parallelism over RDMA (JACCL) splits every layer with microsecond links: the
 # fastest, but crash-prone on today's macOS, so it is taken only when the checks prove it ("ok"), never on
 # "unknown". Pipeline over the TCP ring needs nothing special and only hands one hidden state per token between
 # stages. One node is the last resort: it must hold the whole model.
 ROUTE_ORDER: tuple[tuple[Sharding, Backend | None], ...] = (("tensor", "jaccl"), ("pipeline", "ring"), ("single", None))
-
-
-class Route(BaseModel):
-    model_config = ConfigDict(frozen=True)
-
-    engine: Engine
-    sharding: Sharding
-    backend: Backend | None = None  # None on one node
-    nodes: int = 1
-
-    @property
-    def label(self) -> str:
-        if self.sharding == "single":
-            return f"{self.engine} single node"
-        return f"{self.engine} {self.sharding}/{self.backend} on {self.nodes} nodes"
-
-    def exo_placement(self) -> tuple[str, str, int]:
-        """exo's (sharding, instance_meta, min_nodes) for this route."""
-        sharding = "Tensor" if self.sharding == "tensor" else "Pipeline"
-        return sharding, ("MlxJaccl" if self.backend == "jaccl" else "MlxRing"), self.nodes
 
 
 class Verdict(BaseModel):
@@ -189,7 +163,7 @@ def routes_for(cluster: ClusterInfo) -> list[Route]:
     out = []
     for sharding, backend in ROUTE_ORDER:
         if sharding == "single":
-            out.append(Route(engine=cluster.engine, sharding="single", nodes=1))
+            out.append(Route.single(cluster.engine))
         elif n >= 2:
             if cluster.engine == "mlx" and cluster.backend == "nccl":
                 backend = "nccl"  # GPUs: NCCL stands where RDMA and TCP would
@@ -208,23 +182,7 @@ def plan_route(model: str, info: ModelInfo | None, entry: ModelEntry, cluster: C
                context: int) -> memory.MemoryPlan:
     nodes = [n.memory() for n in route_nodes(cluster, route)]
     source = info if info is not None else entry
-    return memory.fit(source, context=context, nodes=nodes, split=route.sharding, name=model, apple=_apple(cluster))
-
-
-def _apple(cluster: ClusterInfo) -> bool:
-    """Apple-silicon nodes run attention in Metal's fused kernel, which never holds the score matrix."""
-    if cluster.source == "catalog":
-        return True
-    if cluster.source == "local":
-        return memory.machine_is_apple()
-    return bool(cluster.nodes) and all("MlxMetal" in n.backends for n in cluster.nodes)
-
-
-def _probe_key(route: Route) -> str:
-    """The probe's name for a route (engine/sharding/backend/nodes; exo's single node runs as a ring of one)."""
-    if route.sharding == "single":
-        return f"{route.engine}/single/{'ring' if route.engine == 'exo' else 'local'}/1"
-    return f"{route.engine}/{route.sharding}/{route.backend}/{route.nodes}"
+    return memory.fit(source, context=context, nodes=nodes, split=route.split, name=model, apple=cluster.apple)
 
 
 def probe_checks(cat: Catalog, *, prove: bool = False) -> ProbeFn:
@@ -242,7 +200,8 @@ def probe_checks(cat: Catalog, *, prove: bool = False) -> ProbeFn:
         key = (model, cluster.endpoint or cluster.source, context)
         if key not in reports:
             try:
-                reports[key] = probe.run(model if info is None else info.path, exo_url=cluster.endpoint,
+                reports[key] = probe.run(model if info is None else info.path, exo=cluster if cluster.engine == "exo"
+                                         else None,
                                          nodes=len(cluster.nodes) if len(cluster.nodes) > 1 else None,
                                          cluster=cat.cluster if cluster.source == "catalog" else None,
                                          context=context, static_only=not prove, entry=cat.entry(model))
@@ -259,11 +218,13 @@ def probe_checks(cat: Catalog, *, prove: bool = False) -> ProbeFn:
         report = run(model, info, cluster, context)
         if isinstance(report, Exception):
             return Verdict(status="unknown", reasons=[f"probe failed: {report}"])
-        found = next((r for r in report.routes if r.key == _probe_key(route)), None)
+        found = report.check(route)
         if found is None:
             return Verdict(status="unknown", reasons=["the probe has no verdict for this route"])
         errors = [f for f in found.findings if f.severity == "error"]
-        uncarded = route.engine == "exo" and info is not None and model not in cluster.exo_models
+        exo_id = cat.entry(model).exo_id  # exo's built-in card for these weights, when models.toml names it
+        uncarded = route.engine == "exo" and info is not None and model not in cluster.exo_models \
+            and exo_id not in cluster.exo_models
         if uncarded:
             errors = [f for f in errors if f.check != "exo.card"]
         # Memory is judged by the pick itself, at the job's context (the probe plans at its own default).

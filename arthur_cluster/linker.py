@@ -1133,9 +1133,6 @@ def doctor(*, hf_cache: Path | None = None, exo_dir: Path | None = None, cards_d
     _doctor_hf(hf_cache, rep)
     _doctor_exo(exo_dir, rep)
     _doctor_exo_writable(exo_dir, rep)
-    from .bringup import doctor_findings  # the deployment's resident ranks: gone or failed
-
-    rep.findings += [Finding(**f) for f in doctor_findings()]
     return rep
 
 

@@ -51,20 +51,20 @@ from . import modelfiles
 from .catalog import ModelEntry
 from .errors import ArthurError
 from .modelfiles import ModelInfo
+from .types import DEFAULT_USABLE_FRACTION, NodeMemory, Sharding  # noqa: F401 (re-exported)
 
 KV_STEP = 256  # mlx_lm.models.cache.KVCache.step
 SSD_CHUNK = 256  # mlx_lm.models.ssm.ssm_attn step
 # Bytes per attention-score element at the peak of a composed SDPA: measured on CPU (f32 scores, softmax
 # in place) and CUDA (bf16 scores + bf16 softmax output) alike.
 SCORE_BYTES = 4
-DEFAULT_USABLE_FRACTION = 0.75  # macOS lets the GPU wire about 3/4 of RAM by default (iogpu.wired_limit_mb)
 DEFAULT_PREFILL_STEP = 2048  # mlx-lm's prefill_step_size
 # Caps, named in the errors: far above any real model or cluster, low enough that the arithmetic stays small.
 MAX_LAYERS = 10_000
 MAX_NODES = 1_024
 MAX_CONTEXT = 1 << 26  # 67M tokens
 
-Split = Literal["single", "pipeline", "tensor"]
+Split = Sharding  # how a plan divides the model
 _LAYER_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 # Tensors of a layer that tensor parallelism keeps whole on every rank.
 _REPLICATED_RE = re.compile(r"(norm[^.]*\.weight|norm[^.]*\.bias|\.gate\.weight|e_score_correction_bias)$")
@@ -72,24 +72,6 @@ _REPLICATED_RE = re.compile(r"(norm[^.]*\.weight|norm[^.]*\.bias|\.gate\.weight|
 
 class PlanError(ArthurError, ValueError):
     """Not enough known about the model to plan its memory; the message says what is missing."""
-
-
-class NodeMemory(BaseModel):
-    """A node's memory. The budget is what is available when known (exo's ramAvailable), else a fraction
-    of the total (the GPU's default wired limit on macOS)."""
-
-    name: str
-    memory_bytes: int | None = None
-    available_bytes: int | None = None
-    usable_fraction: float = DEFAULT_USABLE_FRACTION
-
-    @property
-    def budget(self) -> int | None:
-        if self.available_bytes is not None:
-            return self.available_bytes
-        if self.memory_bytes is not None:
-            return int(self.memory_bytes * self.usable_fraction)
-        return None
 
 
 class NodePlan(BaseModel):

@@ -13,6 +13,10 @@ class ModelNameError(ArthurError, ValueError):
     """A model name that cannot name anything (empty, too long, ambiguous)."""
 
 
+class NotAFolder(ModelNameError):
+    """A path that exists (or is written as a path) but is not a model folder."""
+
+
 def check(name: str, what: str = "model name") -> str:
     """Refuse names that could only be mistakes: empty (it would mean the current directory), huge, NUL."""
     if not name or not name.strip():
@@ -46,3 +50,23 @@ def canonical(name: str, found: list[sources.Found] | None = None) -> str:
     catalogue, exo or the hub may still know it)."""
     hit = find(name, found)
     return hit.repo_id if hit is not None else name
+
+
+def resolve(name: str, found: list[sources.Found] | None = None) -> tuple[str, "Path | None"]:
+    """The one resolver of a model name: (repo id, its folder on this machine or None). A folder path gives
+    its repo id; a repo id or short name is looked up on disk; a name nothing matches comes back as itself
+    with no folder (the catalogue, exo or the hub may still know it). A path that is not a folder is refused."""
+    from pathlib import Path
+
+    check(name)
+    p = Path(name).expanduser()
+    try:
+        is_dir = p.is_dir()
+    except OSError:
+        is_dir = False
+    if is_dir:
+        return sources.repo_id_of(p), p.resolve()
+    if p.exists() or name.startswith((".", "/", "~")):
+        raise NotAFolder(f"{name[:200]}: not a model folder")
+    hit = find(name, found)
+    return (hit.repo_id, hit.path) if hit is not None else (name, None)

@@ -35,26 +35,23 @@ import time
 from pathlib import Path
 from typing import Callable, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, computed_field
 
-from . import memory, modelfiles, paths, remotecode, safeio, sources
+from . import memory, modelfiles, paths, remotecode, safeio
 from .catalog import ClusterEntry, ModelEntry
 from .errors import ArthurError
-from .memory import MemoryPlan, NodeMemory
+from .memory import MemoryPlan
 from .modelfiles import ModelInfo
+from .types import DEFAULT_CONTEXT, ENGINES, SHARDINGS, Finding, NodeMemory, Route, Severity
 from .parallel.registry import mlx_lm_dir, model_remapping  # the static half: imports no mlx
 
 PROBE_VERSION = 1
-ENGINES = ("exo", "mlx")
-SHARDINGS = ("single", "pipeline", "tensor")
-DEFAULT_CONTEXT = 8192  # the same default as pick and up (fallback.DEFAULT_CONTEXT): one question, one figure
 DEFAULT_NODE_COUNTS = (2, 3, 4)
 MAX_PROOF_RANKS = 8  # ranks of the local proof are real processes on this machine
+PREVIEW_TIMEOUT = 20.0  # exo computes every placement for /instance/previews: slower than /state
 MAX_PROBE_NODES = 64  # --nodes N probes every count 2..N: about 10 routes and 2 plans each
-EXO_META = {"ring": "MlxRing", "jaccl": "MlxJaccl"}
 
 Verdict = Literal["ok", "blocked", "unknown"]
-Severity = Literal["error", "warning", "info"]
 Progress = Callable[[str], None]
 
 
@@ -62,22 +59,10 @@ class ProbeError(ArthurError, ValueError):
     """The probe cannot start (model not found, bad route); the message says what to do."""
 
 
-class Finding(BaseModel):
-    check: str  # e.g. "architecture", "tensor.divisibility", "exo.preview", "proof.equivalence"
-    severity: Severity
-    what: str
-    why: str = ""
-    fix: str = ""
+class RouteCheck(BaseModel):
+    """The probe's verdict on one route, with its evidence."""
 
-    def line(self) -> str:
-        return self.what + (f" ({self.why})" if self.why else "") + (f" — fix: {self.fix}" if self.fix else "")
-
-
-class Route(BaseModel):
-    engine: Literal["exo", "mlx"]
-    sharding: Literal["single", "pipeline", "tensor"]
-    backend: str  # ring | jaccl | nccl | local (mlx single)
-    nodes: int
+    route: Route
     verdict: Verdict = "unknown"
     findings: list[Finding] = Field(default_factory=list)
     open_questions: list[str] = Field(default_factory=list)  # what keeps an unblocked route from "ok"
@@ -85,9 +70,30 @@ class Route(BaseModel):
     peak_bytes: int | None = None  # the busiest node's planned memory
     fits: bool | None = None
 
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def engine(self) -> str:
+        return self.route.engine
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def sharding(self) -> str:
+        return self.route.sharding
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def backend(self) -> str:
+        """As `--route` names it: ring | jaccl | nccl, and on one node ring (exo) or local (MLX)."""
+        return self.route.key.split("/")[2]
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def nodes(self) -> int:
+        return self.route.nodes
+
     @property
     def key(self) -> str:
-        return f"{self.engine}/{self.sharding}/{self.backend}/{self.nodes}"
+        return self.route.key
 
     def block(self, check: str, what: str, why: str = "", fix: str = "") -> None:
         self.findings.append(Finding(check=check, severity="error", what=what, why=why, fix=fix))
@@ -134,7 +140,7 @@ class RouteSpec(BaseModel):
             spec["nodes"] = int(parts[3])
         return cls(**spec)
 
-    def matches(self, r: Route) -> bool:
+    def matches(self, r: "RouteCheck") -> bool:
         return all(v is None or v == getattr(r, k) for k, v in self.model_dump().items())
 
     def __str__(self) -> str:
@@ -153,17 +159,22 @@ class ProbeReport(BaseModel):
     nodes: list[NodeMemory] = Field(default_factory=list)
     exo_url: str | None = None
     attention: Literal["materialized", "fused"] = "materialized"  # how the plans count attention scores
-    routes: list[Route] = Field(default_factory=list)
+    routes: list[RouteCheck] = Field(default_factory=list)
     findings: list[Finding] = Field(default_factory=list)  # about the model / cluster, not one route
     asked: str | None = None  # the route asked for (a spec; "*" parts match anything)
-    route: Route | None = None  # the route that answers it: the first ok, else unknown, else blocked match
+    route: RouteCheck | None = None  # the route that answers it: the first ok, else unknown, else blocked match
     verdict: Verdict = "unknown"
     memory: dict[str, MemoryPlan] = Field(default_factory=dict)  # "pipeline/2" -> plan
     proved: bool = False
     static_cached: bool = False
     timings: dict[str, float] = Field(default_factory=dict)  # seconds per phase
 
-    def find(self, key: str) -> Route | None:
+    def check(self, route: Route) -> RouteCheck | None:
+        """The verdict on `route`, or None when the probe did not judge it."""
+        return next((r for r in self.routes if r.route == route), None)
+
+    def find(self, key: str) -> RouteCheck | None:
+        """By `--route`'s ENGINE/SHARDING/BACKEND/N text."""
         return next((r for r in self.routes if r.key == key), None)
 
     def add(self, check: str, severity: Severity, what: str, why: str = "", fix: str = "") -> Finding:
@@ -434,7 +445,7 @@ def _check_quantization(facts: StaticFacts) -> None:
     if experts_float:
         facts.unquantized_experts = True
         _add(facts, "quantization", "warning", f"MoE experts stored unquantized ({len(experts_float)} stacks, e.g. "
-             f"{experts_float[0]})", why="on CPU (exo MlxCpu nodes, Linux) gather_mm supports float32 only: "
+             f"{experts_float[0]})", why="on CPU (exo nodes on Linux, MLX on CPU) gather_mm supports float32 only: "
              "bf16/fp16 experts fail with '[GatherMM::eval] Currently only supports float32'",
              fix="on CPU nodes load in float32 (model.set_dtype(mx.float32)) or quantize the experts; "
              "Metal and CUDA are unaffected")
@@ -470,15 +481,14 @@ def local_backends() -> dict[str, bool]:
     return {b: bool(mx.distributed.is_available(b)) for b in ("ring", "jaccl", "nccl")}
 
 
-def make_routes(counts: list[int]) -> list[Route]:
-    routes = [Route(engine="exo", sharding="single", backend="ring", nodes=1),
-              Route(engine="mlx", sharding="single", backend="local", nodes=1)]
+def make_routes(counts: list[int]) -> list[RouteCheck]:
+    routes = [RouteCheck(route=Route.single("exo")), RouteCheck(route=Route.single("mlx"))]
     mlx_backends = ["ring", "jaccl"] + (["nccl"] if local_backends().get("nccl") else [])
     for n in counts:
         for engine in ENGINES:
             for sharding in ("pipeline", "tensor"):
                 for backend in (("ring", "jaccl") if engine == "exo" else mlx_backends):
-                    routes.append(Route(engine=engine, sharding=sharding, backend=backend, nodes=n))
+                    routes.append(RouteCheck(route=Route(engine=engine, sharding=sharding, backend=backend, nodes=n)))
     return routes
 
 
@@ -562,7 +572,7 @@ def evaluate_static(report: ProbeReport, facts: StaticFacts | None, entry: Model
         _route_backend(report, r)
 
 
-def _route_memory(report: ProbeReport, r: Route) -> None:
+def _route_memory(report: ProbeReport, r: RouteCheck) -> None:
     plan = report.memory.get(f"{r.sharding}/{r.nodes}")
     if plan is None or not plan.nodes:
         return
@@ -582,7 +592,7 @@ def _route_memory(report: ProbeReport, r: Route) -> None:
         r.note("pipeline", f"stages: {stages}")
 
 
-def _route_backend(report: ProbeReport, r: Route) -> None:
+def _route_backend(report: ProbeReport, r: RouteCheck) -> None:
     if r.backend == "jaccl" and r.engine == "mlx":
         r.open_questions.append("JACCL needs RDMA over Thunderbolt 5 on every node: not verifiable from here")
     if r.backend == "nccl":
@@ -599,36 +609,36 @@ def _route_backend(report: ProbeReport, r: Route) -> None:
 
 
 def exo_connect(report: ProbeReport, url: str, progress: Progress):
-    """(client, state) of a reachable exo, else None with a finding."""
-    from . import exo_client
+    """The cluster a reachable exo reports (cluster.discover, as pick and up see it), else None with a finding."""
+    from .cluster import ClusterError, discover
 
-    client = exo_client.ExoClient(url, connect_timeout=2.0, read_timeout=20.0, retries=0)
     progress(f"asking exo at {url}")
     try:
-        return client, client.state()
-    except exo_client.ExoError as e:
+        return discover(engine="exo", exo_url=url).clusters[0]
+    except ClusterError as e:
         report.add("exo", "warning", f"exo not usable: {e}",
                    fix="start exo, or check --exo / EXO_API (exo's API is on port 52415)")
         return None
 
 
-def exo_nodes(state) -> list[NodeMemory]:
-    nodes = sorted(state.nodes.values(), key=lambda n: -(n.ram_available or 0))
-    return [NodeMemory(name=n.friendly_name or n.node_id, memory_bytes=n.ram_total, available_bytes=n.ram_available)
-            for n in nodes]
+def exo_nodes(exo) -> list[NodeMemory]:
+    """exo's nodes as the plans see them, the largest free memory first (as exo's placement fills them)."""
+    return [n.memory() for n in sorted(exo.nodes, key=lambda n: (-(n.available_bytes or 0), n.name))]
 
 
-def live_exo(report: ProbeReport, client, state, candidates: list[str],
-             static_blocked: dict[str, list[Finding]], progress: Progress) -> None:
-    """Nodes, card, previews and RDMA from exo; route verdicts are updated in place."""
+def live_exo(report: ProbeReport, exo, candidates: list[str], static_blocked: dict[Route, list[Finding]],
+             progress: Progress) -> None:
+    """Nodes, card, previews and RDMA from exo (a discovered cluster); route verdicts are updated in place."""
     from . import exo_client
+    from .cluster import exo_client as client_for
 
-    report.exo_url = client.url
-    nodes = sorted(state.nodes.values(), key=lambda n: -(n.ram_available or 0))
+    client = client_for(exo.endpoint, exo.deadline, read_timeout=PREVIEW_TIMEOUT)
+    report.exo_url = exo.endpoint
+    nodes = exo.nodes
     # exo's API reports no version: nodes of another version never join, so they are simply not listed here.
-    report.add("exo.nodes", "info", f"{len(nodes)} exo node(s): " + ", ".join(n.node_id for n in nodes))
+    report.add("exo.nodes", "info", f"{len(nodes)} exo node(s): " + ", ".join(n.name for n in nodes))
     report.add("exo.memory", "info", "node memory: " + ", ".join(
-        f"{m.name} {_gib(m.available_bytes)} free of {_gib(m.memory_bytes)}" for m in exo_nodes(state)))
+        f"{n.display} {_gib(n.available_bytes)} free of {_gib(n.memory_bytes)}" for n in nodes))
     for r in report.routes:
         if r.engine == "exo" and r.nodes > len(nodes):
             r.block("nodes", f"exo sees {len(nodes)} node(s), the route needs {r.nodes}")
@@ -642,7 +652,7 @@ def live_exo(report: ProbeReport, client, state, candidates: list[str],
     if model_id is None:
         report.add("exo.card", "error", f"exo has no card for {' or '.join(candidates) or report.model}",
                    fix="run `arthur-cluster link MODEL`, then `arthur-cluster up`: it registers the model with exo "
-                       "(POST /models/add), which keeps the card in its state on every node")
+                       "(POST /models/add), which keeps the card on every node")
         for r in report.routes:
             if r.engine == "exo":
                 r.block("exo.card", "exo has no card for this model")
@@ -663,38 +673,24 @@ def live_exo(report: ProbeReport, client, state, candidates: list[str],
     _rdma(report, nodes)
 
 
-def _apply_previews(report: ProbeReport, previews: list, static_blocked: dict[str, list[Finding]]) -> None:
-    by_route: dict[str, object] = {}
-    errors: dict[tuple[str, str], str] = {}
+def _apply_previews(report: ProbeReport, previews: list, static_blocked: dict[Route, list[Finding]]) -> None:
+    by_route = {}
     for p in previews:
-        if not p.ok:  # exo sends one error row per (sharding, meta), for no node count in particular
-            errors.setdefault((p.sharding.lower(), p.instance_meta), p.error or "no placement")
-            continue
-        n = p.nodes or 1
-        backend = {"MlxRing": "ring", "MlxJaccl": "jaccl"}.get(p.instance_meta)
-        sharding = "single" if n == 1 else p.sharding.lower()
-        if backend is None or (sharding == "single" and backend != "ring"):
-            continue
-        key = f"exo/{sharding}/{backend}/{n}"
-        prev = by_route.get(key)
-        if prev is None or (p.ok and not prev.ok):
-            by_route[key] = p
+        if p.route is not None:
+            by_route.setdefault(p.route, p)
     for r in report.routes:
         if r.engine != "exo":
             continue
-        p = by_route.get(r.key)
-        meta = "MlxJaccl" if r.backend == "jaccl" else "MlxRing"
-        error = errors.get(("pipeline" if r.sharding == "single" else r.sharding, meta))
-        if p is None and error:
-            r.block("exo.preview", f"exo refuses: {error}")
+        p = by_route.get(r.route)
+        # exo sends one error row per (sharding, meta), for no node count in particular
+        refused = next((x for x in previews if x.refuses(r.route)), None)
+        if p is None and refused is not None:
+            r.block("exo.preview", f"exo refuses: {refused.error or 'no placement'}")
             continue
         if p is None:
             r.open_questions.append("exo gave no preview for this route (not enough nodes, or an older exo)")
             continue
-        if not p.ok:
-            r.block("exo.preview", f"exo refuses: {p.error or 'no placement'}")
-            continue
-        wrong = static_blocked.get(r.key) or []
+        wrong = static_blocked.get(r.route) or []
         if wrong:
             msg = (f"EXO ACCEPTS {r.sharding.upper()} ON {r.nodes} NODES, AND IT IS WRONG: "
                    + "; ".join(f.what for f in wrong[:2]))
@@ -708,14 +704,17 @@ def _apply_previews(report: ProbeReport, previews: list, static_blocked: dict[st
 
 
 def _rdma(report: ProbeReport, nodes: list) -> None:
-    not_ready = [n.friendly_name or n.node_id for n in nodes if not n.rdma_enabled or "MlxMetal" not in n.backends]
+    """JACCL needs RDMA on Apple silicon: rdma_ctl not off and RDMA links, on Macs (exo's backends when it
+    publishes them, else the chip)."""
+    not_ready = [n.display for n in nodes if not n.rdma]
     if not_ready:
-        report.add("exo.rdma", "info", f"JACCL not possible on {', '.join(not_ready)}: rdma_ctl not enabled or "
-                   "not a Metal node", fix="run `rdma_ctl enable` from macOS Recovery on every node, cable Thunderbolt 5 "
-                   "all-to-all, same macOS on every node")
+        report.add("exo.rdma", "info", f"JACCL not possible on {', '.join(not_ready)}: no RDMA links, rdma_ctl not "
+                   "enabled, or not Apple silicon", fix="run `rdma_ctl enable` from macOS Recovery on every node, "
+                   "cable Thunderbolt 5 all-to-all, same macOS on every node")
     for r in report.routes:
         if r.backend == "jaccl" and r.engine == "exo" and len(nodes) - len(not_ready) < r.nodes:
-            r.block("exo.rdma", f"fewer than {r.nodes} nodes have RDMA (rdma_ctl) enabled on a Metal backend")
+            r.block("exo.rdma", f"fewer than {r.nodes} nodes have RDMA (rdma_ctl enabled, RDMA links) on Apple "
+                    "silicon")
 
 
 # --- local proof -----------------------------------------------------------------------------------------
@@ -893,21 +892,14 @@ def _record_equivalence(report: ProbeReport, mode: str, n: int, res, err: str | 
 # --- the entry point --------------------------------------------------------------------------------------
 
 
-def locate(model: str) -> tuple[Path | None, str]:
-    """A folder path, or a repo id found by discovery (modelname's resolver, as every command uses);
-    (folder or None, repo id or name)."""
+def locate(model: str) -> tuple[str, Path | None]:
+    """(repo id or name, folder or None): modelname.resolve, the resolver every command uses."""
     from . import modelname
 
-    modelname.check(model)
-    p = Path(model).expanduser()
-    if p.is_dir():
-        return p.resolve(), sources.repo_id_of(p)
-    if p.exists() or model.startswith((".", "/", "~")):
-        raise ProbeError(f"{model}: not a model folder")
-    found = modelname.find(model)
-    if found:
-        return found.path, found.repo_id
-    return None, model
+    try:
+        return modelname.resolve(model)
+    except modelname.NotAFolder as e:
+        raise ProbeError(str(e)) from None
 
 
 def check_counts(nodes: int | None, ranks: tuple[int, ...]) -> None:
@@ -925,6 +917,7 @@ def run(
     model: str | Path,
     *,
     exo_url: str | None = None,
+    exo=None,
     nodes: int | None = None,
     cluster: ClusterEntry | None = None,
     context: int | None = None,
@@ -939,14 +932,15 @@ def run(
     """Probe `model` (a folder or a repo id) for every route; see the module docstring.
 
     nodes: probe node counts 2..nodes (default 2, 3, 4, or the cluster's size); cluster: the models.toml
-    cluster (node memory, RDMA devices); exo_url: ask a running exo; entry: the catalogue's figures, used
+    cluster (node memory, RDMA devices); exo_url: ask a running exo (cluster.discover); exo: an exo cluster
+    already discovered (cluster.ClusterInfo); entry: the catalogue's figures, used
     when the model is not on disk; static_only: skip the local proof (miniature + equivalence on real ranks).
     """
     progress = progress or (lambda _: None)
     t0 = time.time()
     check_counts(nodes, prove_ranks)
     spec = RouteSpec.parse(route) if isinstance(route, str) else route
-    folder, name = locate(str(model))
+    name, folder = locate(str(model))
     report = ProbeReport(model=name, path=folder, asked=str(spec) if spec else None)
     facts = None
     if folder is not None:
@@ -975,12 +969,12 @@ def run(
     report.timings["static"] = round(time.time() - t0, 3)
 
     # exo first when asked: its nodes' memory feeds the plans, its previews judge the exo routes.
-    conn = exo_connect(report, exo_url, progress) if exo_url else None
-    report.exo_url = conn[0].url if conn else exo_url
+    conn = exo if exo is not None else exo_connect(report, exo_url, progress) if exo_url else None
+    report.exo_url = conn.endpoint if conn is not None else exo_url
     apple = bool(cluster and cluster.nodes)
     if conn is not None and not known:
-        known = exo_nodes(conn[1])
-        apple = all("MlxMetal" in n.backends for n in conn[1].nodes.values())
+        known = exo_nodes(conn)
+        apple = conn.apple
     counts = node_counts(nodes, known, spec)
     report.routes = make_routes(counts)
     report.nodes, report.node_counts = known, counts
@@ -994,10 +988,10 @@ def run(
                 r.open_questions.append("exo unreachable")
     if conn is not None:
         t = time.time()
-        blocked = {r.key: [f for f in r.findings if f.severity == "error"
-                           and f.check.startswith(("tensor", "pipeline"))] for r in report.routes}
+        blocked = {r.route: [f for f in r.findings if f.severity == "error"
+                             and f.check.startswith(("tensor", "pipeline"))] for r in report.routes}
         candidates = list(dict.fromkeys([name] + ([entry.exo_id] if entry and entry.exo_id else [])))
-        live_exo(report, conn[0], conn[1], candidates, blocked, progress)
+        live_exo(report, conn, candidates, blocked, progress)
         report.timings["exo"] = round(time.time() - t, 3)
 
     if not static_only and facts is not None and not facts.broken:

@@ -2,8 +2,9 @@
 every few seconds, malformed or deeply nested JSON, answers of the wrong shape.
 
 Everything else is tested against exo's own code (tests/fixtures_exo.py). The stand-in's well-formed answers
-(WELL_FORMED) are validated against exo's pydantic types by tests/test_exo_faults.py, so the faults differ from
-real exo only where each test says.
+(WELL_FORMED, and WELL_FORMED_BY_KIT for what each exo version's State holds) are validated against that
+version's pydantic types by tests/test_exo_faults.py, so the faults differ from real exo only where each test
+says.
 """
 
 from __future__ import annotations
@@ -41,6 +42,12 @@ WELL_FORMED: dict[str, tuple[str, object]] = {
          "family": "llama", "quantization": "4bit", "base_model": "Llama 3.2 1B", "capabilities": ["text"],
          "reasoning_dialect": "none"}]}),
     "/instance/previews": ("exo.api.types.api:PlacementPreviewResponse", {"previews": []}),
+}
+# exo v1.0.71's State has no nodeBackends (and rejects unknown keys): the same answers without it.
+_STATE_V1 = {k: v for k, v in WELL_FORMED["/state"][1].items() if k != "nodeBackends"}
+WELL_FORMED_BY_KIT: dict[str, dict[str, tuple[str, object]]] = {
+    "main": WELL_FORMED,
+    "v1.0.71": {**WELL_FORMED, "/state": ("exo.shared.types.state:State", _STATE_V1)},
 }
 
 

@@ -111,12 +111,56 @@ def test_nodes_too_small_for_nemotron_end_on_the_llama_with_a_memory_reason(exo_
     assert [i["MlxRingInstance"]["shardAssignments"]["modelId"] for i in h.instances().values()] == [LLAMA]
 
 
+def test_262k_tokens_on_two_48_gib_rdma_nodes_is_nemotron_tensor_over_jaccl_with_fused_attention(exo_factory,
+                                                                                                   lmstudio_home):
+    """The document jobs' case, on each exo version: exo v1.0.71 publishes no node backends, so its Macs are
+    known by their chip; the plan counts fused attention (no score matrix) and JACCL is taken where RDMA is."""
+    from arthur_cluster import cluster, fallback
+    from arthur_cluster.catalog import ModelEntry
+    from arthur_cluster.types import Route
+    from tests.fixtures_exo import EXO_NEMOTRON_ID, GIB
+
+    realshape.build(lmstudio_home / "models" / NEMOTRON, NEMOTRON_CONFIG)  # the real 33.6 GB shape, sparse
+    h = exo(exo_factory, "--ram-gib", "48", "--rdma")
+    cat = Catalog(target=NEMOTRON, fallbacks=[LLAMA], models={NEMOTRON: ModelEntry(exo_id=EXO_NEMOTRON_ID)})
+    jaccl = Route(engine="exo", sharding="tensor", backend="jaccl", nodes=2)
+    choice = fallback.pick(cat, cluster=cluster.from_exo(cluster.exo_client(h.url)), context=262144)
+    assert (choice.model, choice.route, choice.verdict.status) == (NEMOTRON, jaccl, "ok"), choice.rejections
+    assert choice.plan.fits and choice.plan.peak_node.total < 20 * GIB  # fused; materialised scores: ~83 GiB
+    dep = timed_up(60, cat, engine="exo", exo_url=h.url, context=262144, timeout=60)
+    assert (dep.model, dep.served_id, dep.route, dep.context) == (NEMOTRON, EXO_NEMOTRON_ID, jaccl, 262144)
+    assert [i["MlxJacclInstance"]["shardAssignments"]["modelId"] for i in h.instances().values()] == [
+        EXO_NEMOTRON_ID]
+
+
 def test_weights_missing_on_the_nodes_give_exos_download_error_then_the_fallback(exo_factory, library, tmp_path):
     h = exo_factory("--nodes", "2", links=tmp_path / "not-the-links-dir")  # exo's nodes do not see the links
     dep = timed_up(30, Catalog(target=LLAMA, fallbacks=[]), exo_url=h.url, timeout=600)
     assert dep.engine == "mlx" and dep.model == LLAMA  # this machine, which has the weights
-    assert "Model files not found locally in offline mode" in dep.fallback_reason
+    assert "Model files not found locally in offline mode" in dep.fallback_reason  # what exo said
+    entry = paths.exo_links_dir() / paths.exo_model_dirname(LLAMA)
+    assert f"not in the exo model directories of node(s) mac-0 (exonode-0)" in dep.fallback_reason
+    assert str(entry) in dep.fallback_reason and f"`arthur-cluster link {LLAMA}`" in dep.fallback_reason
     assert h.instances() == {}  # the failed instance was deleted
+
+
+def test_missing_weights_of_a_model_without_an_exo_card_are_said_within_30_s_then_the_fallback(
+        exo_factory, library, tmp_path):
+    """exo cannot build a card for weights its nodes do not see (it asks Hugging Face, offline here): `up`
+    says so plainly, naming the nodes, the directory and the command, with what exo said, then falls back."""
+    h = exo_factory("--nodes", "2", links=tmp_path / "not-the-links-dir")
+    start = time.monotonic()
+    said: list[tuple[float, str]] = []
+    hooks = Recorder(on_say=lambda text: said.append((time.monotonic() - start, text)))
+    dep = bringup.up(catalogue(), exo_url=h.url, timeout=600, hooks=hooks)
+    at, line = next((t, x) for t, x in said if "are not in the exo model directories" in x)
+    assert at < 30, f"the missing weights were said after {at:.0f} s"
+    entry = paths.exo_links_dir() / paths.exo_model_dirname(NEMOTRON)
+    assert f"the weights of {NEMOTRON}" in line and "mac-0 (exonode-0)" in line and "mac-1 (exonode-1)" in line
+    assert str(entry) in line and f"`arthur-cluster link {NEMOTRON}`" in line and "exo said: " in line
+    assert not any("card" in x and "failed" in x and "weights" not in x for _, x in said)  # no bare card error
+    assert dep.engine == "mlx" and dep.model == NEMOTRON  # this machine has them
+    assert "are not in the exo model directories" in dep.fallback_reason
 
 
 def test_a_failed_runner_is_reported_with_its_message_and_mlx_takes_over(exo_factory, library):
@@ -226,6 +270,37 @@ def test_cli_pick_up_down_json(exo_factory, library, tmp_path):
     assert wait_for(lambda: h.instances() == {})
 
 
+def test_cli_exo_address_without_a_scheme_is_exo(exo_factory, library, tmp_path):
+    """`--exo HOST:PORT`, the form `up --help` shows, reaches exo (it was once a 'broken answer')."""
+    h = exo(exo_factory)
+    bare = h.url.removeprefix("http://")
+    res = CliRunner().invoke(cli.app, ["pick", "--engine", "exo", "--exo", bare, "--catalog",
+                                       write_catalog(tmp_path), "--json"])
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.stdout)
+    assert out["choice"]["model"] == NEMOTRON and out["choice"]["route"]["engine"] == "exo"
+    res = CliRunner().invoke(cli.app, ["pick", "--engine", "exo", "--exo", "ftp://" + bare, "--catalog",
+                                       write_catalog(tmp_path)])
+    assert res.exit_code == 1 and "HOST:PORT" in res.output and "Traceback" not in res.output
+
+
+def test_up_timeout_bounds_the_whole_bring_up_with_a_frozen_exo(library, tmp_path):
+    """An exo that accepts connections and never answers (a stopped process): `up --timeout 4` ends within a
+    bound near 4 s (once 112-132 s for --timeout 20), saying exo did not answer."""
+    frozen = socket.create_server(("127.0.0.1", 0), backlog=64)  # the kernel accepts; nobody ever answers
+    try:
+        port = frozen.getsockname()[1]
+        start = time.monotonic()
+        res = CliRunner().invoke(cli.app, ["up", "--engine", "exo", "--exo", f"127.0.0.1:{port}", "--timeout", "4",
+                                           "--catalog", write_catalog(tmp_path)])
+        took = time.monotonic() - start
+    finally:
+        frozen.close()
+    assert res.exit_code == 1 and "Traceback" not in res.output and str(port) in res.output, res.output
+    assert "did not" in res.output or "no time left" in res.output
+    assert took < 14, f"up --timeout 4 took {took:.0f} s"
+
+
 def test_cli_up_failure_is_one_clear_error(library, tmp_path):
     res = CliRunner().invoke(cli.app, ["up", "--engine", "exo", "--exo", f"http://127.0.0.1:{free_port()}",
                                        "--catalog", write_catalog(tmp_path)])
@@ -303,7 +378,6 @@ def test_a_previous_instance_that_cannot_be_stopped_is_said_so(exo_factory, libr
 def test_up_with_serve_keeps_the_model_behind_an_openai_endpoint_and_down_stops_it(library):
     import requests
 
-    from arthur_cluster import linker
     from arthur_cluster.engines.base import collect
     from arthur_cluster.parallel import resident
 
@@ -316,7 +390,7 @@ def test_up_with_serve_keeps_the_model_behind_an_openai_endpoint_and_down_stops_
         engine = bringup.engine_for(dep)
         result = collect(engine.stream([{"role": "user", "content": "What is 2+2?"}], max_tokens=4))
         assert result.stats.generation_tokens == 4 and engine.last_done["weight_loads"] == [1]
-        assert bringup.stale_notes() == [] and not any(f.kind == "stale-record" for f in linker.doctor().findings)
+        assert bringup.stale_notes() == [] and not any(f.kind == "stale-record" for f in bringup.doctor().findings)
         old, dep = dep, bringup.up(catalogue(), engine="mlx", serve=True)  # again: the old ranks go first
         assert dep.resident.url != old.resident.url and not any(resident._alive(p) for p in old.resident.pids)
         assert any("stopped the previous resident ranks" in n for n in dep.notes)
@@ -331,7 +405,6 @@ def test_up_with_serve_keeps_the_model_behind_an_openai_endpoint_and_down_stops_
 
 
 def test_doctor_names_a_stale_resident_record(library):
-    from arthur_cluster import linker
     from arthur_cluster.parallel.resident import Resident
 
     gone = Resident(url=f"http://127.0.0.1:{hostfile.free_ports(1)[0]}", model="m", model_path="/x", mode="single",
@@ -340,7 +413,7 @@ def test_doctor_names_a_stale_resident_record(library):
                              sharding="single"), endpoint=gone.endpoint, resident=gone,
                              smoke=bringup.Smoke(question="q", answer="a"))
     bringup.write_record(dep)
-    findings = [f for f in linker.doctor().findings if f.kind == "stale-record"]
+    findings = [f for f in bringup.doctor().findings if f.kind == "stale-record"]
     assert len(findings) == 1 and "nothing answers at " + gone.url in findings[0].message
     assert "all its processes are gone" in findings[0].message and "down" in findings[0].fix
     hooks = Recorder()

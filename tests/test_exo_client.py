@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from arthur_cluster import linker, modelfiles
+from arthur_cluster.types import Route
 from arthur_cluster.exo_client import (
     DownloadFailed, ExoClient, ExoHTTPError, ExoProtocolError, ExoUnreachable, ModelNotRunning, PlacementFailed,
     RunnerFailed, StreamError, parse_sse,
@@ -54,7 +55,12 @@ def test_state_is_parsed_into_typed_nodes(client):
     state = client.state()
     assert sorted(state.nodes) == ["exonode-0", "exonode-1"]
     a = state.nodes["exonode-0"]
-    assert (a.ram_total, a.ram_available, a.rdma_enabled, a.backends) == (64 * GIB, 48 * GIB, False, ["MlxMetal"])
+    assert (a.ram_total, a.ram_available, a.rdma_enabled) == (64 * GIB, 48 * GIB, False)
+    # main publishes node backends; v1.0.71 does not: unknown (None), never "no backend", and the chip says Apple
+    assert a.backends == (["MlxMetal"] if "nodeBackends" in state.raw else None)
+    assert a.apple is True and a.chip == "Apple M4 Pro" and a.rdma_ctl is False and a.rdma_peers == []
+    assert a.memory().model_dump() == {"name": "exonode-0", "memory_bytes": 64 * GIB, "available_bytes": 48 * GIB,
+                                       "usable_fraction": 0.75, "apple": True}
     assert a.friendly_name == "mac-0" and not hasattr(a, "exo_version")  # exo's API reports no version
     assert ("exonode-0", "exonode-1") in state.topology.connections
     assert client.state_path("nodeMemory/exonode-1/ramAvailable") == {"inBytes": 48 * GIB}
@@ -112,9 +118,14 @@ def test_previews_carry_no_min_nodes_and_placement_query(client):
     previews = client.previews(LLAMA_ID)
     ok = {(p.sharding, p.instance_meta, p.nodes) for p in previews if p.ok}
     assert ("Pipeline", "MlxRing", 1) in ok and ("Pipeline", "MlxRing", 2) in ok
-    assert all(p.error for p in previews if p.instance_meta == "MlxJaccl")  # no RDMA on these nodes
+    # no RDMA on these nodes: no JACCL route (v1.0.71 turns a 1-node JACCL preview into a ring of one)
+    assert all(p.route is None for p in previews if p.instance_meta == "MlxJaccl")
+    assert {p.route for p in previews if p.ok and p.instance_meta == "MlxRing"} >= {
+        Route.single("exo"), Route(engine="exo", sharding="pipeline", backend="ring", nodes=2)}
     inst = client.placement(LLAMA_ID, "Tensor", "MlxRing", min_nodes=2)
     assert inst.sharding == "Tensor" and len(inst.shards) == 2
+    assert inst.route == Route(engine="exo", sharding="tensor", backend="ring", nodes=2)
+    assert (inst.card.model_id, inst.card.n_layers, inst.card.hidden_size) == (LLAMA_ID, 16, 2048)
     client.create_instance(inst)
     assert client.wait_ready(LLAMA_ID, timeout=WAIT, poll=0.02).instance_id == inst.instance_id
 
@@ -206,3 +217,15 @@ def test_exo_api_env_sets_the_default(monkeypatch):
     assert ExoClient().url == "http://localhost:52415"
     monkeypatch.setenv("EXO_API", "http://studio-1.local:6000/")
     assert ExoClient().url == "http://studio-1.local:6000"
+
+
+def test_exo_addresses_as_users_write_them():
+    from arthur_cluster.exo_client import BadExoURL, normalize_url
+
+    assert normalize_url("mac1:52415") == "http://mac1:52415"  # the form `up --help` shows
+    assert normalize_url("mac1") == "http://mac1:52415" and normalize_url(" http://10.0.0.2:8000/ ") == \
+        "http://10.0.0.2:8000"
+    assert normalize_url("[::1]") == "http://[::1]:52415" and normalize_url("https://h:1") == "https://h:1"
+    for bad in ("ftp://mac1", ":52415", "http://", ""):
+        with pytest.raises(BadExoURL, match="HOST:PORT"):
+            normalize_url(bad)

@@ -11,8 +11,8 @@ import time
 import pytest
 
 from arthur_cluster.exo_client import ExoClient, ExoProtocolError, ExoTimeout, InstanceNotReady
-from tests.exo_faults import MALFORMED, WELL_FORMED, FaultServer
-from tests.fixtures_exo import VENDOR_SRC, exo_python
+from tests.exo_faults import MALFORMED, WELL_FORMED_BY_KIT, FaultServer
+from tests.fixtures_exo import KITS, exo_python
 
 CHECK = """
 import importlib, json, sys
@@ -38,21 +38,33 @@ def fault_server():
         s.stop()
 
 
-def validate_with_exo(answers: dict, tmp_path) -> None:
-    """Every answer parses as exo's own pydantic type (in the exo-real venv, from exo's vendored source)."""
-    res = subprocess.run([exo_python(), "-c", CHECK], input=json.dumps(answers), capture_output=True,
-                         text=True, timeout=120, env={"EXO_HOME": str(tmp_path), "PYTHONPATH": str(VENDOR_SRC),
-                                                      "HOME": str(tmp_path)})
+def validate_with_exo(answers: dict, tmp_path, kit: str = "main") -> None:
+    """Every answer parses as exo's own pydantic type (in that version's exo-real venv, from its source)."""
+    res = subprocess.run([exo_python(kit), "-c", CHECK], input=json.dumps(answers), capture_output=True,
+                         text=True, timeout=120, env={"EXO_HOME": str(tmp_path), "HOME": str(tmp_path),
+                                                      "PYTHONPATH": str(KITS[kit].vendor_src)})
     assert res.returncode == 0, res.stderr[-2000:]
     assert sorted(res.stdout.split()[1::2]) == sorted(answers)
 
 
-def test_the_stand_ins_well_formed_answers_are_exos_own_types(tmp_path, fault_server):
-    validate_with_exo(WELL_FORMED, tmp_path)
-    client = ExoClient(fault_server().url)  # and the client reads every one of them
-    assert client.node_id() == "exonode-0" and client.state().nodes["exonode-0"].ram_available == 48 << 30
-    assert [m.id for m in client.models()] == [WELL_FORMED["/v1/models"][1]["data"][0]["id"]]
+def test_the_stand_ins_well_formed_answers_are_exos_own_types(tmp_path, fault_server, exo_kit):
+    answers = WELL_FORMED_BY_KIT[exo_kit.name]
+    validate_with_exo(answers, tmp_path, exo_kit.name)
+    client = ExoClient(fault_server(answers=answers).url)  # and the client reads every one of them
+    node = client.state().nodes["exonode-0"]
+    assert client.node_id() == "exonode-0" and node.ram_available == 48 << 30
+    # what the version says: main's backends; v1.0.71 has none (unknown, not "none"): the chip says Apple
+    assert node.backends == (["MlxMetal"] if "nodeBackends" in answers["/state"][1] else None) and node.apple
+    assert [m.id for m in client.models()] == [answers["/v1/models"][1]["data"][0]["id"]]
     assert client.previews("x") == []
+
+
+def test_the_stand_in_state_of_each_version_is_rejected_by_the_other_where_they_differ(tmp_path):
+    """v1.0.71's State forbids nodeBackends: main's answer is not valid there (so each must be its own)."""
+    res = subprocess.run([exo_python("v1.0.71"), "-c", CHECK], input=json.dumps({"/state": WELL_FORMED_BY_KIT[
+        "main"]["/state"]}), capture_output=True, text=True, timeout=120,
+        env={"EXO_HOME": str(tmp_path), "HOME": str(tmp_path), "PYTHONPATH": str(KITS["v1.0.71"].vendor_src)})
+    assert res.returncode != 0 and "nodeBackends" in res.stderr
 
 
 def test_an_answer_trickling_in_one_byte_every_2_s_is_cut_at_the_total_limit(fault_server):
@@ -117,7 +129,7 @@ def test_an_ongoing_download_is_progress_and_the_wait_says_where_it_stood(shared
     fake = {**state, "instances": {inst.instance_id: tagged}, "runners": {rid: {"RunnerIdle": {}}},
             "downloads": {node: [ongoing]}, "tasks": {}}
     answers = {"/state": ("exo.shared.types.state:State", fake)}
-    validate_with_exo(answers, tmp_path)
+    validate_with_exo(answers, tmp_path, shared_exo.kit.name)
     seen: list[tuple[int, int]] = []
     with pytest.raises(InstanceNotReady, match=f"node {node}: downloading 174/696 MiB"):
         ExoClient(fault_server(answers=answers).url).wait_ready(LLAMA_ID, timeout=1.0, poll=0.1,
@@ -136,3 +148,64 @@ def test_the_commands_say_one_line_naming_exo_never_a_traceback(fault_server, fa
     assert res.exit_code == 1 and server.url in res.output and "Traceback" not in res.output
     res = CliRunner().invoke(cli.app, ["pick", "--exo", server.url, "--json"])
     assert "Traceback" not in res.output and not isinstance(res.exception, RecursionError)
+
+
+def test_an_instance_whose_runners_are_running_is_ready_and_up_reuses_it(shared_exo, fault_server, tmp_path):
+    """A runner answering a request is RunnerRunning, not RunnerReady: the instance is serving. exo-real's
+    runners pass through Running only for the ~0.1 s of an answer, so the state exo's own code made for a
+    placed instance is served with its runners Running (checked against exo's State type)."""
+    from arthur_cluster import bringup
+    from tests.fixtures_exo import LLAMA_ID
+
+    client = ExoClient(shared_exo.url)
+    inst = client.place_and_wait(LLAMA_ID, timeout=60, poll=0.02)
+    state = shared_exo.get("/state")
+    client.delete_instance(inst.instance_id)
+    running = {**state, "runners": {r: {"RunnerRunning": {}} for r in state["runners"]}, "tasks": {}}
+    answers = {"/state": ("exo.shared.types.state:State", running)}
+    validate_with_exo(answers, tmp_path, shared_exo.kit.name)
+    stand_in = ExoClient(fault_server(answers=answers).url)
+    assert stand_in.wait_ready(LLAMA_ID, timeout=1.0, poll=0.1).instance_id == inst.instance_id
+    said: list[str] = []
+    got, placed = bringup._place(stand_in, None, LLAMA_ID, 1.0, bringup.Hooks(say=said.append))
+    assert (got.instance_id, placed) == (inst.instance_id, False) and "reusing it" in said[-1]
+
+
+class _Flood(threading.Thread):
+    """An event stream that sends one endless line (no newline), then holds the connection open."""
+
+    def __init__(self, size: int, hold: float):
+        import socket
+
+        super().__init__(daemon=True)
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        self.size, self.hold, self.sent = size, hold, 0
+
+    def run(self) -> None:
+        conn, _ = self.sock.accept()
+        try:
+            conn.recv(65536)
+            conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n\r\ndata: ")
+            block = b"x" * 65536
+            while self.sent < self.size:
+                conn.sendall(block)
+                self.sent += len(block)
+            time.sleep(self.hold)
+        except OSError:
+            pass  # the client gave up: what the test wants
+        finally:
+            conn.close()
+            self.sock.close()
+
+
+def test_a_stream_line_past_the_cap_is_refused_while_it_grows_not_at_its_end(monkeypatch):
+    """A line without a newline must be cut once it passes MAX_LINE, not buffered until it ends (it may
+    never end: memory would grow for the stream's whole time limit)."""
+    from arthur_cluster import exo_client
+
+    monkeypatch.setattr(exo_client, "MAX_LINE", 1 << 18)
+    flood = _Flood(size=4 << 20, hold=60.0)
+    flood.start()
+    with pytest.raises(ExoProtocolError, match="longer than 262144 bytes"):
+        list(ExoClient(flood.url).stream_chat("m", [{"role": "user", "content": "hi"}], timeout=20))

@@ -19,7 +19,7 @@ import pytest
 from arthur_cluster import bringup, linker, modelfiles, paths
 from arthur_cluster.catalog import Catalog
 from tests.exo_faults import LoopbackServer
-from tests.fixtures_exo import LLAMA_ID, NEMOTRON_ID, VENDOR_SRC, exo_python
+from tests.fixtures_exo import KITS, LLAMA_ID, NEMOTRON_ID, exo_python
 from tests.linkhelp import content_hashes
 
 
@@ -147,7 +147,7 @@ print(asyncio.run(download_file_with_retry(ModelId(repo), "main", name, Path(tar
 """
 
 
-def test_exos_own_downloader_on_a_linked_entry_replaces_links_never_source_files(lmstudio_home, tmp_path):
+def test_exos_own_downloader_on_a_linked_entry_replaces_links_never_source_files(lmstudio_home, tmp_path, exo_kit):
     source = lmstudio_home / "models" / "lmstudio-community" / "Tiny-NemotronH-MLX-8bit"
     repo = "lmstudio-community/Tiny-NemotronH-MLX-8bit"
     before = content_hashes(source)
@@ -157,10 +157,11 @@ def test_exos_own_downloader_on_a_linked_entry_replaces_links_never_source_files
     hub = HubStandIn(hub_files)
     try:
         for name in hub_files:  # what exo's worker does for every file of a shard it downloads
-            p = subprocess.run([exo_python(), "-c", DOWNLOAD, repo, name, str(res.exo_link)], capture_output=True,
+            p = subprocess.run([exo_python(exo_kit.name), "-c", DOWNLOAD, repo, name, str(res.exo_link)],
+                               capture_output=True,
                                text=True, timeout=120,
                                env={"HF_ENDPOINT": hub.url, "EXO_HOME": str(tmp_path / "exo"),
-                                    "HOME": str(tmp_path), "PYTHONPATH": str(VENDOR_SRC)})
+                                    "HOME": str(tmp_path), "PYTHONPATH": str(exo_kit.vendor_src)})
             assert p.returncode == 0, p.stderr[-2000:]
     finally:
         hub.stop()

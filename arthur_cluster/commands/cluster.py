@@ -148,7 +148,8 @@ def register(app: typer.Typer) -> None:
         exo: Optional[str] = typer.Option(None, "--exo", help="exo API URL (default: $EXO_API or localhost:52415)."),
         context: Optional[int] = typer.Option(None, "--context", min=1, help="Tokens the job needs "
                                                 "(default 8192, capped at the model's length)."),
-        timeout: float = typer.Option(600.0, "--timeout", min=1.0, help="Seconds to wait for one placement."),
+        timeout: float = typer.Option(600.0, "--timeout", min=1.0,
+                                      help="Seconds for the whole bring-up: exo's answers, placement, loading."),
         fallbacks: Optional[list[str]] = typer.Option(None, "--fallback", help="Fallback model (repeatable; "
                                                                                 "replaces the catalogue's)."),
         allow_download: bool = typer.Option(False, "--allow-download", help="Let exo or Hugging Face download a "

@@ -185,9 +185,9 @@ def register(app: typer.Typer) -> None:
         as_json: bool = typer.Option(False, "--json", help="Print JSON."),
     ) -> None:
         """Check links: broken (source gone), drift (source changed), foreign and dangerous entries."""
-        from .. import linker
+        from .. import bringup
 
-        rep = linker.doctor(hf_cache=hf_cache, exo_dir=exo_dir, cards_dir=cards_dir)
+        rep = bringup.doctor(hf_cache=hf_cache, exo_dir=exo_dir, cards_dir=cards_dir)
         if as_json:
             _out.print_json({**_out.plain(rep), "ok": rep.ok})
         else:

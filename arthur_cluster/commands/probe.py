@@ -103,7 +103,7 @@ def register(app: typer.Typer) -> None:
                 raise probe.ProbeError(f"{cat.source if cat else 'models.toml'}: no [cluster] section with nodes; "
                                        "add one (see the commented example) or use --nodes N")
             # The catalogue's figures by id: the argument may be a folder or a short name.
-            entry = (cat.models.get(model) or cat.models.get(probe.locate(model)[1])) if cat else None
+            entry = (cat.models.get(model) or cat.models.get(probe.locate(model)[0])) if cat else None
             progress_cm = _out.err_console.status("probing") if not as_json else None
             if progress_cm:
                 progress_cm.start()
