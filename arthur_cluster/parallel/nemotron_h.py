@@ -12,7 +12,7 @@ Tensor split, per layer type:
   quantization groups (unevenly where the group count does not divide: the real model's 1856 = 29 groups of 64
   gives 15 and 14 at two ranks). The router runs on every rank, every rank runs every pick at 1/n of the width,
   and routed and shared partial sums meet in one float32 all_sum per MoE layer. Owning whole experts instead
-  needs the picks on the host to size each rank's work (one sync per MoE layer); bench/bench_moe_tensor.py
+  needs the picks on the host to size each rank's work (one sync per MoE layer); bench/bench_tensor.py
   measures both (bench/RESULTS.md).
 
 Collectives per layer: one all_sum each for attention, Mamba, MLP and MoE (the row-split output projections).
