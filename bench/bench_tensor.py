@@ -171,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--decode", type=int, default=32)
     ap.add_argument("--step", type=int, default=256)
     ap.add_argument("--repeat", type=int, default=2)
-    ap.add_argument("--modes", default="single,tensor,tensor-owned,pipeline")
+    ap.add_argument("--modes", default="single,tensor,pipeline,tensor-owned")
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--rank-job", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--mode", default="single", help=argparse.SUPPRESS)
@@ -205,6 +205,8 @@ def main(argv: list[str] | None = None) -> int:
                 envs = [rank_env("ring", r, 2, files=tmp, ring=ring) for r in range(2)]
             _launch(base + ["--mode", mode], envs, 1800)
             runs[mode] = json.loads((tmp / f"{mode}.json").read_text())
+            print(json.dumps({"mode": mode, **{k: round(v, 2) for k, v in runs[mode].items() if k != "ids"}}),
+                  file=sys.stderr, flush=True)  # each run as it ends: a long bench on a shared machine may be cut
     one = runs.get("single")
     result = {"machine": f"{os.cpu_count()} CPU cores (shared), mlx ring on loopback, one core per process",
               "config": OVERRIDES, "prompt_tokens": args.tokens, "decode_tokens": args.decode,
