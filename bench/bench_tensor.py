@@ -171,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--decode", type=int, default=32)
     ap.add_argument("--step", type=int, default=256)
     ap.add_argument("--repeat", type=int, default=2)
-    ap.add_argument("--modes", default="single,tensor,pipeline,tensor-owned")
+    ap.add_argument("--modes", default="single,tensor,tensor-owned,pipeline,single")
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--rank-job", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--mode", default="single", help=argparse.SUPPRESS)
@@ -188,8 +188,8 @@ def main(argv: list[str] | None = None) -> int:
 
     real = json.loads((Path(miniature.__file__).parent / "data" /
                        "nemotron-3-nano-30b-a3b-mlx-8bit.config.json").read_text())
-    modes = args.modes.split(",")
-    runs = {}
+    modes = args.modes.split(",")  # a mode may repeat: "single" first and last shows how the machine drifted
+    runs: list[tuple[str, dict]] = []
     with tempfile.TemporaryDirectory(prefix="bench-tensor-") as tmp:
         tmp = Path(tmp)
         model = miniature.make(tmp / "model", "nemotron_h", like=real, overrides=OVERRIDES)
@@ -204,18 +204,19 @@ def main(argv: list[str] | None = None) -> int:
                 ring = loopback_ring(2)
                 envs = [rank_env("ring", r, 2, files=tmp, ring=ring) for r in range(2)]
             _launch(base + ["--mode", mode], envs, 1800)
-            runs[mode] = json.loads((tmp / f"{mode}.json").read_text())
-            print(json.dumps({"mode": mode, **{k: round(v, 2) for k, v in runs[mode].items() if k != "ids"}}),
+            runs.append((mode, json.loads((tmp / f"{mode}.json").read_text())))
+            print(json.dumps({"mode": mode, **{k: round(v, 2) for k, v in runs[-1][1].items() if k != "ids"}}),
                   file=sys.stderr, flush=True)  # each run as it ends: a long bench on a shared machine may be cut
-    one = runs.get("single")
+    singles = [r for m, r in runs if m == "single"]
     result = {"machine": f"{os.cpu_count()} CPU cores (shared), mlx ring on loopback, one core per process",
               "config": OVERRIDES, "prompt_tokens": args.tokens, "decode_tokens": args.decode,
-              "runs": {m: {k: round(v, 2) for k, v in r.items() if k != "ids"} for m, r in runs.items()}}
-    if one:
-        result["ratio_to_single"] = {m: {"prefill": round(r["prefill_tps"] / one["prefill_tps"], 3),
-                                         "decode": round(r["decode_tps"] / one["decode_tps"], 3)}
-                                     for m, r in runs.items()}
-        result["same_ids_as_single"] = {m: r["ids"] == one["ids"] for m, r in runs.items()}
+              "runs": [{"mode": m, **{k: round(v, 2) for k, v in r.items() if k != "ids"}} for m, r in runs]}
+    if singles:
+        base_p = sum(r["prefill_tps"] for r in singles) / len(singles)
+        base_d = sum(r["decode_tps"] for r in singles) / len(singles)
+        result["ratio_to_single_mean"] = [{"mode": m, "prefill": round(r["prefill_tps"] / base_p, 3),
+                                           "decode": round(r["decode_tps"] / base_d, 3)} for m, r in runs]
+        result["same_ids_as_single"] = all(r["ids"] == singles[0]["ids"] for _, r in runs)
     print(json.dumps(result, indent=1) if args.json else "\n".join(f"{k}: {v}" for k, v in result.items()))
     return 0
 
