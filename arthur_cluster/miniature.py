@@ -281,10 +281,12 @@ def make(
     overrides: dict[str, Any] | None = None,
     seed: int = 0,
     shards: int = 1,
+    dtype: str = "float32",
 ) -> Path:
-    """Build and save a miniature: `quant` None keeps float32 weights (safe for MoE on CPU)."""
+    """Build and save a miniature: `quant` None keeps float32 weights (safe for MoE on CPU: MLX's CPU gather_mm
+    is float32 only); `dtype` "bfloat16" with `quant` gives bf16 activations, as the real 8-bit model runs."""
     config = tiny_config(architecture, like=like, overrides=overrides)
-    model = build_model(config, seed=seed)
+    model = build_model(config, seed=seed, dtype=dtype)
     if quant:
         config = quantize(model, config, quant)
     return save_folder(out, model, config, shards=shards)

@@ -35,21 +35,11 @@ class PromptCacheError(ArthurError, RuntimeError):
 
 
 def model_identity(folder: Path) -> str:
-    """Which weights a cache belongs to: the config, and every weight file's name, size and mtime.
+    """Which weights a cache belongs to (parallel.prefix.files_identity: config, weight files' name, size, mtime,
+    inode and ctime)."""
+    from .parallel.prefix import files_identity
 
-    Hashing 30 GB of weights is too slow to do per job; any re-download or edit changes a size or mtime,
-    which only costs one recomputed prefill.
-    """
-    folder = Path(folder).resolve()
-    h = hashlib.sha256(str(folder).encode())
-    try:
-        h.update((folder / "config.json").read_bytes())
-    except OSError:
-        pass
-    for f in sorted(folder.glob("*.safetensors")):
-        st = f.stat()
-        h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
-    return h.hexdigest()
+    return files_identity(folder)
 
 
 def prefix_key(identity: str, tokens: list[int]) -> str:

@@ -33,6 +33,8 @@ NEM_TENSOR = ["tests/test_parallel_nemotron_h.py::test_split_matches_single_proc
 NEM_TENSOR_2 = NEM_TENSOR[:1]
 DOC_CACHE = ["tests/test_docjob.py::test_every_cached_answer_equals_a_from_scratch_prefill"]
 OWN = "tests/test_rank_ownership.py"
+ROUTED_F32 = ["tests/test_parallel_nemotron_h.py::test_moe_routed_sum_is_accumulated_in_float32"]
+DISK_KEY = ["tests/test_resident_cache.py::test_the_disk_refuses_another_split_other_weights_and_other_template_flags"]
 
 
 @dataclass
@@ -83,16 +85,39 @@ MUTATIONS: list[Mutation] = [
              "from .split import ShardingError, pipeline_split, tensor_blockers",
              "from .registry import ShardingError, pipeline_split, tensor_blockers",
              ["tests/test_parallel_nemotron_h.py::test_imports_run_one_way"]),
-    # Tensor-parallel MoE: which experts a rank owns.
-    Mutation("expert ownership off by one (< to <=)", "arthur_cluster/parallel/nemotron_h.py",
-             "mine = (local >= 0) & (local < self.per_rank)", "mine = (local >= 0) & (local <= self.per_rank)",
-             NEM_TENSOR),
-    Mutation("every rank thinks it owns the first experts", "arthur_cluster/parallel/nemotron_h.py",
-             "self.first = r * self.per_rank", "self.first = 0", NEM_TENSOR_2),
+    # Tensor-parallel MoE: each expert's width cut across the ranks.
+    Mutation("expert width shares overlap by one group", "arthur_cluster/parallel/nemotron_h.py",
+             "return slice(r * units // n * unit, (r + 1) * units // n * unit)",
+             "return slice(r * units // n * unit, ((r + 1) * units // n + 1) * unit)", NEM_TENSOR),
+    Mutation("every rank takes the first share of the width", "arthur_cluster/parallel/nemotron_h.py",
+             's = _cut(int(up["weight"].shape[-2]), unit, n, r)', 's = _cut(int(up["weight"].shape[-2]), unit, n, 0)',
+             NEM_TENSOR_2),
     Mutation("expert outputs rounded to float16 (tolerance)", "arthur_cluster/parallel/nemotron_h.py",
-             "routed = routed.at[tokens].add(weighted)",
-             "routed = routed.at[tokens].add(weighted.astype(mx.float16).astype(mx.float32))", NEM_TENSOR_2,
+             "return (self.switch_mlp(h, inds) * scores.astype(mx.float32)[..., None]).sum(axis=-2)",
+             "return (self.switch_mlp(h, inds) * scores.astype(mx.float32)[..., None]).sum(axis=-2)"
+             ".astype(mx.float16).astype(mx.float32)", NEM_TENSOR_2,
              "small error, same ids: caught only by a tolerance near float32 rounding"),
+    Mutation("routed-expert sum accumulated in bf16 (the activation dtype)", "arthur_cluster/parallel/nemotron_h.py",
+             "scores.astype(mx.float32)[..., None]).sum(axis=-2)", "scores.astype(h.dtype)[..., None]).sum(axis=-2)",
+             ROUTED_F32),
+    # The resident prefix cache's disk key (parallel/prefix.py).
+    Mutation("disk key leaves out the pipeline layer range", "arthur_cluster/parallel/prefix.py",
+             'return f"{files}:{route}:{rank}/{size}:layers={span}"', 'return f"{files}:{route}:{rank}/{size}"',
+             DISK_KEY),
+    Mutation("disk key leaves out the template flags", "arthur_cluster/parallel/prefix.py",
+             'h = hashlib.sha256(f"{FORMAT}:resident:{self.identity}:{flags}:".encode())',
+             'h = hashlib.sha256(f"{FORMAT}:resident:{self.identity}:".encode())', DISK_KEY,
+             more=[('and meta.get("flags") == flags ', '')]),
+    Mutation("weight files known by size and mtime only", "arthur_cluster/parallel/prefix.py",
+             'h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns}:{st.st_ino}:{st.st_ctime_ns}".encode())',
+             'h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns}".encode())', DISK_KEY),
+    Mutation("the kept documents are searched for the last one only", "arthur_cluster/parallel/prefix.py",
+             "        for e in self.entries:\n            if e.flags != flags:",
+             "        for e in self.entries[-1:]:\n            if e.flags != flags:",
+             ["tests/test_resident_cache.py::test_three_documents_interleaved_each_cached_answer_equals_a_scratch_run"]),
+    Mutation("the most recently used document is dropped first", "arthur_cluster/parallel/prefix.py",
+             "            self.entries.pop(0)", "            self.entries.pop(-2)",
+             ["tests/test_resident_cache.py::test_documents_beyond_the_budget_go_least_recently_used_first"]),
     # The document prefix cache (snapshot / restore between questions).
     Mutation("mamba state not restored", "arthur_cluster/promptcache.py",
              "            c.state = tree_map(lambda x: x, value)", "            pass", DOC_CACHE),

@@ -34,8 +34,10 @@ def test_llama_split_matches_single_process(models, kind, mode, n):
         assert len(set(r.single_ids)) >= 3  # weak for ids: the logits comparison carries the check
     if mode == "pipeline":
         assert r.max_abs_logit_diff == 0.0
-    else:  # float32 rounding: 1e-5 of the largest logit (about 5 here)
-        assert r.max_abs_logit_diff <= r.tolerance <= 1e-4
+    else:
+        # float32 rounding of mlx-lm's own split, bounded relative to the logits: 1e-5 per unit of the largest
+        # |logit| (about 5 here, so about 5e-5 absolute), not 1e-5 absolute: measured 1.0e-5 to 1.9e-5.
+        assert r.max_abs_logit_diff <= r.tolerance <= 1e-5 * max(1.0, r.max_abs_logit) <= 1e-4
 
 
 def test_llama_tensor_blockers():

@@ -180,3 +180,135 @@ def test_imports_run_one_way():
         assert "registry" not in imports(model_file), model_file
     assert imports("split") == set()
     assert {"nemotron_h", "llama"} <= imports("registry")
+
+
+# --- bf16 activations, as the real 8-bit model runs ----------------------------------------------------------
+
+BF16_STEPS = 16
+EIGHT_BIT = {"group_size": 32, "bits": 8, "mode": "affine"}
+
+
+def _float32_twin(folder: Path, out: Path) -> Path:
+    """The same quantized weights with every floating tensor (scales, norms, embeddings' scales) in float32:
+    the one-process run of this folder is the bf16 folder's run without bf16 rounding."""
+    import shutil
+
+    import mlx.core as mx
+
+    shutil.copytree(folder, out)
+    for f in out.glob("*.safetensors"):
+        weights = mx.load(str(f))
+        mx.save_safetensors(str(f), {k: v.astype(mx.float32) if mx.issubdtype(v.dtype, mx.floating) else v
+                                     for k, v in weights.items()}, metadata={"format": "mlx"})
+    return out
+
+
+@pytest.fixture(scope="module")
+def bf16_models(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("nemotron-bf16")
+    bf16 = miniature.make(root / "bf16", "nemotron_h", like=real_config(NEMOTRON_CONFIG), overrides=FOUR_WAY,
+                          quant=EIGHT_BIT, dtype="bfloat16", seed=5)
+    return {"bf16": bf16, "f32": _float32_twin(bf16, root / "f32")}
+
+
+def _single_logits(model: Path, prompt: list[int], tmp: Path) -> tuple[list[int], object]:
+    import numpy as np
+
+    req = tmp / f"{model.name}.json"
+    req.write_text(json.dumps({"prompt_tokens": prompt}))
+    out = tmp / f"{model.name}.npy"
+    done = equivalence.run_local(model, "single", 1, backend="ring", request=req, max_tokens=BF16_STEPS,
+                                 prefill_step=CHUNK, logits=out, timeout=300)
+    return done["ids"], np.load(out)
+
+
+def bf16_tolerance(bf16_models, tmp: Path) -> tuple[float, float]:
+    """(D, the tolerance) for a split of the bf16 model against one process of it.
+
+    Derivation: D is one process's own bf16 rounding, the largest |logit| difference between the bf16 run and
+    the float32 run of the same weights, over the steps whose inputs are still the same ids. A split runs the same
+    weights and rounds to bf16 at the same places, plus once per partial sum before its all_sum (the Mamba and
+    attention output projections; the MoE's shares meet in float32). If each run stays within D of the float32
+    result, they are within 2 D of each other (triangle inequality): the tolerance is 2 D. On this miniature
+    (random weights, peaked attention) D is large, about 0.37 on logits up to 2.5, and one process's bf16 and
+    float32 runs already pick different ids from step 1 (a top-2 margin of 0.03): greedy ids of bf16 runs can be
+    compared only while the reference's margin exceeds the tolerance.
+    """
+    import numpy as np
+
+    prompt = equivalence.default_prompt(512)
+    ids16, a = _single_logits(bf16_models["bf16"], prompt, tmp)
+    ids32, b = _single_logits(bf16_models["f32"], prompt, tmp)
+    same = next((i for i, (x, y) in enumerate(zip(ids16, ids32)) if x != y), len(ids16) - 1)
+    d = float(np.max(np.abs(a[:same + 1] - b[:same + 1])))
+    return d, 2 * d
+
+
+@pytest.mark.parametrize("mode", ["pipeline", "tensor"])
+def test_bf16_split_matches_single_process_within_its_own_bf16_rounding(bf16_models, tmp_path, mode):
+    import numpy as np
+
+    d, tol = bf16_tolerance(bf16_models, tmp_path)
+    assert 1e-3 < d < 1.0, d  # bf16 rounding is visible, and the two runs still answer alike
+    prompt = equivalence.default_prompt(512)
+    ids, ref = _single_logits(bf16_models["bf16"], prompt, tmp_path)
+    req = tmp_path / "split.json"
+    req.write_text(json.dumps({"prompt_tokens": prompt}))
+    done = equivalence.run_local(bf16_models["bf16"], mode, 2, backend="ring", request=req, max_tokens=BF16_STEPS,
+                                 prefill_step=CHUNK, logits=tmp_path / "split.npy", timeout=300)
+    got = np.load(tmp_path / "split.npy")
+    if mode == "pipeline":  # the same operations in the same order, bf16 or not
+        assert done["ids"] == ids and float(np.max(np.abs(got - ref))) == 0.0
+        return
+    # Logits compared while both runs have fed the same ids; a different pick is allowed only at a near tie
+    # (the reference's top-2 margin within the tolerance), after which the inputs differ.
+    first = next((i for i, (x, y) in enumerate(zip(ids, done["ids"])) if x != y), len(ids) - 1)
+    diff = float(np.max(np.abs(got[:first + 1] - ref[:first + 1])))
+    assert diff <= tol, (diff, d)
+    if ids[first] != done["ids"][first]:
+        top = np.sort(ref[first])
+        assert top[-1] - top[-2] <= tol, (first, top[-1] - top[-2], tol)
+
+
+class _StandInGroup:
+    """Stand-in for an mlx group of n ranks seen from rank r: only the arithmetic of one rank's share runs,
+    no collective (the real ranks are covered above)."""
+
+    def __init__(self, r: int, n: int):
+        self.r, self.n = r, n
+
+    def rank(self) -> int:
+        return self.r
+
+    def size(self) -> int:
+        return self.n
+
+
+def test_moe_routed_sum_is_accumulated_in_float32(bf16_models):
+    """mlx-lm sums a token's weighted expert outputs in float32 (the router's scores are float32) and casts once;
+    a split that sums them in bf16 rounds after every pick. With the whole width on one rank the routed sum must
+    be the one-process float32 sum bit for bit; split two ways, the shares are float32 and add up to it within
+    float32 rounding of the bf16 expert outputs' partial products."""
+    import copy
+
+    import mlx.core as mx
+    from mlx_lm import load
+
+    from arthur_cluster.parallel.nemotron_h import WidthMoE
+
+    model, _ = load(str(bf16_models["bf16"]))
+    layer = next(x for x in model.backbone.layers if x.block_type == "E")
+    x = layer.norm(model.backbone.embeddings(mx.array(equivalence.default_prompt(512, length=96))[None]))
+    assert x.dtype == mx.bfloat16
+    moe = layer.mixer
+    inds, scores = moe.gate(x)
+    reference = (moe.switch_mlp(x, inds) * scores[..., None]).sum(axis=-2)  # mlx-lm's own arithmetic
+    assert reference.dtype == mx.float32
+    whole = WidthMoE(copy.deepcopy(moe), _StandInGroup(0, 1)).routed(x)
+    assert whole.dtype == mx.float32 and mx.array_equal(whole, reference).item()
+    shares = [WidthMoE(copy.deepcopy(moe), _StandInGroup(r, 2)) for r in range(2)]
+    assert [s.width for s in shares] == [64, 64]
+    parts = [s.routed(x) for s in shares]
+    assert all(p.dtype == mx.float32 for p in parts)
+    scale = float(mx.max(mx.abs(reference)))
+    assert float(mx.max(mx.abs(parts[0] + parts[1] - reference))) < 0.02 * scale  # bf16 partial products

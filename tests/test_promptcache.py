@@ -43,7 +43,8 @@ def steps(model, tok, tokens, **kw) -> tuple[list[int], list]:
 
 
 def same(a, b) -> bool:
-    return a[0] == b[0] and all(mx.allclose(x, y, atol=1e-5).item() for x, y in zip(a[1], b[1]))
+    # 1e-5 absolute on every log-probability (rtol=0: allclose's default rtol would add 1e-5 x |logprob|)
+    return a[0] == b[0] and all(mx.allclose(x, y, rtol=0.0, atol=1e-5).item() for x, y in zip(a[1], b[1]))
 
 
 def test_cached_prefix_matches_a_full_prefill(loaded, tmp_path):

@@ -38,6 +38,7 @@ class EquivalenceResult:
     single_ids: list[int] = field(default_factory=list)
     dist_ids: list[int] = field(default_factory=list)
     max_abs_logit_diff: float | None = None
+    max_abs_logit: float = 0.0  # the reference's largest |logit|: the tolerance is relative to it
     tolerance: float = 0.0
     error: str | None = None
     unsupported: str | None = None
@@ -153,7 +154,8 @@ def check(model_path: str | Path, mode: str, n: int, *, backend: str = "ring", p
     steps = min(len(a), len(b))
     diff = float(np.max(np.abs(a[:steps] - b[:steps]))) if steps else None
     if steps:
-        tol = tol * max(1.0, float(np.max(np.abs(a[:steps]))))
+        res.max_abs_logit = float(np.max(np.abs(a[:steps])))
+        tol = tol * max(1.0, res.max_abs_logit)
         res.tolerance = tol
     same = res.single_ids == res.dist_ids
     ok = same and diff is not None and diff <= tol

@@ -8,14 +8,14 @@ Tensor split, per layer type:
   section by section so each rank gets the z, x, B, C, dt of its own heads and groups; conv1d channels [x | B | C]
   likewise; dt_bias, A_log, D and the gated norm's weight by head. The gated norm normalises per group, and a
   rank holds whole groups, so it stays local. out_proj is row-split and summed;
-- MoE: each rank holds a contiguous subset of the routed experts (whole experts) and a slice of the shared
-  expert. The router runs on every rank; each rank gathers the (token, expert) picks it owns and runs only
-  those, so at n ranks each computes about 1/n of the routed work, and adds its weighted outputs back per token.
-  Whole experts rather than a slice of each expert's width because a width slice must hold whole quantization
-  groups: the real model's moe_intermediate_size 1856 split two ways is 928, not a multiple of 64, while its 128
-  experts divide by 2, 4 and 8. Routed and shared partial sums meet in one all_sum per MoE layer. Which picks a
-  rank owns is known only once the router has run, so each MoE layer reads the picks back to the host (one sync
-  per layer).
+- MoE (WidthMoE): every routed expert and the shared expert are cut along their intermediate width, in whole
+  quantization groups (unevenly where the group count does not divide: the real model's 1856 = 29 groups of 64
+  gives 15 and 14 at two ranks). The router runs on every rank, every rank runs every pick at 1/n of the width,
+  and routed and shared partial sums meet in one float32 all_sum per MoE layer. Owning whole experts instead
+  needs the picks on the host to size each rank's work (one sync per MoE layer); bench/bench_tensor.py
+  measures both (bench/RESULTS.md).
+
+Collectives per layer: one all_sum each for attention, Mamba, MLP and MoE (the row-split output projections).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx.nn.layers.distributed import shard_inplace, shard_linear
+from mlx.nn.layers.distributed import shard_linear
 from mlx_lm.models.base import create_attention_mask, create_ssm_mask
 from mlx_lm.models.cache import ArraysCache, KVCache
 
@@ -164,18 +164,54 @@ def _shard_mlp(m, group) -> None:
     m.down_proj = shard_linear(m.down_proj, "sharded-to-all", group=group)
 
 
-def _local_partial_mlp(m, group) -> None:
-    """Split an MLP in place whose partial output is summed by the caller: a bias on the summed side
-    is kept on rank 0 only, so the sum counts it once."""
-    shard_inplace(m.up_proj, "all-to-sharded", group=group)
-    shard_inplace(m.down_proj, "sharded-to-all", group=group)
-    if "bias" in m.down_proj and group.rank() != 0:
-        m.down_proj.bias = mx.zeros_like(m.down_proj.bias)
+def _cut(total: int, unit: int, n: int, r: int) -> slice:
+    """Rank r's share of `total` columns in whole units (quantization groups), as even as whole units allow."""
+    units = total // unit
+    return slice(r * units // n * unit, (r + 1) * units // n * unit)
 
 
-class ShardedMoE(nn.Module):
-    """NemotronH's MoE with a subset of the routed experts and a slice of the shared expert on each rank.
-    Each rank runs only the picks of its own experts; `computed` counts them (tokens x experts)."""
+def _rows(fc, s: slice) -> None:
+    """Keep output rows `s` (of every expert, for a switch layer): fc1's intermediate units."""
+    fc.update({k: mx.contiguous(v[..., s] if k == "bias" else v[..., s, :]) for k, v in fc.parameters().items()
+               if isinstance(v, mx.array) and k in ("weight", "scales", "biases", "bias")})
+
+
+def _columns(fc, s: slice, keep_bias: bool) -> None:
+    """Keep input columns `s` (of every expert): fc2's intermediate units, packed words and group scales by unit."""
+    new = {}
+    if "scales" in fc:
+        per_word = 32 // fc.bits
+        new["weight"] = fc.weight[..., s.start // per_word:s.stop // per_word]
+        new["scales"] = fc.scales[..., s.start // fc.group_size:s.stop // fc.group_size]
+        if fc.get("biases") is not None:
+            new["biases"] = fc.biases[..., s.start // fc.group_size:s.stop // fc.group_size]
+    else:
+        new["weight"] = fc.weight[..., s]
+    new = {k: mx.contiguous(v) for k, v in new.items()}  # a slice alone would keep the whole tensor alive
+    if "bias" in fc and not keep_bias:  # summed across ranks: counted once
+        new["bias"] = mx.zeros_like(fc.bias)
+    fc.update(new)
+
+
+def _split_width(up, down, n: int, r: int) -> int:
+    """Cut an up/down pair along its intermediate width for rank r; returns the width kept."""
+    unit = int(down.group_size) if "scales" in down else 1
+    s = _cut(int(up["weight"].shape[-2]), unit, n, r)
+    _rows(up, s)
+    _columns(down, s, keep_bias=r == 0)
+    return s.stop - s.start
+
+
+class WidthMoE(nn.Module):
+    """NemotronH's MoE with every routed expert and the shared expert cut along their intermediate width.
+
+    Every rank runs every (token, expert) pick at 1/n of the width, so the work per rank is known before the
+    router runs: no host sync, the lazy graph stays whole, and routed and shared partial sums meet in one all_sum
+    per MoE layer. The cut follows whole quantization groups, unevenly where their count does not divide (the real
+    model's 1856 = 29 groups of 64: 15 and 14 at two ranks). The weighted routed sum is kept in float32, as the
+    one-process layer sums it, and the partial sums are added across ranks in float32 too: rounding a partial to
+    bf16 before the sum would add a rounding per rank that one process does not have.
+    """
 
     def __init__(self, moe, group):
         super().__init__()
@@ -183,18 +219,11 @@ class ShardedMoE(nn.Module):
         self.group = group
         self.config = moe.config
         self.moe_latent_size = moe.moe_latent_size
-        total = moe.switch_mlp.fc1.num_experts
-        self.per_rank = total // n
-        self.first = r * self.per_rank
-        self.computed = 0
         self.gate = moe.gate
-        lo, hi = self.first, self.first + self.per_rank
-        for fc in (moe.switch_mlp.fc1, moe.switch_mlp.fc2):
-            fc.update({k: v[lo:hi] for k, v in fc.parameters().items()
-                       if isinstance(v, mx.array) and v.ndim >= 1 and v.shape[0] == total})
+        self.width = _split_width(moe.switch_mlp.fc1, moe.switch_mlp.fc2, n, r)
         self.switch_mlp = moe.switch_mlp
         if moe.config.n_shared_experts is not None:
-            _local_partial_mlp(moe.shared_experts, group)
+            _split_width(moe.shared_experts.up_proj, moe.shared_experts.down_proj, n, r)
             self.shared_experts = moe.shared_experts
         if self.moe_latent_size is not None:
             self.fc1_latent_proj = moe.fc1_latent_proj
@@ -202,34 +231,23 @@ class ShardedMoE(nn.Module):
             if "bias" in self.fc2_latent_proj and r != 0:
                 self.fc2_latent_proj.bias = mx.zeros_like(self.fc2_latent_proj.bias)
 
-    def _own_picks(self, inds: mx.array) -> tuple[mx.array, mx.array]:
-        """(flat pick positions, local expert ids) of the picks whose expert this rank holds."""
-        import numpy as np
+    def routed(self, x: mx.array) -> mx.array:
+        """This rank's share of the weighted routed-expert sum, accumulated in float32 (the router's scores are)."""
+        inds, scores = self.gate(x)
+        h = self.fc1_latent_proj(x) if self.moe_latent_size is not None else x
+        return (self.switch_mlp(h, inds) * scores.astype(mx.float32)[..., None]).sum(axis=-2)
 
-        local = inds.reshape(-1) - self.first
-        mine = (local >= 0) & (local < self.per_rank)
-        pos = np.flatnonzero(np.array(mine))  # the sync: how many picks are ours decides the shapes
-        self.computed += int(pos.size)
-        pos = mx.array(pos.astype(np.int32))
-        return pos, local[pos]
+    def partial(self, x: mx.array) -> mx.array:
+        """This rank's float32 share of the layer's output (the shares sum to it)."""
+        y = self.routed(x)
+        if self.moe_latent_size is not None:
+            y = self.fc2_latent_proj(y.astype(x.dtype))
+        if self.config.n_shared_experts is not None:
+            y = y + self.shared_experts(x).astype(mx.float32)
+        return y.astype(mx.float32)
 
     def __call__(self, x: mx.array) -> mx.array:
-        inds, scores = self.gate(x)
-        k, flat = inds.shape[-1], x.reshape(-1, x.shape[-1])
-        h = self.fc1_latent_proj(flat) if self.moe_latent_size is not None else flat
-        pos, experts = self._own_picks(inds)
-        routed = mx.zeros((flat.shape[0], h.shape[-1]), dtype=mx.float32)
-        if pos.size:
-            tokens = pos // k
-            out = self.switch_mlp(h[tokens], experts[:, None])[:, 0]
-            weighted = out * scores.reshape(-1)[pos][:, None]  # float32, as the one-process sum
-            routed = routed.at[tokens].add(weighted)
-        y = routed.astype(h.dtype)
-        if self.moe_latent_size is not None:
-            y = self.fc2_latent_proj(y)
-        if self.config.n_shared_experts is not None:
-            y = y + self.shared_experts(flat)
-        return mx.distributed.all_sum(y, group=self.group).reshape(x.shape)
+        return mx.distributed.all_sum(self.partial(x), group=self.group).astype(x.dtype)
 
 
 def _config(model) -> dict[str, Any]:
@@ -260,5 +278,5 @@ def tensor(model, group, config: dict[str, Any] | None = None):
         elif kind == "-":
             _shard_mlp(layer.mixer, group)
         elif kind == "E":
-            layer.mixer = ShardedMoE(layer.mixer, group)
+            layer.mixer = WidthMoE(layer.mixer, group)
     return model

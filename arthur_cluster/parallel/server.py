@@ -40,183 +40,9 @@ class ServerError(ArthurError, RuntimeError):
     pass
 
 
-# --- the prefix cache ----------------------------------------------------------------------------------
+# --- the prefix cache: parallel/prefix.py (one design for one rank and many) ---------------------------------
 
-
-def _copy(x):
-    """A new array with the same values (None stays None): a snapshot never shares a buffer with the cache."""
-    import mlx.core as mx
-
-    return None if x is None else (x + 0 if mx.issubdtype(x.dtype, mx.number) else mx.array(x))
-
-
-def common_prefix(a: list[int], b: list[int]) -> int:
-    n = min(len(a), len(b))
-    i = 0
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i
-
-
-class DiskStore:
-    """One rank's saved prefixes on its own disk (paths.prompt_cache_dir()/resident on that node): a file per
-    (model files, split, rank, prefix tokens), written atomically as the document job's prompt cache is."""
-
-    def __init__(self, folder: Path, identity: str):
-        self.folder, self.identity = Path(folder), identity
-
-    def paths(self, prompt: list[int], points: list[int]) -> dict[int, Path]:
-        """The file for each prefix length in `points` (ascending), hashed in one pass over the prompt."""
-        import hashlib
-        from array import array
-
-        from ..promptcache import FORMAT
-
-        h = hashlib.sha256(f"{FORMAT}:resident:{self.identity}:".encode())
-        out, done = {}, 0
-        for p in points:
-            h.update(array("i", prompt[done:p]).tobytes())
-            done = p
-            out[p] = self.folder / f"{h.copy().hexdigest()[:32]}.safetensors"
-        return out
-
-
-def _all_ranks(flags: list[int], group) -> list[int]:
-    """Each flag set on every rank (a rank decides nothing alone: the ranks must stay in step)."""
-    import mlx.core as mx
-
-    if group is None or group.size() == 1 or not flags:
-        return flags
-    return [int(x) for x in mx.distributed.all_min(mx.array(flags, dtype=mx.int32), group=group).tolist()]
-
-
-class PrefixCache:
-    """One rank's shard of the cache of the last prompt, with restore points near its end.
-
-    How a request reuses it: the new prompt's token ids are compared with the previous prompt's; with L the
-    length of their longest common prefix, the cache rewinds to the last restore point p <= L (and p <
-    len(prompt), so one token is left to give the first logits) and only prompt[p:] is prefilled.
-    Attention layers (KVCache) rewind by trimming to p. Mamba layers (ArraysCache: conv and SSM state) cannot
-    rewind, so at each restore point their state is copied; restoring puts copies of the copies back, so the
-    saved point survives the next request too. Restore points are the multiples of `block` in the last
-    `window` tokens of a prompt (prefill chunks are cut there): a document followed by a question shorter
-    than `window - block` tokens always finds one past the document's end minus `block` tokens. There is no
-    point without a cache: an unrelated prompt (L < first point) starts from an empty cache.
-    Cost: window/block copies of the Mamba state (Nemotron-3-Nano: 49 MB for all 23 Mamba layers, so 16 points
-    hold about 0.8 GB over all ranks together) and one cache: the last prompt's, so documents asked in turn
-    each prefill again.
-
-    On disk (`disk`): a point that a request resumed from is a prefix shared by two prompts (a document asked
-    twice), so after that request each rank saves its shard of the cache at that point. A prompt that misses in
-    memory looks for its restore points on disk, longest first, and resumes from the longest one every rank has.
-    """
-
-    def __init__(self, model: Any, block: int = 128, window: int = 2048, disk: DiskStore | None = None,
-                 group=None):
-        self.model, self.block, self.window, self.disk, self.group = model, block, window, disk, group
-        self.tokens: list[int] = []
-        self.cache: list[Any] | None = None
-        self.points: dict[int, list[Any]] = {}  # restore point -> per layer: copied Mamba state or None
-        self.pending: tuple[Path, int, list[Any]] | None = None  # a shard to save once the request is answered
-
-    def begin(self, prompt: list[int]) -> tuple[list[Any], int]:
-        """The cache to run `prompt` with and how many of its tokens are already in it."""
-        from mlx_lm.models.cache import make_prompt_cache
-
-        limit = min(common_prefix(self.tokens, prompt), len(prompt) - 1)
-        usable = [p for p in self.points if p <= limit]
-        self.tokens = list(prompt)
-        if self.cache is None or not usable:
-            self.cache, self.points = make_prompt_cache(self.model), {}
-            start = self._from_disk(prompt)  # may replace self.cache
-            return self.cache, start
-        start = max(usable)
-        for c, saved in zip(self.cache, self.points[start]):
-            if c.is_trimmable():
-                c.trim(c.offset - start)
-            else:
-                c.state = ([_copy(x) for x in saved[0]], *saved[1:])
-        # what lies past `start` is overwritten now; points far before the new prompt's end are not needed again
-        self.points = {p: s for p, s in self.points.items() if p == start or len(prompt) - self.window < p < start}
-        if self.disk is not None:
-            path = self.disk.paths(prompt, [start])[start]
-            if not path.is_file():
-                self.pending = (path, start, [_shard_copy(c) for c in self.cache])
-        return self.cache, start
-
-    def _from_disk(self, prompt: list[int]) -> int:
-        """Resume from the longest restore point saved on every rank's disk; 0 when none (nothing changes)."""
-        if self.disk is None:
-            return 0
-        from mlx_lm.models.cache import load_prompt_cache
-
-        points = [p for p in range(self.block, len(prompt), self.block) if p > len(prompt) - self.window]
-        files = self.disk.paths(prompt, points)
-        found = _all_ranks([int(files[p].is_file()) for p in points], self.group)
-        best = max((p for p, ok in zip(points, found) if ok), default=0)
-        if not best:
-            return 0
-        try:
-            cache, meta = load_prompt_cache(str(files[best]), return_metadata=True)
-            ok = meta.get("tokens") == str(best) and len(cache) == len(self.cache)
-        except Exception:  # noqa: BLE001 - a damaged or foreign file: prefill instead
-            cache, ok = None, False
-        if not all(_all_ranks([int(ok)], self.group)):
-            return 0
-        self.cache = cache
-        self.save_point(best)
-        return best
-
-    def flush(self) -> None:
-        """Write the shard a request resumed from (after its answer, so the answer does not wait for the disk)."""
-        if self.pending is None:
-            return
-        from ..promptcache import save
-
-        path, start, shard = self.pending
-        self.pending = None
-        try:
-            save(path, shard, {"tokens": str(start), "model": self.disk.identity})
-        except (OSError, RuntimeError):
-            pass  # a full or read-only disk only costs a later prefill
-
-    def is_point(self, done: int, total: int) -> bool:
-        return done % self.block == 0 and done > total - self.window
-
-    def next_cut(self, done: int, total: int) -> int | None:
-        """The first restore point after `done` (prefill chunks end there), or None."""
-        p = (done // self.block + 1) * self.block
-        p = max(p, ((total - self.window) // self.block + 1) * self.block)
-        return p if p < total else None
-
-    def save_point(self, done: int) -> None:
-        import mlx.core as mx
-
-        saved = [None if c.is_trimmable() else ([_copy(x) for x in c.state[0]], *c.state[1:])
-                 for c in self.cache]
-        mx.eval([s[0] for s in saved if s is not None])
-        self.points[done] = saved
-
-    def forget(self) -> None:
-        self.tokens, self.cache, self.points = [], None, {}
-
-
-def _shard_copy(c):
-    """A copy of one layer's cache as it stands (KV trimmed to its offset), as a plain mlx-lm cache object."""
-    import mlx.core as mx
-    from mlx_lm.models.cache import ArraysCache, KVCache
-
-    if c.is_trimmable():
-        out = KVCache()
-        if c.keys is not None:
-            n = c.offset
-            out.keys, out.values, out.offset = _copy(c.keys[..., :n, :]), _copy(c.values[..., :n, :]), n
-            mx.eval(out.keys, out.values)
-        return out
-    out = ArraysCache(size=len(c.state[0]))  # also for a pipeline stage's link cache: it loads as this class
-    out.state = ([_copy(x) for x in c.state[0]], *c.state[1:])
-    mx.eval([x for x in out.state[0] if x is not None])
-    return out
+from .prefix import DiskStore, PrefixCache, common_prefix  # noqa: E402,F401 - run_request and tests use them here
 
 
 # --- one request, the same on every rank -----------------------------------------------------------------
@@ -514,7 +340,18 @@ def load_model(args, group) -> tuple[Any, Any, dict]:
     bench builds random weights instead)."""
     from .worker import load, model_folder
 
-    return load(model_folder(args.model, args.repo_id), args.mode, group)
+    return load(model_folder(args.model, args.repo_id), args.mode, group, stage_ranges(args, group))
+
+
+def stage_ranges(args, group) -> list[range] | None:
+    """The pipeline's layer range per rank (None for other routes): the one split the load and the cache key use."""
+    if args.mode != "pipeline" or group is None:
+        return None
+    from .split import pipeline_split
+    from .worker import model_folder
+
+    config = json.loads((model_folder(args.model, args.repo_id) / "config.json").read_text())
+    return pipeline_split(config, group.size())
 
 
 def serve(args) -> int:
@@ -549,12 +386,15 @@ def serve(args) -> int:
     disk = None
     if not args.no_disk_cache:
         from .. import paths
-        from ..promptcache import model_identity
+        from .prefix import files_identity, rank_identity
         from .worker import model_folder
 
+        ranges = stage_ranges(args, group)
         disk = DiskStore(paths.prompt_cache_dir() / "resident",  # this node's folder and weight files
-                         f"{model_identity(model_folder(args.model, args.repo_id))}:{args.mode}:{rank}/{size}")
-    pc = PrefixCache(model, block=args.block, window=args.window, disk=disk, group=group)
+                         rank_identity(files_identity(model_folder(args.model, args.repo_id)), args.mode, rank,
+                                       size, ranges[rank] if ranges else None))
+    pc = PrefixCache(model, block=args.block, window=args.window, disk=disk, group=group,
+                     budget=int(args.cache_memory_gb * (1 << 30)))
     eos = set(tokenizer.eos_token_ids or [])
     if rank == 0:
         if not control.ready.wait(CONNECT_WAIT):
@@ -625,6 +465,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--prefill-step", type=int, default=2048)
     p.add_argument("--block", type=int, default=128, help="prefix cache: restore points every this many tokens")
     p.add_argument("--no-disk-cache", action="store_true", help="keep prefixes in memory only")
+    p.add_argument("--cache-memory-gb", type=float, default=4.0,
+                   help="prefix cache: GB of documents each rank keeps in memory (least recently used go first)")
     p.add_argument("--window", type=int, default=2048, help="prefix cache: ... within the prompt's last tokens")
     p.add_argument("--context", type=int, default=0, help="tokens of context (default: the model's config)")
     p.add_argument("--max-queue", type=int, default=8, help="requests that may wait; more are answered 429")

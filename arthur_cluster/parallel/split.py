@@ -51,6 +51,15 @@ def _row_split(out: list[str], n: int, group: int | None, name: str, width: Any)
                    f"not a multiple of the quantization group size {group}")
 
 
+def _units(out: list[str], n: int, group: int | None, name: str, width: Any) -> None:
+    """A width cut into whole units (quantization groups, else columns), at least one per rank."""
+    if not isinstance(width, int):
+        return
+    unit = group or 1
+    if width % unit or width // unit < n:
+        out.append(f"{name}={width} does not give each of {n} ranks whole groups of {unit}")
+
+
 def tensor_blockers(config: Config, n: int) -> list[str]:
     """Why a tensor split of this model over `n` ranks is impossible; empty when it is possible."""
     if n < 1:
@@ -78,11 +87,11 @@ def tensor_blockers(config: Config, n: int) -> list[str]:
             _divides(out, n, "n_groups", groups)
             if isinstance(mh, int) and isinstance(mhd, int) and mh % n == 0:
                 _row_split(out, n, group, "mamba width (mamba_num_heads*mamba_head_dim)", mh * mhd)
-        if "E" in pattern:
-            _divides(out, n, "n_routed_experts", c.get("n_routed_experts"))
+        if "E" in pattern:  # experts cut along their width in whole quantization groups, unevenly if need be
+            _units(out, n, group, "moe_intermediate_size", c.get("moe_intermediate_size"))
             if c.get("n_shared_experts"):
-                _row_split(out, n, group, "moe_shared_expert_intermediate_size",
-                           c.get("moe_shared_expert_intermediate_size"))
+                _units(out, n, group, "moe_shared_expert_intermediate_size",
+                       c.get("moe_shared_expert_intermediate_size"))
         if "-" in pattern:
             _row_split(out, n, group, "intermediate_size", c.get("intermediate_size"))
         return out
