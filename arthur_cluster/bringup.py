@@ -595,7 +595,8 @@ def up(cat: Catalog, *, model: str | None = None, fallbacks: list[str] | None = 
        engine: Literal["exo", "mlx"] | None = None, exo_url: str | None = None,
        context: int | None = None, timeout: float = DEFAULT_TIMEOUT, allow_download: bool = False,
        prompt: str = SMOKE_PROMPT, max_tokens: int = SMOKE_MAX_TOKENS, probe_fn: fallback.ProbeFn | None = None,
-       hooks: Hooks | None = None, record: bool = True, serve: bool = False, bind: str | None = None) -> Deployment:
+       hooks: Hooks | None = None, record: bool = True, serve: bool = False, bind: str | None = None,
+       route: fallback.RouteSpec | None = None) -> Deployment:
     """Bring up the first candidate that answers; raise BringUpError with every reason when none does.
 
     timeout bounds the whole bring-up: exo's answers, placements, waits and each attempt get what is left of
@@ -604,7 +605,8 @@ def up(cat: Catalog, *, model: str | None = None, fallbacks: list[str] | None = 
     engine None: exo when reachable, then MLX (models.toml [cluster], else this machine) — the embedded default.
     The demo calls `up(catalog.for_demo(), engine="mlx")` inside its demo home. MLX across nodes (or any MLX
     route with serve=True) starts ranks that stay up, rank 0's HTTP server on `bind` (default: loopback on this
-    machine, rank 0's cluster address across hosts).
+    machine, rank 0's cluster address across hosts). route: `--route`'s spec; only matching routes are tried,
+    the fallbacks included.
     """
     resident.check_bind(bind)  # before anything starts: a bad address is the user's to fix
     hooks = hooks or Hooks()
@@ -627,7 +629,7 @@ def up(cat: Catalog, *, model: str | None = None, fallbacks: list[str] | None = 
                                prior)
         try:
             choice = fallback.pick(cat, cluster=found.clusters, context=context, allow_download=allow_download,
-                                   probe_fn=probe_fn, model=model, fallbacks=fallbacks, prior=prior)
+                                   probe_fn=probe_fn, model=model, fallbacks=fallbacks, prior=prior, route=route)
         except NoChoice as exc:
             notes = "".join(f"\n  {n}" for n in found.notes)
             raise BringUpError(f"{exc}{notes}", exc.rejections) from None

@@ -11,7 +11,7 @@ every list in a fixed order.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable, Iterable, Literal
+from typing import TYPE_CHECKING, Callable, Iterable, Literal
 
 from pydantic import BaseModel, Field
 
@@ -22,11 +22,17 @@ from .errors import ArthurError
 from .modelfiles import ModelInfo
 from .types import DEFAULT_CONTEXT, Backend, Engine, Route, Sharding, Status  # noqa: F401 (re-exported)
 
+if TYPE_CHECKING:
+    from .probe import RouteSpec
+
 # Preference, best first. Tensor parallelism over RDMA (JACCL) splits every layer with microsecond links: the
 # fastest, but crash-prone on today's macOS, so it is taken only when the checks prove it ("ok"), never on
 # "unknown". Pipeline over the TCP ring needs nothing special and only hands one hidden state per token between
 # stages. One node is the last resort: it must hold the whole model.
 ROUTE_ORDER: tuple[tuple[Sharding, Backend | None], ...] = (("tensor", "jaccl"), ("pipeline", "ring"), ("single", None))
+# Taken only when asked for (`--route`): tensor over the TCP ring crosses the link twice per layer and token, so
+# it loses to the pipeline unless the user knows better; pipeline over RDMA gains little over the ring.
+ASKED_ONLY: tuple[tuple[Sharding, Backend | None], ...] = (("tensor", "ring"), ("pipeline", "jaccl"))
 
 
 class Verdict(BaseModel):
@@ -157,11 +163,19 @@ def availability(model: str, entry: ModelEntry, cluster: ClusterInfo, found: lis
 # --- routes and checks -------------------------------------------------------------------------------------
 
 
-def routes_for(cluster: ClusterInfo) -> list[Route]:
-    """Every route of ROUTE_ORDER this cluster could take, in that order."""
-    n = len(cluster.nodes)
+def routes_for(cluster: ClusterInfo, spec: RouteSpec | None = None) -> list[Route]:
+    """Every route of ROUTE_ORDER this cluster could take, in that order. With `spec` (`--route`): only the
+    routes matching it, ROUTE_ORDER's first, then ASKED_ONLY's, on the node count it names (at most the
+    cluster's)."""
+    if spec is None:
+        return _routes(cluster, ROUTE_ORDER, len(cluster.nodes))
+    n = spec.nodes if spec.nodes and 2 <= spec.nodes <= len(cluster.nodes) else len(cluster.nodes)
+    return [r for r in _routes(cluster, ROUTE_ORDER + ASKED_ONLY, n) if spec.matches(r)]
+
+
+def _routes(cluster: ClusterInfo, order: tuple[tuple[Sharding, Backend | None], ...], n: int) -> list[Route]:
     out = []
-    for sharding, backend in ROUTE_ORDER:
+    for sharding, backend in order:
         if sharding == "single":
             out.append(Route.single(cluster.engine))
         elif n >= 2:
@@ -261,14 +275,23 @@ def candidates(cat: Catalog, model: str | None = None, fallbacks: list[str] | No
 def pick(cat: Catalog, *, cluster: ClusterInfo | list[ClusterInfo], context: int | None = None,
          allow_download: bool = False, probe_fn: ProbeFn | None = None, model: str | None = None,
          fallbacks: list[str] | None = None, found: list[sources.Found] | None = None,
-         prior: Iterable[Rejection] = ()) -> Choice:
+         prior: Iterable[Rejection] = (), route: RouteSpec | None = None) -> Choice:
     """The first (model, route) that passes; raises NoChoice with every rejection when none does.
 
     context: the tokens the job needs; None means a chat-sized DEFAULT_CONTEXT, capped at each model's own
     length. prior: rejections from earlier attempts (bring-up failures); a "bringup" one excludes its model
     (route None) or just its route, and all of them are carried into the result so the story stays complete.
+    route: `--route`'s spec; only the routes matching it are tried (ASKED_ONLY's as well), on clusters of its
+    engine.
     """
     clusters = cluster if isinstance(cluster, list) else [cluster]
+    if route is not None and route.engine is not None:
+        kept = [c for c in clusters if c.engine == route.engine]
+        if not kept:
+            found_here = ", ".join(c.engine for c in clusters) or "none"
+            raise NoChoice([Rejection(model=candidates(cat, model, fallbacks)[0], stage="checks",
+                                      reason=f"--route {route}: no {route.engine} cluster here (found: {found_here})")])
+        clusters = kept
     rejections: list[Rejection] = list(prior)
     found = sources.discover() if found is None else found
     probe_fn = probe_fn or probe_checks(cat)
@@ -288,7 +311,7 @@ def pick(cat: Catalog, *, cluster: ClusterInfo | list[ClusterInfo], context: int
                                             reason=f"context {context} exceeds the model's {longest} tokens"))
                 break
             ctx = context or min(DEFAULT_CONTEXT, longest or DEFAULT_CONTEXT)
-            choice = _try_routes(mid, entry, info, avail, cl, ctx, probe_fn, rejections)
+            choice = _try_routes(mid, entry, info, avail, cl, ctx, probe_fn, rejections, route)
             if choice is not None:
                 return choice
     absent = all(r.stage == "available" for r in rejections)
@@ -297,14 +320,27 @@ def pick(cat: Catalog, *, cluster: ClusterInfo | list[ClusterInfo], context: int
     raise NoChoice(rejections, list(others))
 
 
+def _any_route() -> RouteSpec:
+    from .probe import RouteSpec
+
+    return RouteSpec()
+
+
 def _runnable(f: sources.Found) -> bool:
     info = modelfiles.inspect(f.path, repo_id=f.repo_id, source=f.source)
     return info.ok and info.format == "mlx"
 
 
 def _try_routes(mid: str, entry: ModelEntry, info: ModelInfo | None, avail: Availability, cl: ClusterInfo,
-                context: int, probe_fn: ProbeFn, rejections: list[Rejection]) -> Choice | None:
-    for route in routes_for(cl):
+                context: int, probe_fn: ProbeFn, rejections: list[Rejection],
+                spec: RouteSpec | None = None) -> Choice | None:
+    routes = routes_for(cl, spec)
+    if not routes:
+        could = ", ".join(r.key for r in routes_for(cl, _any_route())) or "none"
+        rejections.append(Rejection(model=mid, stage="checks", reason=f"{cl.engine}: no route of this cluster "
+                                    f"({len(cl.nodes)} node(s)) matches --route {spec}; it could take: {could}"))
+        return None
+    for route in routes:
         if _excluded(mid, route, rejections):
             continue
         try:

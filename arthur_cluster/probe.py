@@ -140,8 +140,11 @@ class RouteSpec(BaseModel):
             spec["nodes"] = int(parts[3])
         return cls(**spec)
 
-    def matches(self, r: "RouteCheck") -> bool:
-        return all(v is None or v == getattr(r, k) for k, v in self.model_dump().items())
+    def matches(self, r: "RouteCheck | Route") -> bool:
+        """Whether a probed route (or a plain Route, as the picker holds them) is one this spec asks for."""
+        engine, sharding, backend, nodes = r.key.split("/")  # one text for both: backend "local" on one MLX node
+        have = {"engine": engine, "sharding": sharding, "backend": backend, "nodes": int(nodes)}
+        return all(v is None or v == have[k] for k, v in self.model_dump().items())
 
     def __str__(self) -> str:
         return "/".join("*" if v is None else str(v) for v in self.model_dump().values())

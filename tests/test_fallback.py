@@ -160,3 +160,28 @@ def test_catalog_cluster_section_is_the_mlx_cluster(lmstudio_home):
     assert "memory_bytes missing" in info.problems[0] and "m2" in info.problems[0]
     assert [r.label for r in fallback.routes_for(info)] == [
         "mlx tensor/jaccl on 2 nodes", "mlx pipeline/ring on 2 nodes", "mlx single node"]
+
+
+def two_local_nodes() -> ClusterInfo:
+    """A [cluster] of two nodes on this machine (no ssh), as models.toml would make it."""
+    nodes = [ClusterNode(name=f"n{i}", memory_bytes=64 * GIB, local=True) for i in range(2)]
+    return ClusterInfo(source="catalog", engine="mlx", backend="ring", nodes=nodes)
+
+
+def test_route_asked_for_is_the_only_one_tried_even_outside_the_default_order(lmstudio_home):
+    from arthur_cluster.probe import RouteSpec
+
+    two = two_local_nodes()
+    # without --route the default order holds: tensor/JACCL blocked (no RDMA), then the pipeline
+    assert fallback.pick(cat(), cluster=two).route.label == "mlx pipeline/ring on 2 nodes"
+    choice = fallback.pick(cat(), cluster=two, route=RouteSpec.parse("mlx/tensor/ring"))
+    assert choice.model == TINY_NEMOTRON and choice.route.label == "mlx tensor/ring on 2 nodes"
+    assert choice.rejections == []  # JACCL and the pipeline were not tried at all
+    assert fallback.pick(cat(), cluster=two, route=RouteSpec.parse("mlx/tensor/ring/2")).route == choice.route
+    # a route this cluster cannot take: every candidate turned down with the reason, nothing else tried
+    with pytest.raises(NoChoice) as e:
+        fallback.pick(cat(), cluster=two, route=RouteSpec.parse("mlx/tensor/ring/3"))
+    assert [r.stage for r in e.value.rejections] == ["checks", "checks"]
+    assert "matches --route mlx/tensor/ring/3" in str(e.value) and "mlx/tensor/ring/2" in str(e.value)
+    with pytest.raises(NoChoice, match="no exo cluster here"):
+        fallback.pick(cat(), cluster=two, route=RouteSpec.parse("exo/pipeline"))

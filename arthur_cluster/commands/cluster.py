@@ -30,6 +30,22 @@ def _engine(value: str | None, as_json: bool) -> str | None:
     return value
 
 
+def _route(text: str | None, engine: str | None, as_json: bool):
+    """`--route` as `probe --route` reads it (one parser); its engine stands for --engine when that is not given."""
+    from .. import probe
+
+    if text is None:
+        return None, engine
+    try:
+        spec = probe.RouteSpec.parse(text)
+    except probe.ProbeError as exc:
+        _out.fail(f"--route: {exc}", code=_out.EXIT_USAGE, as_json=as_json)
+    if engine is not None and spec.engine is not None and spec.engine != engine:
+        _out.fail(f"--route {spec} is an {spec.engine} route but --engine is {engine}; drop one of them",
+                  code=_out.EXIT_USAGE, as_json=as_json)
+    return spec, engine or spec.engine
+
+
 def _names(model: str | None, fallbacks: list[str] | None) -> tuple[str | None, list[str] | None]:
     """The one model-name resolver (link, probe and doc use it too): short names and folders become the repo
     ids the catalogue and the engines know."""
@@ -114,6 +130,9 @@ def register(app: typer.Typer) -> None:
                                                                                 "replaces the catalogue's)."),
         allow_download: bool = typer.Option(False, "--allow-download", help="Count models exo or Hugging Face "
                                                                              "would download."),
+        route: Optional[str] = typer.Option(None, "--route", help="Only routes matching ENGINE/SHARDING/BACKEND/N "
+                                              "(as probe --route), e.g. mlx/tensor/ring; also ones the default "
+                                              "order never takes."),
         catalog_path: Optional[Path] = typer.Option(None, "--catalog", help="models.toml to use."),
         as_json: bool = typer.Option(False, "--json", help="Print JSON."),
     ) -> None:
@@ -122,11 +141,12 @@ def register(app: typer.Typer) -> None:
 
         cat = _catalog(catalog_path, as_json)
         engine = _engine(engine, as_json)
+        spec, engine = _route(route, engine, as_json)
         model, fallbacks = _names(model, fallbacks)
         try:
             found = cluster.discover(cat, engine=engine, exo_url=exo)
             choice = fallback.pick(cat, cluster=found.clusters, context=context, allow_download=allow_download,
-                                   model=model, fallbacks=fallbacks)
+                                   model=model, fallbacks=fallbacks, route=spec)
         except cluster.ClusterError as exc:
             _out.fail(str(exc), as_json=as_json)
         except fallback.NoChoice as exc:
@@ -156,6 +176,9 @@ def register(app: typer.Typer) -> None:
                                                                              "model that is not on disk."),
         prompt: str = typer.Option("What is 2+2?", "--prompt", help="The test question."),
         max_tokens: int = typer.Option(50, "--max-tokens", min=1, help="Tokens of the test answer."),
+        route: Optional[str] = typer.Option(None, "--route", help="Only routes matching ENGINE/SHARDING/BACKEND/N "
+                                              "(as probe --route), e.g. mlx/tensor/ring; also ones the default "
+                                              "order never takes."),
         catalog_path: Optional[Path] = typer.Option(None, "--catalog", help="models.toml to use."),
         serve: bool = typer.Option(False, "--serve", help="MLX on one node: keep it loaded in a server process "
                                                           "too (across nodes the ranks always stay up)."),
@@ -171,6 +194,7 @@ def register(app: typer.Typer) -> None:
 
         cat = _catalog(catalog_path, as_json)
         engine = _engine(engine, as_json)
+        spec, engine = _route(route, engine, as_json)
         model, fallbacks = _names(model, fallbacks)
         rep = _Reporter(quiet=as_json)
         try:
@@ -178,7 +202,7 @@ def register(app: typer.Typer) -> None:
                 dep = bringup.up(cat, model=model, fallbacks=fallbacks, engine=engine, exo_url=exo, context=context,
                                  timeout=timeout, allow_download=allow_download, prompt=prompt,
                                  max_tokens=max_tokens, hooks=bringup.Hooks(say=rep.say, progress=rep.progress),
-                                 serve=serve, bind=bind)
+                                 serve=serve, bind=bind, route=spec)
         except cluster.ClusterError as exc:
             _out.fail(str(exc), as_json=as_json)
         except bringup.BringUpError as exc:
