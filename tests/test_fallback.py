@@ -185,3 +185,35 @@ def test_route_asked_for_is_the_only_one_tried_even_outside_the_default_order(lm
     assert "matches --route mlx/tensor/ring/3" in str(e.value) and "mlx/tensor/ring/2" in str(e.value)
     with pytest.raises(NoChoice, match="no exo cluster here"):
         fallback.pick(cat(), cluster=two, route=RouteSpec.parse("exo/pipeline"))
+
+
+def test_pick_route_from_the_command_line(lmstudio_home, tmp_path):
+    """What the user sees: `pick --route` on a [cluster] of two nodes on this machine, and the refusals."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    catalog = tmp_path / "models.toml"
+    catalog.write_text(f'target = "{TINY_NEMOTRON}"\nfallbacks = []\n[cluster]\nbackend = "ring"\n'
+                       '[[cluster.nodes]]\nname = "here-a"\nssh = "localhost"\nmemory_bytes = 8589934592\n'
+                       '[[cluster.nodes]]\nname = "here-b"\nssh = "127.0.0.1"\nmemory_bytes = 8589934592\n')
+    env = {**os.environ, "ARTHUR_CLUSTER_MODELS": str(catalog), "EXO_API": "http://127.0.0.1:9"}
+
+    def pick(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "arthur_cluster.cli", "pick", *args], capture_output=True,
+                              text=True, timeout=120, env=env)
+
+    chosen = pick("--route", "mlx/tensor/ring", "--json")
+    assert chosen.returncode == 0, chosen.stderr
+    assert json.loads(chosen.stdout)["choice"]["route"] == {"engine": "mlx", "sharding": "tensor",
+                                                            "backend": "ring", "nodes": 2}
+    default = pick("--engine", "mlx")
+    assert default.returncode == 0 and "mlx pipeline/ring on 2 nodes" in default.stdout, default.stdout
+    bad = pick("--route", "mlx/tensor/token-ring")
+    assert bad.returncode == 2 and bad.stdout == "" and "Traceback" not in bad.stderr
+    assert bad.stderr.strip().splitlines() == ["error: --route: route 'mlx/tensor/token-ring': backend "
+                                               "'token-ring' is not one of ring, jaccl, nccl, local"], bad.stderr
+    wide = pick("--route", "mlx/tensor/ring/3")
+    assert wide.returncode == 1 and "Traceback" not in wide.stderr
+    assert "no route of this cluster (2 node(s)) matches --route mlx/tensor/ring/3" in " ".join(wide.stderr.split())

@@ -139,9 +139,9 @@ def register(app: typer.Typer) -> None:
         """Which model and route would run, and why every other candidate was turned down."""
         from .. import cluster, fallback
 
-        cat = _catalog(catalog_path, as_json)
         engine = _engine(engine, as_json)
         spec, engine = _route(route, engine, as_json)
+        cat = _catalog(catalog_path, as_json)
         model, fallbacks = _names(model, fallbacks)
         try:
             found = cluster.discover(cat, engine=engine, exo_url=exo)
@@ -192,9 +192,9 @@ def register(app: typer.Typer) -> None:
         Falls back to the next candidate on any failure, saying why."""
         from .. import bringup, cluster, paths
 
-        cat = _catalog(catalog_path, as_json)
         engine = _engine(engine, as_json)
         spec, engine = _route(route, engine, as_json)
+        cat = _catalog(catalog_path, as_json)
         model, fallbacks = _names(model, fallbacks)
         rep = _Reporter(quiet=as_json)
         try:
