@@ -184,33 +184,15 @@ def test_pipeline_across_two_hosts_each_from_its_own_home_then_doc_and_down(host
 
 
 def test_tensor_across_two_hosts_then_doc_and_down(hosts, client, tmp_path, reference):
-    """`up` takes tensor sharding over RDMA only (pipeline over ring before it); tensor over the ring is started
-    here the way `up` starts its ranks (each node checked, linked over ssh, its rank on its own folder) and
-    recorded, then used and stopped by the CLI."""
-    from arthur_cluster import bringup
-    from arthur_cluster.fallback import Route
-
-    route = Route(engine="mlx", sharding="tensor", backend="ring", nodes=2)
-    hs = []
-    for n in hosts.nodes:
-        bringup.check_node(n.name, n.name, [PROGRAM], PROGRAM)
-        folder = bringup._link_on(n.name, n.name, [PROGRAM], MODEL, None)
-        assert folder is not None and folder.startswith(str(n.home) + "/")
-        hs.append({"ssh": n.name, "name": n.name, "ips": [n.address], "program": [PROGRAM], "model": folder})
-    local = Path(os.environ["HOME"]) / ".lmstudio" / "models" / MODEL
-    res = bringup.start_resident(local, MODEL, route, hs, timeout=300)
-    try:
-        from arthur_cluster.engines.mlx import MlxEngine
-
-        smoke = bringup.smoke_test(MlxEngine(MODEL, mode="tensor", endpoint=res.url), max_tokens=4)
-        dep = bringup.Deployment(model=MODEL, served_id=MODEL, engine="mlx", route=route, nodes=["node-0", "node-1"],
-                                 endpoint=res.endpoint, model_path=local, hosts=hs, resident=res, smoke=smoke)
-        bringup.write_record(dep)
-        _check_across(hosts, dep.model_dump(mode="json"), client, tmp_path, "mlx tensor/ring on 2 nodes", reference)
-    finally:
-        from arthur_cluster.parallel import resident
-
-        resident.stop(res)
+    """Tensor over the ring is outside `up`'s default order (pipeline over ring before it): `--route` asks for it,
+    and nothing else is tried."""
+    up = client("up", MODEL, "--engine", "mlx", "--route", "mlx/tensor/ring", "--json")
+    assert up.returncode == 0, up.stdout + up.stderr
+    dep = json.loads(up.stdout)
+    assert dep["route"] == {"engine": "mlx", "sharding": "tensor", "backend": "ring", "nodes": 2}
+    assert dep["rejections"] == [] and dep["fallback_reason"] is None  # JACCL and the pipeline were not tried
+    assert dep["smoke"]["generation_tokens"] > 0
+    _check_across(hosts, dep, client, tmp_path, "mlx tensor/ring on 2 nodes", reference)
 
 
 def _set_program(client, node: str, program: str) -> None:
