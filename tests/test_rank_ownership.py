@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from arthur_cluster import bringup, linker, paths
+from arthur_cluster import bringup, paths
 from arthur_cluster.catalog import Catalog
 from arthur_cluster.fallback import Route
 from arthur_cluster.parallel import control, ownership, resident
@@ -398,7 +398,7 @@ def _cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
 
 
 def _doctor_text() -> str:
-    return " ".join(f.message for f in linker.doctor().findings)
+    return " ".join(f.message for f in bringup.doctor().findings)
 
 
 def _listed(pids, text: str) -> bool:
