@@ -158,19 +158,14 @@ def mlx_hosts(cluster: ClusterInfo, route: Route) -> list[dict]:
         raise AttemptFailed(str(exc)) from None
 
 
-def open_mlx(path: Path, model_id: str, route: Route, hosts: list[dict] | None = None,
-             timeout: float = 3600.0) -> Engine:
-    """The MLX engine for a route: the model in this process, or ranks on `hosts` through mlx.launch.
+def open_mlx(path: Path, model_id: str, route: Route, timeout: float = 3600.0) -> Engine:
+    """The MLX engine of a one-node route in this process (several nodes run as resident ranks: start_resident).
     Raises EngineError (the engine's own message) when it cannot start."""
     from .engines.mlx import MlxEngine
 
-    if route.nodes == 1:
-        engine = MlxEngine(path, mode="single")
-    else:
-        engine = MlxEngine(path, mode=route.sharding, hosts=hosts, backend=route.backend or "ring",
-                           timeout=timeout)
-    engine.model_id = model_id
-    return engine
+    if route.nodes != 1:
+        raise EngineError(f"{route.label}: several nodes run as resident ranks (start_resident), not in this process")
+    return MlxEngine(path, model_id=model_id, timeout=timeout)
 
 
 def engine_for(dep: Deployment) -> Engine:
@@ -185,11 +180,13 @@ def engine_for(dep: Deployment) -> Engine:
 
         if (why := resident.problem(dep.resident)) is not None:
             raise DeploymentError(f"{paths.deployment_file()}: {why}")
-        return MlxEngine(dep.served_id, mode=dep.route.sharding if dep.route.nodes > 1 else "single",
-                         endpoint=dep.resident.url)
+        return MlxEngine(dep.served_id, endpoint=dep.resident.url)
     if dep.model_path is None:
         raise DeploymentError(f"{paths.deployment_file()}: an MLX deployment without model_path; run `up` again")
-    return open_mlx(dep.model_path, dep.served_id, dep.route, dep.hosts or None)
+    if dep.route.nodes > 1:
+        raise DeploymentError(f"{paths.deployment_file()}: an MLX deployment across nodes without resident ranks "
+                              "(an older record); run `up` again")
+    return open_mlx(dep.model_path, dep.served_id, dep.route)
 
 
 def start_resident(path: Path, model_id: str, route: Route, hosts: list[dict] | None = None, *,
@@ -514,7 +511,7 @@ def _up_mlx(choice: Choice, cat: Catalog, timeout: float, prompt: str, max_token
     if choice.route.nodes > 1 or serve:
         return _up_resident(choice, path, hosts, notes, timeout, prompt, max_tokens, hooks, bind)
     try:
-        engine = open_mlx(path, served, choice.route, hosts or None, timeout=timeout)
+        engine = open_mlx(path, served, choice.route, timeout=timeout)
     except EngineError as exc:
         raise AttemptFailed(str(exc), scope="model" if choice.route.nodes == 1 else "route") from None
     try:
@@ -560,7 +557,7 @@ def _up_resident(choice: Choice, path: Path, hosts: list[dict], notes: list[str]
     res = start_resident(path, served, choice.route, hosts or None, bind=bind, timeout=timeout, hooks=hooks)
     try:
         hooks.say(f"asking {served} at {res.url}: {prompt!r}")
-        smoke = smoke_test(MlxEngine(served, mode=res.mode, endpoint=res.url), prompt, max_tokens)
+        smoke = smoke_test(MlxEngine(served, endpoint=res.url), prompt, max_tokens)
     except (EngineError, ArthurError) as exc:
         resident.stop(res)
         raise AttemptFailed(f"the ranks came up, but the test question failed: {exc}") from None

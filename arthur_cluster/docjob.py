@@ -3,9 +3,10 @@
 A job asks one or more tasks (questions, a summary, a prompt file) of one document. The plan counts tokens
 with the model's own tokenizer and chat template, reserves the output tokens, and picks a single pass when the
 document fits the working context, else map-reduce over overlapping chunks with a reduce step. Every prompt is
-built as a document prefix followed by a task suffix, so the document's prompt cache is made once and reused
-for every task (see promptcache). Each finished unit (an answer, a chunk's note, a reduce step) is written to the
-job directory as it completes; a job killed at any point resumes from what is there.
+built as a document prefix followed by a task suffix, so the document's prefill is made once and reused for
+every task (the MLX engine's prefix cache, parallel/prefix.py). Each finished unit (an answer, a chunk's note, a
+reduce step) is written to the job directory as it completes; a job killed at any point resumes from what is
+there.
 """
 
 from __future__ import annotations
@@ -271,108 +272,99 @@ class Reporter:
     def unit_done(self, answer: Answer, resumed: bool = False) -> None: ...
 
 
-class LocalRunner:
-    """mlx-lm in this process: token-level prompts and the document prompt cache (memory and disk)."""
+class MlxRunner:
+    """The MLX engine in this process (its rank loop in a thread, engines/mlx.py): token-level prompts, and the
+    engine's prefix cache, which keeps each document (several, within its memory budget) and its restore points in
+    memory and on this node's disk."""
 
     engine = "mlx"
+    local = True
 
-    def __init__(self, model: Any, tokenizer: Any, *, model_id: str, path: Path | None = None,
-                 info: Any = None, route: str = "local", fallback_reason: str | None = None,
-                 use_cache: bool = True, disk_cache: bool = True, step: int = DEFAULT_STEP):
-        from . import promptcache
-
-        self.model, self.tokenizer = model, tokenizer
+    def __init__(self, eng: Any, *, model_id: str, path: Path | None = None, info: Any = None, route: str = "local",
+                 fallback_reason: str | None = None, use_cache: bool = True, step: int = DEFAULT_STEP):
+        self.eng, self.tokenizer = eng, eng.tokenizer
         self.model_id, self.path, self.info = model_id, path, info
         self.route, self.fallback_reason = route, fallback_reason
-        self.use_cache, self.disk_cache, self.step = use_cache, disk_cache, step
-        self.identity = promptcache.model_identity(path) if path else model_id
-        self._doc = None  # the current DocumentCache
+        self.use_cache, self.step = use_cache, step
         self.cache_hits = {"memory": 0, "disk": 0, "prefill": 0}
+        self._decode_tps: float | None = None
 
     @property
     def context_length(self) -> int | None:
         return getattr(self.info, "context_length", None)
 
     def cached_on_disk(self, prompt: Prompt) -> bool:
-        from . import promptcache
+        return self.use_cache and _saved_on_disk(self.path, prompt)
 
-        key = promptcache.prefix_key(self.identity, prompt.prefix)
-        return self.use_cache and self.disk_cache and promptcache.cache_file(key).is_file()
+    def _run(self, tokens: list[int], max_tokens: int) -> Any:
+        from .engines.base import collect
+
+        return collect(self.eng.stream_ids(tokens, max_tokens=max_tokens, cache=False)).stats
 
     def warmup(self, tokens: list[int], n: int = WARMUP_TOKENS) -> float | None:
-        """Prefill tokens/s from a short run on a throwaway cache (after a tiny untimed one that compiles)."""
-        import mlx.core as mx
-        from mlx_lm.models.cache import make_prompt_cache
-
-        from . import promptcache
-
+        """Prefill tokens/s from a short run on a throwaway cache (after a tiny untimed one that compiles); the
+        same run's generation rate is kept for decode_rate."""
         n = min(n, len(tokens))
         if n < 8:
             return None
-        promptcache.prefill(self.model, tokens[:8], make_prompt_cache(self.model), step=self.step)
-        t0 = time.perf_counter()
-        promptcache.prefill(self.model, tokens[:n], make_prompt_cache(self.model), step=self.step)
-        dt = time.perf_counter() - t0
-        mx.clear_cache()
-        return n / dt if dt > 0 else None
-
-    def _prefix_cache(self, prompt: Prompt, reporter: Reporter) -> tuple[list[Any], str, int]:
-        """(cache positioned after the prefix, how it was obtained, prefix tokens taken from a cache)."""
-        from mlx_lm.models.cache import make_prompt_cache
-
-        from . import promptcache
-
-        if not prompt.prefix:
-            return make_prompt_cache(self.model), "none", 0
-        if not (self.use_cache and prompt.cacheable):
-            cache = make_prompt_cache(self.model)
-            promptcache.prefill(self.model, prompt.prefix, cache, step=self.step, progress=reporter.prefill)
-            return cache, "none", 0
-        key = promptcache.prefix_key(self.identity, prompt.prefix)
-        if self._doc is not None and self._doc.key == key:
-            return self._doc.ready(), "memory", len(prompt.prefix)
-        self._doc = None  # free the previous document's cache before building the next
-        self._doc = promptcache.obtain(
-            self.model, self.identity, prompt.prefix, step=self.step, disk=self.disk_cache,
-            progress=reporter.prefill, metadata={"model_id": self.model_id})
-        how = self._doc.source
-        return self._doc.ready(), how, len(prompt.prefix) if how == "disk" else 0
+        try:
+            self._run(tokens[:8], 2)
+            stats = self._run(tokens[:n], DECODE_WARMUP_TOKENS + 1)
+        except EngineError as e:
+            raise DocJobError(f"{self.model_id}: the warm-up failed: {e}") from None
+        self._decode_tps = stats.generation_tps or None
+        return stats.prompt_tps or None
 
     def answer(self, unit: str, prompt: Prompt, *, max_tokens: int, temperature: float,
                reporter: Reporter) -> Answer:
-        import mlx.core as mx
-        from mlx_lm import stream_generate
-        from mlx_lm.sample_utils import make_sampler
-
         t0 = time.perf_counter()
-        cache, how, cached = self._prefix_cache(prompt, reporter)
-        self.cache_hits[how] = self.cache_hits.get(how, 0) + 1
-        text, ids, last, first_at = [], [], None, None
-        n_prefix = len(prompt.prefix)
-
-        def suffix_progress(done: int, total: int) -> None:
-            reporter.prefill(n_prefix + done, n_prefix + total)
-
-        for r in stream_generate(self.model, self.tokenizer, prompt.suffix, max_tokens=max_tokens,
-                                 sampler=make_sampler(temp=temperature), prompt_cache=cache,
-                                 prefill_step_size=self.step, prompt_progress_callback=suffix_progress):
-            if first_at is None:
-                first_at = time.perf_counter()
-            text.append(r.text)
-            if r.finish_reason is None or r.finish_reason == "length":
-                ids.append(r.token)
-            last = r
-            reporter.token(r.generation_tokens)
+        text, first_at, stats, n = [], None, None, 0
+        cacheable = self.use_cache and prompt.cacheable and bool(prompt.prefix)
+        try:
+            for ev in self.eng.stream_ids(prompt.prefix + prompt.suffix, max_tokens=max_tokens,
+                                          temperature=temperature, cache=cacheable, point=len(prompt.prefix)):
+                if ev.kind == "prefill":
+                    reporter.prefill(ev.done, ev.total)
+                elif ev.kind == "token":
+                    first_at = first_at or time.perf_counter()
+                    text.append(ev.text)
+                    n += 1
+                    reporter.token(n)
+                elif ev.kind == "done":
+                    stats = ev.stats
+        except EngineError as e:  # finished units are saved: the job can be resumed
+            raise DocJobError(f"mlx failed on {unit}: {e}; finished parts are kept "
+                              "(`arthur-cluster doc --resume`)") from None
         end = time.perf_counter()
         first_at = first_at or end
+        how = {"memory": "memory", "disk": "disk", "new": "prefill"}.get(stats.cache_source, "none") \
+            if cacheable else "none"
+        self.cache_hits[how] = self.cache_hits.get(how, 0) + 1
+        ids = list((self.eng.last_done or {}).get("ids") or [])
+        if stats.finish_reason == "stop":
+            ids = ids[:-1]  # the end token is not part of the answer
         return Answer(
-            unit=unit, text="".join(text), token_ids=ids, prompt_tokens=prompt.tokens, cached_tokens=cached,
-            generation_tokens=last.generation_tokens if last else 0, prefill_seconds=first_at - t0,
-            decode_seconds=end - first_at, ttft=first_at - t0, peak_memory_bytes=int(mx.get_peak_memory()),
-            finish_reason=last.finish_reason if last else None, cache=how)
+            unit=unit, text="".join(text), token_ids=ids, prompt_tokens=prompt.tokens, cached_tokens=stats.cached_tokens,
+            generation_tokens=stats.generation_tokens, prefill_seconds=first_at - t0,
+            decode_seconds=end - first_at, ttft=first_at - t0, peak_memory_bytes=stats.peak_memory_bytes,
+            finish_reason=stats.finish_reason, cache=how)
 
     def close(self) -> None:
-        self._doc = None
+        self.eng.close()
+
+
+def _saved_on_disk(folder: Path | None, prompt: Prompt) -> bool:
+    """Whether this node's disk holds the document part of `prompt` for the engine in this process (a restore
+    point at or past the prefix's end)."""
+    from .parallel import prefix
+    from .parallel.server import parser
+
+    if folder is None or not prompt.prefix:
+        return False
+    args = parser().parse_args(["--model", str(folder), "--port", "0"])  # the engine's own defaults
+    whole = prompt.prefix + prompt.suffix
+    saved = prefix.node_store(folder, "single").longest(whole, args.block, args.window, extra=len(prompt.prefix))
+    return saved >= len(prompt.prefix)
 
 
 class EngineRunner:
@@ -465,42 +457,21 @@ def resolve_model(name: str) -> tuple[str, Path]:
 
 
 def load_local(folder: Path, model_id: str, *, route: str = "local", fallback_reason: str | None = None,
-               use_cache: bool = True, step: int = DEFAULT_STEP) -> LocalRunner:
-    """Load the model in this process (the MLX engine's single mode) for token-level prompts and caching."""
+               use_cache: bool = True, step: int = DEFAULT_STEP) -> MlxRunner:
+    """The MLX engine in this process, on one node, for token-level prompts and the document's prefix cache."""
     from . import modelfiles
+    from .engines.mlx import MlxEngine
 
     try:
         info = modelfiles.require_ok(modelfiles.inspect(folder))
     except modelfiles.ModelFileError as e:
         raise DocJobError(str(e)) from None
-    model, tokenizer = _mlx_load(folder)
-    return LocalRunner(model, tokenizer, model_id=model_id, path=folder, info=info, route=route,
-                       fallback_reason=fallback_reason, use_cache=use_cache, step=step)
-
-
-def _mlx_load(folder: Path) -> tuple[Any, Any]:
-    """The MLX engine's single-process load; its model and tokenizer are driven token by token here."""
-    import mlx.core as mx
-
-    from .engines.mlx import MlxEngine
-
     try:
-        eng = MlxEngine(folder, mode="single")
+        eng = MlxEngine(folder, model_id=model_id, prefill_step=step)
     except EngineError as e:
         raise DocJobError(str(e)) from None
-    model, tokenizer = eng.model, eng.tokenizer
-    if mx.default_device() == mx.cpu and _has_float_experts(model):
-        model.set_dtype(mx.float32)  # CPU gather_mm supports float32 only (unquantized MoE experts)
-    return model, tokenizer
-
-
-def _has_float_experts(model: Any) -> bool:
-    from mlx.utils import tree_flatten
-
-    import mlx.core as mx
-
-    return any("switch_mlp" in k and k.endswith(".weight") and v.dtype in (mx.bfloat16, mx.float16)
-               for k, v in tree_flatten(model.parameters()))
+    return MlxRunner(eng, model_id=model_id, path=folder, info=info, route=route, fallback_reason=fallback_reason,
+                     use_cache=use_cache, step=step)
 
 
 class PlanRunner:
@@ -511,14 +482,11 @@ class PlanRunner:
                  route: str = "local", fallback_reason: str | None = None, use_cache: bool = True,
                  step: int = DEFAULT_STEP, nodes: list[memory.NodeMemory] | None = None,
                  context_length: int | None = None):
-        from . import promptcache
-
         self.model_id, self.tokenizer, self.info, self.path = model_id, tokenizer, info, path
         self.engine, self.route, self.fallback_reason = engine, route, fallback_reason
         self.use_cache, self.step, self.nodes = use_cache, step, nodes
         self.local = engine == "mlx" and len(nodes or []) <= 1  # mlx-lm in this process, on this machine
         self._context = context_length
-        self.identity = promptcache.model_identity(path) if path else model_id
         self.model = None  # never loaded: the plan is made from the headers
 
     @property
@@ -526,11 +494,8 @@ class PlanRunner:
         return getattr(self.info, "context_length", None) or self._context
 
     def cached_on_disk(self, prompt: Prompt) -> bool:
-        from . import promptcache
-
-        if not self.local:
-            return False  # only mlx-lm in this process reads the document's prompt cache
-        return self.use_cache and promptcache.cache_file(promptcache.prefix_key(self.identity, prompt.prefix)).is_file()
+        # the engine in this process reads this node's disk; resident ranks keep their own (counted as prefilled)
+        return self.local and self.use_cache and _saved_on_disk(self.path, prompt)
 
     def warmup(self, tokens: list[int], n: int = WARMUP_TOKENS) -> float | None:
         return None  # no weights: rates come from an earlier run (read_rates), or are measured when the job starts
@@ -929,23 +894,9 @@ DECODE_WARMUP_TOKENS = 16
 
 
 def decode_rate(runner: Any, prefix: list[int], n: int = DECODE_WARMUP_TOKENS) -> float | None:
-    """Generation tokens/s of mlx-lm in this process: a few greedy steps after the warm-up's prompt (the first
-    step, which prefills and compiles, is not timed). None for runners without a model here."""
-    model = getattr(runner, "model", None)
-    if model is None or len(prefix) < 8:
-        return None
-    import mlx.core as mx
-    from mlx_lm.generate import generate_step
-    from mlx_lm.models.cache import make_prompt_cache
-
-    steps = generate_step(mx.array(prefix[:WARMUP_TOKENS]), model, max_tokens=n + 1,
-                          prompt_cache=make_prompt_cache(model))
-    next(steps)
-    t0 = time.perf_counter()
-    k = sum(1 for _ in steps)
-    dt = time.perf_counter() - t0
-    mx.clear_cache()
-    return k / dt if k and dt > 0 else None
+    """Generation tokens/s measured by the warm-up of the engine in this process (its few tokens after the
+    warm-up's prompt); None for runners that measured nothing here."""
+    return getattr(runner, "_decode_tps", None)
 
 
 def _warmup_prompt(prompter: Prompter, doc: Document, task: Task) -> Prompt:
@@ -1175,10 +1126,6 @@ def run_job(job: Job, plan: Plan, runner: Any, *, reporter: Reporter | None = No
     prompter = Prompter(runner.tokenizer, meta["options"]["thinking"])
     state = RunState()
     job.set_status("running")
-    if isinstance(runner, LocalRunner):
-        import mlx.core as mx
-
-        mx.reset_peak_memory()
     if plan.mode == "single":
         for t in plan.tasks:
             p = prompter.build(single_head(doc.text), task_tail(t, "single"))

@@ -180,7 +180,7 @@ def test_cli_disk_cache_in_a_second_process(tiny_models, tmp_path):
     assert first["cache_hits"] == {"memory": 1, "disk": 0, "prefill": 1, "none": 0}
     assert second["cache_hits"]["disk"] == 1 and second["tokens"]["prefilled"] < first["tokens"]["prefilled"]
     assert first["answers"] == second["answers"] == plain["answers"]
-    assert list(paths.prompt_cache_dir().glob("*.safetensors"))
+    assert list(paths.prompt_cache_dir().glob("resident/*.safetensors"))
 
 
 def test_resume_after_sigkill_matches_an_uninterrupted_run(tiny_models, tmp_path):
@@ -290,9 +290,13 @@ class Tap:
         self.model, self.rows = model, []
 
     def __call__(self, inputs, cache=None, **kw):
+        import mlx.core as mx
+
         out = self.model(inputs, cache=cache, **kw)
         if inputs.shape[1] == 1:
-            self.rows.append(out[0, -1])
+            row = out[0, -1]
+            mx.eval(row)  # evaluated on the thread that runs the model (MLX streams belong to their thread)
+            self.rows.append(row)
         return out
 
     def __getattr__(self, name):
@@ -334,9 +338,12 @@ def _scratch(tap, tok, tokens: list[int], max_tokens: int) -> tuple[list[int], l
 
 
 @pytest.mark.parametrize("arch", ["nemotron_h", "llama"])
-def test_every_cached_answer_equals_a_from_scratch_prefill(f32_models, arch, tmp_path):
+def test_every_cached_answer_equals_a_from_scratch_prefill(f32_models, arch, tmp_path, monkeypatch):
     import mlx.core as mx
     from mlx_lm import load
+
+    from arthur_cluster.engines.mlx import MlxEngine
+    from arthur_cluster.parallel import server
 
     folder = f32_models[arch]
     model, tok = load(str(folder))
@@ -351,8 +358,14 @@ def test_every_cached_answer_equals_a_from_scratch_prefill(f32_models, arch, tmp
     refs = [_scratch(tap, tok, p.prefix + p.suffix, max_tokens) for p in prompts]
     assert len({tuple(ids) for ids, _ in refs}) == len(refs), "the questions must give different answers"
 
-    def runner() -> docjob.LocalRunner:
-        return docjob.LocalRunner(tap, tok, model_id=f"tiny/{arch}", path=folder, step=STEP)
+    loaded = server.load_model
+    monkeypatch.setattr(server, "load_model", lambda args, group: (tap, *loaded(args, group)[1:]))
+
+    def runner() -> docjob.MlxRunner:
+        # the engine in this process, on the tapped model; restore points only where the document ends (no block
+        # multiples), so every prefill chunk is longer than one token and the tap sees generation steps only
+        eng = MlxEngine(folder, model_id=f"tiny/{arch}", prefill_step=STEP, options=["--block", "100000"])
+        return docjob.MlxRunner(eng, model_id=f"tiny/{arch}", path=folder, step=STEP)
 
     first = runner()
     order = [0, 1, 2, 0, 2]  # every question, then two again: the cache is rewound four times

@@ -128,8 +128,8 @@ class _Flagged(prefix.PrefixCache):
         super().__init__(*args, **kw)
         self.flags = flags
 
-    def begin(self, prompt, flags=""):
-        return super().begin(prompt, self.flags)
+    def begin(self, prompt, flags="", extra=0):
+        return super().begin(prompt, self.flags, extra)
 
 
 def _saved_then_resumed(model, folder, identity: str, resume_identity: str, flags=("", "")) -> int:

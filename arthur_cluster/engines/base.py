@@ -23,6 +23,7 @@ class Stats:
     peak_memory_bytes: int | None = None
     finish_reason: str | None = None  # "stop" | "length" | "error"
     cached_tokens: int = 0  # prompt tokens a prefix cache held, so they were not prefilled again
+    cache_source: str = ""  # the MLX engine: where the prefix came from ("memory", "disk", "new", "none")
 
 
 @dataclass

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -56,6 +57,23 @@ def rank_identity(files: str, route: str, rank: int, size: int, layers: range | 
     """The identity of one rank's shards: model files, route, place in the group and pipeline layer range."""
     span = f"{layers.start}-{layers.stop}" if layers is not None else "all"
     return f"{files}:{route}:{rank}/{size}:layers={span}"
+
+
+def node_store(folder: Path, route: str, rank: int = 0, size: int = 1, layers: range | None = None) -> "DiskStore":
+    """This node's saved prefixes for one rank of a route on the weights in `folder`."""
+    from .. import paths
+
+    return DiskStore(paths.prompt_cache_dir() / "resident", rank_identity(files_identity(folder), route, rank, size,
+                                                                          layers))
+
+
+def restore_points(n: int, block: int, window: int, extra: int = 0) -> list[int]:
+    """The restore points of an n-token prompt: multiples of `block` within its last `window` tokens, and `extra`
+    (the end of a prefix the caller will send again, e.g. a document), all before n."""
+    points = {p for p in range(block, n, block) if p > n - window}
+    if 0 < extra < n:
+        points.add(extra)
+    return sorted(points)
 
 
 def template_flags(flags: dict[str, Any] | None) -> str:
@@ -106,13 +124,25 @@ class DiskStore:
             out[p] = self.folder / f"{h.copy().hexdigest()[:32]}.safetensors"
         return out
 
-    def save(self, path: Path, shard: list[Any], tokens: int, flags: str) -> None:
-        from ..promptcache import save
+    def longest(self, prompt: list[int], block: int, window: int, flags: str = "", extra: int = 0) -> int:
+        """The longest restore point of `prompt` saved here (0: none): how much of it a run would not prefill."""
+        points = restore_points(len(prompt), block, window, extra)
+        files = self.paths(prompt, points, flags)
+        return max((p for p in points if files[p].is_file()), default=0)
 
+    def save(self, path: Path, shard: list[Any], tokens: int, flags: str) -> None:
+        from mlx_lm.models.cache import save_prompt_cache
+
+        meta = {"tokens": str(tokens), "model": self.identity, "flags": flags, "format": FORMAT}
+        tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.safetensors")  # a killed rank leaves no half file
         try:
-            save(path, shard, {"tokens": str(tokens), "model": self.identity, "flags": flags, "format": FORMAT})
+            path.parent.mkdir(parents=True, exist_ok=True)
+            save_prompt_cache(str(tmp), shard, meta)
+            os.replace(tmp, path)
         except (OSError, RuntimeError):
             pass  # a full or read-only disk only costs a later prefill
+        finally:
+            tmp.unlink(missing_ok=True)
 
     def load(self, path: Path, tokens: int, flags: str, layers: int) -> list[Any] | None:
         """The shard in `path` when it is this identity's, these flags' and this length's; else None."""
@@ -157,6 +187,8 @@ class PrefixCache:
         self.budget = budget
         self.entries: list[Entry] = []  # least recently used first
         self.pending: tuple[Path, int, list[Any], str] | None = None  # a shard to save once answered
+        self.source = "new"  # where the last begin() found its prefix: "memory", "disk" or "new" (nothing)
+        self.extra = 0  # the request's own restore point (begin's `extra`)
 
     # the entry in use: the most recently used one
     @property
@@ -171,9 +203,11 @@ class PrefixCache:
     def tokens(self) -> list[int]:
         return self.current.tokens if self.current else []
 
-    def begin(self, prompt: list[int], flags: str = "") -> tuple[list[Any], int]:
-        """The cache to run `prompt` with and how many of its tokens are already in it."""
+    def begin(self, prompt: list[int], flags: str = "", extra: int = 0) -> tuple[list[Any], int]:
+        """The cache to run `prompt` with and how many of its tokens are already in it. `extra`: one more restore
+        point for this prompt (where the caller's shared prefix ends), besides the block multiples."""
         self._evict()
+        self.extra = extra if 0 < extra < len(prompt) else 0
         best, start = None, 0
         for e in self.entries:
             if e.flags != flags:
@@ -188,7 +222,9 @@ class PrefixCache:
             best = Entry(list(prompt), make_prompt_cache(self.model), flags)
             self.entries.append(best)
             start = self._from_disk(best, prompt)  # may replace its cache
+            self.source = "disk" if start else "new"
             return best.cache, start
+        self.source = "memory"
         self.entries.remove(best)
         self.entries.append(best)
         best.tokens = list(prompt)
@@ -218,7 +254,7 @@ class PrefixCache:
         """Resume from the longest restore point saved on every rank's disk; 0 when none (nothing changes)."""
         if self.disk is None:
             return 0
-        points = [p for p in range(self.block, len(prompt), self.block) if p > len(prompt) - self.window]
+        points = restore_points(len(prompt), self.block, self.window, self.extra)
         files = self.disk.paths(prompt, points, entry.flags)
         found = all_ranks([int(files[p].is_file()) for p in points], self.group)
         best = max((p for p, ok in zip(points, found) if ok), default=0)
@@ -242,12 +278,14 @@ class PrefixCache:
         self.disk.save(path, shard, start, flags)
 
     def is_point(self, done: int, total: int) -> bool:
-        return done % self.block == 0 and done > total - self.window
+        return (done % self.block == 0 and done > total - self.window) or done == self.extra
 
     def next_cut(self, done: int, total: int) -> int | None:
         """The first restore point after `done` (prefill chunks end there), or None."""
         p = (done // self.block + 1) * self.block
         p = max(p, ((total - self.window) // self.block + 1) * self.block)
+        if done < self.extra < p:
+            p = self.extra
         return p if p < total else None
 
     def save_point(self, done: int) -> None:

@@ -41,6 +41,8 @@ class Request(BaseModel):
     seed: int = Field(default=0, ge=0, le=SEED_MAX)
     logprobs: bool = False
     top_logprobs: int = Field(default=0, ge=0, le=TOP_LOGPROBS_MAX)
+    cache: bool = True  # use and extend the prefix cache; False: a throwaway cache (warm-ups, --no-cache jobs)
+    point: int = Field(default=0, ge=0, le=TOKEN_MAX)  # a restore point to keep: where a prefix asked again ends
 
 
 # --- events, from the engine to the HTTP side ------------------------------------------------------------

@@ -32,7 +32,8 @@ from .protocol import (Done, EngineBusy, EngineDown, Failed, Handle, Prefill, Re
                        Token)
 
 OP_GENERATE, OP_STOP = 1, 2
-HEADER = 8  # int32 words: op, prompt length, max tokens, seed, logprobs, top logprobs, temperature, top_p bits
+HEADER = 10  # int32 words: op, prompt length, max tokens, seed, logprobs, top logprobs, cache, restore point,
+#              then the float32 bits of temperature and top_p
 CONNECT_WAIT = 120.0  # seconds a rank keeps trying to reach rank 0's control port
 
 
@@ -58,12 +59,15 @@ class Params:
     seed: int = 0
     logprobs: bool = False
     top_logprobs: int = 0
+    cache: bool = True  # use the prefix cache (False: a throwaway cache, nothing kept)
+    point: int = 0  # one more restore point (the end of a prefix the caller will send again)
 
     @classmethod
     def of(cls, r: Request) -> "Params":
         # float32 from the start: the other ranks receive float32 bits, so rank 0 must sample with the same value
         return cls(max_tokens=r.max_tokens, temperature=_f32(r.temperature), top_p=_f32(r.top_p), seed=r.seed,
-                   logprobs=r.logprobs, top_logprobs=r.top_logprobs)
+                   logprobs=r.logprobs, top_logprobs=r.top_logprobs, cache=r.cache,
+                   point=r.point if r.point < len(r.prompt) else 0)
 
 
 def _f32(x: float) -> float:
@@ -110,16 +114,22 @@ def _agreed(flag: bool, group) -> bool:
 CHECK_EVERY = 4  # decode steps between the ranks' agreed checks for a cancelled request (one tiny collective)
 
 
-def run_request(model, pc: PrefixCache, prompt: list[int], params: Params, *, step: int, eos: set[int],
+def run_request(model, pc: PrefixCache | None, prompt: list[int], params: Params, *, step: int, eos: set[int],
                 emit: Callable[[tuple], None], stop_requested: Callable[[], bool] = lambda: False,
                 group=None, check_every: int = CHECK_EVERY) -> dict:
     """Prefill what the prefix cache lacks (cut at restore points), then decode; emit() gets
     ("prefill", done, total) and ("token", id, logprob, top) on every rank (only rank 0's reaches a client).
     stop_requested() is rank 0's word (a client left, a stop string matched): the ranks agree on it after every
-    prefill chunk and every `check_every` tokens, so they stop at the same step."""
+    prefill chunk and every `check_every` tokens, so they stop at the same step. pc None: a throwaway cache."""
     import mlx.core as mx
 
-    cache, start = pc.begin(prompt)
+    if pc is None:
+        from mlx_lm.models.cache import make_prompt_cache
+
+        cache, start, source = make_prompt_cache(model), 0, "none"
+    else:
+        cache, start = pc.begin(prompt, extra=params.point)
+        source = pc.source
     total, done = len(prompt), start
     ids = mx.array(prompt, dtype=mx.int32)[None]
     key = mx.random.key(params.seed)  # this request's own stream: unrelated to any other request's draws
@@ -129,13 +139,13 @@ def run_request(model, pc: PrefixCache, prompt: list[int], params: Params, *, st
     finish = "length"
     while total - done > 1:
         n = min(step, total - done - 1)
-        cut = pc.next_cut(done, total)
+        cut = pc.next_cut(done, total) if pc is not None else None
         if cut is not None and cut < done + n:
             n = cut - done
         model(ids[:, done:done + n], cache=cache)
         mx.eval([c.state for c in cache])
         done += n
-        if pc.is_point(done, total):
+        if pc is not None and pc.is_point(done, total):
             pc.save_point(done)
         emit(("prefill", done, total))
         if _agreed(stop_requested(), group):
@@ -165,7 +175,8 @@ def run_request(model, pc: PrefixCache, prompt: list[int], params: Params, *, st
             logits = model(token.reshape(1, 1), cache=cache)[:, -1, :]
     end = time.perf_counter()
     t_first = t_first or end
-    return {"ids": out, "prompt_tokens": total, "cached_tokens": start, "prefilled_tokens": done - start + bool(out),
+    return {"ids": out, "prompt_tokens": total, "cached_tokens": start, "cache": source,
+            "prefilled_tokens": done - start + bool(out),
             "ttft": t_first - tic, "prompt_tps": (total - start) / max(t_first - tic, 1e-9),
             "generation_tps": (len(out) - 1) / (end - t_first) if len(out) > 1 and end > t_first else 0.0,
             "finish_reason": finish}
@@ -179,15 +190,15 @@ def _words(op: int, n: int, p: Params) -> list[int]:
     import numpy as np
 
     t, top_p = (int(x) for x in np.array([p.temperature, p.top_p], dtype=np.float32).view(np.int32))
-    return [op, n, p.max_tokens, p.seed, int(p.logprobs), p.top_logprobs, t, top_p]
+    return [op, n, p.max_tokens, p.seed, int(p.logprobs), p.top_logprobs, int(p.cache), p.point, t, top_p]
 
 
 def _params(words: list[int]) -> Params:
     import numpy as np
 
-    t, top_p = (float(x) for x in np.array(words[6:8], dtype=np.int32).view(np.float32))
+    t, top_p = (float(x) for x in np.array(words[8:10], dtype=np.int32).view(np.float32))
     return Params(max_tokens=int(words[2]), temperature=t, top_p=top_p, seed=int(words[3]),
-                  logprobs=bool(words[4]), top_logprobs=int(words[5]))
+                  logprobs=bool(words[4]), top_logprobs=int(words[5]), cache=bool(words[6]), point=int(words[7]))
 
 
 def broadcast(group, op: int, prompt: list[int] | None = None, params: Params | None = None):
@@ -354,10 +365,108 @@ def stage_ranges(args, group) -> list[range] | None:
     return pipeline_split(config, group.size())
 
 
-def serve(args) -> int:
+@dataclass
+class Rank:
+    """One rank's loaded share and its prefix cache: what the loop below runs requests on."""
+
+    model: Any
+    tokenizer: Any
+    config: dict
+    group: Any  # None: one rank
+    pc: PrefixCache
+    step: int
+    loads: int = 1
+
+    @property
+    def index(self) -> int:
+        return self.group.rank() if self.group is not None else 0
+
+    @property
+    def size(self) -> int:
+        return self.group.size() if self.group is not None else 1
+
+    @property
+    def context(self) -> int | None:
+        return int(self.config.get("max_position_embeddings") or 0) or None
+
+
+def open_rank(args, group) -> Rank:
+    """Load this rank's share once, and its prefix cache (in memory within the budget, and on this node's disk)."""
+    import mlx.core as mx
+
+    model, tokenizer, config = load_model(args, group)
+    if group is not None:
+        mx.eval(mx.distributed.all_sum(mx.array(1.0), group=group))
+    disk = None
+    if not args.no_disk_cache:
+        from .prefix import node_store
+        from .worker import model_folder
+
+        rank, size = (group.rank(), group.size()) if group is not None else (0, 1)
+        ranges = stage_ranges(args, group)
+        disk = node_store(model_folder(args.model, args.repo_id), args.mode, rank, size,
+                          ranges[rank] if ranges else None)
+    pc = PrefixCache(model, block=args.block, window=args.window, disk=disk, group=group,
+                     budget=int(args.cache_memory_gb * (1 << 30)))
+    return Rank(model, tokenizer, config, group, pc, args.prefill_step)
+
+
+def rank_loop(r: Rank, engine: RankEngine | None, *, lost: Callable[[], None] = lambda: None,
+              grace: float = 0.0) -> None:
+    """Run requests until rank 0 is told to stop: rank 0 takes them from `engine` and broadcasts each, every
+    rank runs it in lockstep. A failure on rank 0 fails the engine (after `grace` seconds in which the control
+    port may name a lost peer first) and calls lost(); on another rank it raises."""
     import mlx.core as mx
 
     from .worker import gather_ints, weight_bytes
+
+    eos = set(r.tokenizer.eos_token_ids or [])
+    while True:
+        job = None
+        if r.index == 0:
+            job = engine.next()
+            if engine.failed:  # nothing more runs on the group; shutdown just ends this process
+                if job is None:
+                    break
+                job.put(Failed(engine.reason))
+                continue
+        try:
+            if r.index == 0:
+                op, prompt, params = broadcast(r.group, OP_STOP if job is None else OP_GENERATE,
+                                               job.request.prompt if job else None,
+                                               Params.of(job.request) if job else None)
+            else:
+                op, prompt, params = broadcast(r.group, 0)
+            if op == OP_STOP:
+                break
+            mx.reset_peak_memory()
+            emit = engine.emitter(job) if r.index == 0 else (lambda ev: None)
+            asked = job.cancelled.is_set if r.index == 0 else (lambda: False)
+            info = run_request(r.model, r.pc if params.cache else None, prompt, params, step=r.step, eos=eos,
+                               emit=emit, stop_requested=asked, group=r.group)
+            per_rank = gather_ints([r.loads, info["prefilled_tokens"], int(mx.get_peak_memory()),
+                                    weight_bytes(r.model), os.getpid()], r.group)
+        except Exception as e:  # noqa: BLE001 - a lost peer or a bad input: the deployment cannot go on
+            if r.index != 0:
+                raise
+            end = time.monotonic() + grace  # a lost peer is usually the cause: let the control port name it
+            while not engine.failed and time.monotonic() < end:
+                time.sleep(0.05)
+            engine.fail(f"rank 0 failed during a request: {type(e).__name__}: {e}")
+            lost()
+            r.pc.forget()
+            continue
+        if r.index == 0:
+            info.update({"weight_loads": [x[0] for x in per_rank], "prefilled_per_rank": [x[1] for x in per_rank],
+                         "peak_memory_bytes": [x[2] for x in per_rank], "weight_bytes": [x[3] for x in per_rank],
+                         "rank_pids": [x[4] for x in per_rank]})
+            engine.finish(info)
+        r.pc.flush()
+
+
+def serve(args) -> int:
+    """A rank of a deployment: rank 0 also serves HTTP (api.py) and the control port the others follow."""
+    import mlx.core as mx
 
     group = None
     if args.mode != "single":
@@ -378,76 +487,68 @@ def serve(args) -> int:
                                          os.environ.get("ARTHUR_RESIDENT_TOKEN", "")), args.bind, args.port)
     else:
         follow_control(args.control, rank, stopping)
-    loads = 0
-    model, tokenizer, config = load_model(args, group)
-    loads += 1
-    if group is not None:
-        mx.eval(mx.distributed.all_sum(mx.array(1.0), group=group))
-    disk = None
-    if not args.no_disk_cache:
-        from .. import paths
-        from .prefix import files_identity, rank_identity
-        from .worker import model_folder
-
-        ranges = stage_ranges(args, group)
-        disk = DiskStore(paths.prompt_cache_dir() / "resident",  # this node's folder and weight files
-                         rank_identity(files_identity(model_folder(args.model, args.repo_id)), args.mode, rank,
-                                       size, ranges[rank] if ranges else None))
-    pc = PrefixCache(model, block=args.block, window=args.window, disk=disk, group=group,
-                     budget=int(args.cache_memory_gb * (1 << 30)))
-    eos = set(tokenizer.eos_token_ids or [])
+    r = open_rank(args, group)
     if rank == 0:
         if not control.ready.wait(CONNECT_WAIT):
             engine.fail(f"only {len(control.peers)} of {size - 1} other ranks reached the control port")
-        front.ready(tokenizer, args.context or int(config.get("max_position_embeddings") or 0) or None)
+        front.ready(r.tokenizer, args.context or r.context)
         engine.ready(ranks=size, mode=args.mode, weight_loads=[1] * size)
-    while True:
-        job = None
-        if rank == 0:
-            job = engine.next()
-            if engine.failed:  # nothing more runs on the group; shutdown just ends this process
-                if job is None:
-                    break
-                job.put(Failed(engine.reason))
-                continue
-        try:
-            if rank == 0:
-                op, prompt, params = broadcast(group, OP_STOP if job is None else OP_GENERATE,
-                                               job.request.prompt if job else None,
-                                               Params.of(job.request) if job else None)
-            else:
-                op, prompt, params = broadcast(group, 0)
-            if op == OP_STOP:
-                break
-            mx.reset_peak_memory()
-            emit = engine.emitter(job) if rank == 0 else (lambda ev: None)
-            asked = job.cancelled.is_set if rank == 0 else (lambda: False)
-            info = run_request(model, pc, prompt, params, step=args.prefill_step, eos=eos, emit=emit,
-                               stop_requested=asked, group=group)
-            per_rank = gather_ints([loads, info["prefilled_tokens"], int(mx.get_peak_memory()), weight_bytes(model),
-                                    os.getpid()], group)
-        except Exception as e:  # noqa: BLE001 - a lost peer or a bad input: the deployment cannot go on
-            if rank != 0:
-                raise
-            end = time.monotonic() + 2.0  # a lost peer is usually the cause: let the control port name it
-            while not engine.failed and time.monotonic() < end:
-                time.sleep(0.05)
-            engine.fail(f"rank 0 failed during a request: {type(e).__name__}: {e}")
-            control.close()
-            pc.forget()
-            continue
-        if rank == 0:
-            info.update({"weight_loads": [r[0] for r in per_rank], "prefilled_per_rank": [r[1] for r in per_rank],
-                         "peak_memory_bytes": [r[2] for r in per_rank], "weight_bytes": [r[3] for r in per_rank],
-                         "rank_pids": [r[4] for r in per_rank]})
-            engine.finish(info)
-        pc.flush()
+    rank_loop(r, engine, lost=control.close if control else (lambda: None), grace=2.0)
     stopping.set()
     if control:
         control.close()
     if front is not None:
         front.stop()
     return 0
+
+
+class InProcess:
+    """The same engine in a thread of this process, for one node without a server: `doc`, `demo` and `up`'s
+    test question. The thread loads the model (MLX work stays on the thread that made its arrays) and then
+    runs the rank loop; submit/cancel/status are the RankEngine's, as the HTTP side sees them on rank 0.
+    `options`: the server's own command-line options (parser()), e.g. ["--no-disk-cache"]."""
+
+    def __init__(self, model: str | Path, options: list[str] | None = None, load_timeout: float | None = None):
+        self.args = parser().parse_args(["--model", str(model), "--port", "0", *(options or [])])
+        self.engine = RankEngine(max_queue=self.args.max_queue, stuck_after=self.args.stuck_after)
+        self.rank: Rank | None = None
+        self.error: BaseException | None = None
+        self._loaded = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="mlx-rank", daemon=True)
+        self._thread.start()
+        if not self._loaded.wait(load_timeout):
+            raise ServerError(f"{model}: not loaded within {load_timeout:.0f} s")
+        if self.error is not None:
+            raise ServerError(f"could not load {model}: {type(self.error).__name__}: {self.error}") from None
+
+    def _run(self) -> None:
+        try:
+            self.rank = open_rank(self.args, None)
+        except BaseException as e:  # noqa: BLE001 - reported to the caller waiting in __init__
+            self.error = e
+            self._loaded.set()
+            return
+        self.engine.ready(ranks=1, mode="single", weight_loads=[1])
+        self._loaded.set()
+        rank_loop(self.rank, self.engine)
+
+    @property
+    def tokenizer(self):
+        return self.rank.tokenizer
+
+    @property
+    def model(self):
+        return self.rank.model
+
+    def close(self, wait: float = 30.0) -> None:
+        """Stop after the running request (cancelled first); the weights go with the thread's last reference."""
+        self.engine.shutdown()
+        with self.engine.cv:
+            active = self.engine.active
+        if active is not None:
+            active.cancelled.set()
+        self._thread.join(wait)
+        self.rank = None
 
 
 def parser() -> argparse.ArgumentParser:

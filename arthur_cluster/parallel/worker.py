@@ -68,9 +68,19 @@ def load(model_path: str | Path, mode: str = "single", group=None, ranges: list[
     model, config = load_model(path, lazy=True)
     if mode != "single":
         model = registry.apply(model, mode, group, config, ranges)
+    if mx.default_device() == mx.cpu and _has_float_experts(model):
+        model.set_dtype(mx.float32)  # MLX's CPU gather_mm takes float32 only (unquantized MoE experts)
     mx.eval(model.parameters())
     tokenizer = load_tokenizer(path, {"trust_remote_code": False}, eos_token_ids=config.get("eos_token_id"))
     return model, tokenizer, config
+
+
+def _has_float_experts(model) -> bool:
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+
+    return any("switch_mlp" in k and k.endswith(".weight") and v.dtype in (mx.bfloat16, mx.float16)
+               for k, v in tree_flatten(model.parameters()))
 
 
 def encode_request(tokenizer, request: dict[str, Any]) -> list[int]:
