@@ -91,6 +91,8 @@ class MlxEngine:
                enable_thinking: bool | None = None) -> Iterator[Event]:
         if self.endpoint:
             return self._stream_http(messages, max_tokens, temperature, enable_thinking)
+        if self.ranks is None:
+            raise EngineError("the engine is closed")
         return self.stream_ids(self.prompt(messages, enable_thinking), max_tokens=max_tokens,
                                temperature=temperature)
 
@@ -137,16 +139,16 @@ class MlxEngine:
                 elif isinstance(ev, Done):
                     finished = True
                     detok.finalize()
-                    if detok.last_segment:
-                        yield Event("token", text=detok.last_segment)
+                    if seg := detok.last_segment:  # reading it takes it: read once
+                        yield Event("token", text=seg)
                     self.last_done = ev.info
                     finish = "length" if ev.finish_reason == "cancelled" else ev.finish_reason
                     yield Event("done", stats=_stats(ev.info, finish))
                     return
                 elif ev.id not in eos:
                     detok.add_token(ev.id)
-                    if detok.last_segment:
-                        yield Event("token", text=detok.last_segment)
+                    if seg := detok.last_segment:
+                        yield Event("token", text=seg)
         finally:
             if not finished:  # the caller stopped reading (Ctrl-C, an error): stop the ranks too
                 self.ranks.engine.cancel(handle)

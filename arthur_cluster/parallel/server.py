@@ -514,6 +514,7 @@ class InProcess:
         self.rank: Rank | None = None
         self.error: BaseException | None = None
         self._loaded = threading.Event()
+        self._released = threading.Event()
         self._thread = threading.Thread(target=self._run, name="mlx-rank", daemon=True)
         self._thread.start()
         if not self._loaded.wait(load_timeout):
@@ -527,10 +528,27 @@ class InProcess:
         except BaseException as e:  # noqa: BLE001 - reported to the caller waiting in __init__
             self.error = e
             self._loaded.set()
-            return
+            self._release()
         self.engine.ready(ranks=1, mode="single", weight_loads=[1])
         self._loaded.set()
-        rank_loop(self.rank, self.engine)
+        try:
+            rank_loop(self.rank, self.engine)
+        finally:
+            self._release()
+
+    def _release(self) -> None:
+        """Free the weights and caches on this thread, which made them, then park it for good: an MLX thread
+        that has run a model and then ends makes the interpreter abort at exit (seen with mlx 0.32 on Linux),
+        while a parked daemon thread is simply left behind."""
+        import gc
+
+        import mlx.core as mx
+
+        self.rank = None
+        gc.collect()
+        mx.clear_cache()
+        self._released.set()
+        threading.Event().wait()
 
     @property
     def tokenizer(self):
@@ -547,8 +565,11 @@ class InProcess:
             active = self.engine.active
         if active is not None:
             active.cancelled.set()
-        self._thread.join(wait)
-        self.rank = None
+        self._released.wait(wait)
+
+    @property
+    def closed(self) -> bool:
+        return self._released.is_set()
 
 
 def parser() -> argparse.ArgumentParser:
