@@ -322,7 +322,8 @@ class MlxRunner:
         cacheable = self.use_cache and prompt.cacheable and bool(prompt.prefix)
         try:
             for ev in self.eng.stream_ids(prompt.prefix + prompt.suffix, max_tokens=max_tokens,
-                                          temperature=temperature, cache=cacheable, point=len(prompt.prefix)):
+                                          temperature=temperature, cache=cacheable, point=len(prompt.prefix),
+                                          enable_thinking=prompt.thinking):
                 if ev.kind == "prefill":
                     reporter.prefill(ev.done, ev.total)
                 elif ev.kind == "token":
@@ -363,7 +364,8 @@ def _saved_on_disk(folder: Path | None, prompt: Prompt) -> bool:
         return False
     args = parser().parse_args(["--model", str(folder), "--port", "0"])  # the engine's own defaults
     whole = prompt.prefix + prompt.suffix
-    saved = prefix.node_store(folder, "single").longest(whole, args.block, args.window, extra=len(prompt.prefix))
+    saved = prefix.node_store(folder, "single").longest(whole, args.block, args.window,
+                                                        prefix.thinking_flags(prompt.thinking), len(prompt.prefix))
     return saved >= len(prompt.prefix)
 
 

@@ -80,6 +80,8 @@ def test_the_engine_in_this_process_streams_text_stats_and_progress(tiny_models)
         point = len(plain) - 5
         kept = collect(eng.stream_ids(plain, max_tokens=12, point=point))
         again = collect(eng.stream_ids(plain, max_tokens=12, point=point))
+        # the same ids under another template flag: another key, so the kept prefix is not used
+        other = collect(eng.stream_ids(plain, max_tokens=12, point=point, enable_thinking=True))
     res = collect(iter(events))
     prefill = [e for e in events if e.kind == "prefill"]
     assert prefill and prefill[-1].done == prefill[-1].total == res.stats.prompt_tokens == len(plain)
@@ -91,6 +93,7 @@ def test_the_engine_in_this_process_streams_text_stats_and_progress(tiny_models)
     assert kept.text == again.text == res.text
     assert kept.stats.cached_tokens == 0 and again.stats.cached_tokens == point
     assert again.stats.cache_source == "memory"
+    assert other.stats.cached_tokens == 0 and other.stats.cache_source == "new"
 
 
 def test_closing_the_stream_stops_the_request_and_the_engine_answers_the_next(tiny_models, tmp_path):

@@ -94,7 +94,7 @@ class MlxEngine:
         if self.ranks is None:
             raise EngineError("the engine is closed")
         return self.stream_ids(self.prompt(messages, enable_thinking), max_tokens=max_tokens,
-                               temperature=temperature)
+                               temperature=temperature, enable_thinking=enable_thinking)
 
     def prompt(self, messages: list[Message], enable_thinking: bool | None = None) -> list[int]:
         """The token ids of a chat, with the model's template (as rank 0's HTTP side builds them)."""
@@ -105,10 +105,11 @@ class MlxEngine:
         return [int(t) for t in ids]
 
     def stream_ids(self, prompt: list[int], *, max_tokens: int = 256, temperature: float = 0.0, seed: int = 0,
-                   cache: bool = True, point: int = 0) -> Iterator[Event]:
+                   cache: bool = True, point: int = 0, enable_thinking: bool | None = None) -> Iterator[Event]:
         """Token ids in, text out (in this process): the rank loop's events as Events; the text is the model's
         own, thinking markers included. cache=False runs on a throwaway cache and keeps nothing; `point`: where
-        a prefix this caller will send again ends (a document before its question), kept as a restore point."""
+        a prefix this caller will send again ends (a document before its question), kept as a restore point;
+        enable_thinking: the template flag `prompt` was rendered with (part of the prefix cache's key)."""
         from ..parallel.protocol import Done, EngineBusy, EngineDown, Failed, Prefill, Request
 
         if self.ranks is None:
@@ -117,7 +118,8 @@ class MlxEngine:
         events: queue.SimpleQueue = queue.SimpleQueue()
         try:
             handle = self.ranks.engine.submit(Request(prompt=list(prompt), max_tokens=max_tokens,
-                                                      temperature=temperature, seed=seed, cache=cache, point=point),
+                                                      temperature=temperature, seed=seed, cache=cache, point=point,
+                                                      enable_thinking=enable_thinking),
                                                events.put)
         except (EngineBusy, EngineDown, ValueError) as e:
             raise EngineError(f"{self.model_id}: {e}") from None

@@ -334,13 +334,16 @@ class Front:
         top = getattr(req, "top_logprobs", None) or 0
         if top and not logprobs:
             raise ApiError(400, "top_logprobs: needs logprobs set to true", "top_logprobs")
+        flags = getattr(req, "chat_template_kwargs", None)  # in the prefix cache's key, as on every rank
+        thinking = flags.enable_thinking if flags is not None else None
         choices: list[Choice] = []
         try:
             for i in range(n):
                 seed = (req.seed + i) % (SEED_MAX + 1) if req.seed is not None else secrets.randbelow(SEED_MAX + 1)
                 r = Request(prompt=prompt, max_tokens=max_tokens, temperature=float(
                     1.0 if req.temperature is None else req.temperature), top_p=float(
-                    1.0 if req.top_p is None else req.top_p), seed=seed, logprobs=logprobs, top_logprobs=top)
+                    1.0 if req.top_p is None else req.top_p), seed=seed, logprobs=logprobs, top_logprobs=top,
+                    enable_thinking=thinking)
                 q: asyncio.Queue = asyncio.Queue()
                 h = self.engine.submit(r, _sink(loop, q))
                 choices.append(Choice(i, h, q, Decoder(self.tokenizer, self.eos, req.stops(), reasoning), []))

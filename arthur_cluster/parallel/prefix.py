@@ -81,6 +81,11 @@ def template_flags(flags: dict[str, Any] | None) -> str:
     return json.dumps(flags or {}, sort_keys=True, separators=(",", ":"))
 
 
+def thinking_flags(enable_thinking: bool | None) -> str:
+    """The key's flags for a prompt rendered with this enable_thinking (None: the template's default)."""
+    return template_flags({} if enable_thinking is None else {"enable_thinking": bool(enable_thinking)})
+
+
 def _copy(x):
     """A new array with the same values (None stays None): a snapshot never shares a buffer with the cache."""
     import mlx.core as mx

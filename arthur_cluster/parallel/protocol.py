@@ -43,6 +43,7 @@ class Request(BaseModel):
     top_logprobs: int = Field(default=0, ge=0, le=TOP_LOGPROBS_MAX)
     cache: bool = True  # use and extend the prefix cache; False: a throwaway cache (warm-ups, --no-cache jobs)
     point: int = Field(default=0, ge=0, le=TOKEN_MAX)  # a restore point to keep: where a prefix asked again ends
+    enable_thinking: bool | None = None  # the template flag the prompt was rendered with (in the cache's key)
 
 
 # --- events, from the engine to the HTTP side ------------------------------------------------------------

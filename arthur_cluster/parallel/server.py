@@ -32,8 +32,8 @@ from .protocol import (Done, EngineBusy, EngineDown, Failed, Handle, Prefill, Re
                        Token)
 
 OP_GENERATE, OP_STOP = 1, 2
-HEADER = 10  # int32 words: op, prompt length, max tokens, seed, logprobs, top logprobs, cache, restore point,
-#              then the float32 bits of temperature and top_p
+HEADER = 11  # int32 words: op, prompt length, max tokens, seed, logprobs, top logprobs, cache, restore point,
+#              enable_thinking (0 unset, 1 off, 2 on), then the float32 bits of temperature and top_p
 CONNECT_WAIT = 120.0  # seconds a rank keeps trying to reach rank 0's control port
 
 
@@ -61,13 +61,21 @@ class Params:
     top_logprobs: int = 0
     cache: bool = True  # use the prefix cache (False: a throwaway cache, nothing kept)
     point: int = 0  # one more restore point (the end of a prefix the caller will send again)
+    thinking: int = 0  # the prompt's enable_thinking: 0 unset, 1 off, 2 on (the prefix cache's key has it)
+
+    @property
+    def flags(self) -> str:
+        from .prefix import thinking_flags
+
+        return thinking_flags(None if self.thinking == 0 else self.thinking == 2)
 
     @classmethod
     def of(cls, r: Request) -> "Params":
         # float32 from the start: the other ranks receive float32 bits, so rank 0 must sample with the same value
         return cls(max_tokens=r.max_tokens, temperature=_f32(r.temperature), top_p=_f32(r.top_p), seed=r.seed,
                    logprobs=r.logprobs, top_logprobs=r.top_logprobs, cache=r.cache,
-                   point=r.point if r.point < len(r.prompt) else 0)
+                   point=r.point if r.point < len(r.prompt) else 0,
+                   thinking=0 if r.enable_thinking is None else 1 + int(r.enable_thinking))
 
 
 def _f32(x: float) -> float:
@@ -128,7 +136,7 @@ def run_request(model, pc: PrefixCache | None, prompt: list[int], params: Params
 
         cache, start, source = make_prompt_cache(model), 0, "none"
     else:
-        cache, start = pc.begin(prompt, extra=params.point)
+        cache, start = pc.begin(prompt, params.flags, extra=params.point)
         source = pc.source
     total, done = len(prompt), start
     ids = mx.array(prompt, dtype=mx.int32)[None]
@@ -190,15 +198,17 @@ def _words(op: int, n: int, p: Params) -> list[int]:
     import numpy as np
 
     t, top_p = (int(x) for x in np.array([p.temperature, p.top_p], dtype=np.float32).view(np.int32))
-    return [op, n, p.max_tokens, p.seed, int(p.logprobs), p.top_logprobs, int(p.cache), p.point, t, top_p]
+    return [op, n, p.max_tokens, p.seed, int(p.logprobs), p.top_logprobs, int(p.cache), p.point, p.thinking, t,
+            top_p]
 
 
 def _params(words: list[int]) -> Params:
     import numpy as np
 
-    t, top_p = (float(x) for x in np.array(words[8:10], dtype=np.int32).view(np.float32))
+    t, top_p = (float(x) for x in np.array(words[9:11], dtype=np.int32).view(np.float32))
     return Params(max_tokens=int(words[2]), temperature=t, top_p=top_p, seed=int(words[3]),
-                  logprobs=bool(words[4]), top_logprobs=int(words[5]), cache=bool(words[6]), point=int(words[7]))
+                  logprobs=bool(words[4]), top_logprobs=int(words[5]), cache=bool(words[6]), point=int(words[7]),
+                  thinking=min(max(int(words[8]), 0), 2))
 
 
 def broadcast(group, op: int, prompt: list[int] | None = None, params: Params | None = None):
