@@ -1,5 +1,6 @@
 """Document-job overhead on CPU: the job (prompt building, prefix cache, disk cache, unit files, outputs) versus
-raw mlx_lm.stream_generate on the same tokens, with a tiny Nemotron-shaped 8-bit model.
+raw mlx_lm.stream_generate on the same kind of prompt, with a tiny Nemotron-shaped 8-bit model. The job runs on the
+MLX engine in this process (its rank thread); each run's document differs in its first line, so each job prefills.
 
     .venv/bin/python bench/bench_docjob.py [--tokens 2000] [--max-tokens 128] [--repeat 5]
 
@@ -36,55 +37,60 @@ def main() -> None:
 
 
 def run(root: Path, args) -> dict:
-    from mlx_lm import stream_generate
+    from mlx_lm import load, stream_generate
 
-    from arthur_cluster import docjob, documents, miniature, paths
+    from arthur_cluster import docjob, documents, miniature
     from arthur_cluster.demo import REAL_CONFIGS
 
     real = json.loads(REAL_CONFIGS["nemotron_h"].read_text())
     folder = miniature.make(root / "model", "nemotron_h", like=real, quant=miniature.quantization_like(real))
-    runner = docjob.load_local(folder, "bench/tiny-nemotron-8bit")
+    runner = docjob.load_local(folder, "bench/tiny-nemotron-8bit")  # the MLX engine in this process (its thread)
+    model, tok = load(str(folder))  # mlx-lm's own copy, on this thread, for the raw runs
     para = "The cluster runs the model across several machines; each node holds part of the weights. "
     text = "\n\n".join(f"## Part {i}\n\n{para * 2}" for i in range(args.tokens // 70))
-    (root / "doc.md").write_text(text)
-    doc = documents.load([str(root / "doc.md")])
     tasks = docjob.make_tasks(["What does the document say about the nodes?"])
 
+    def document(i: int):
+        """Each run its own document (one line differs at the start), so every job prefills it again."""
+        f = root / f"doc{i}.md"
+        f.write_text(f"Run {i}.\n\n{text}")
+        return documents.load([str(f)])
+
     t0 = time.perf_counter()
-    plan = docjob.plan_job(doc, tasks, runner, max_tokens=args.max_tokens)
+    plan = docjob.plan_job(document(-1), tasks, runner, max_tokens=args.max_tokens)
     plan_s = time.perf_counter() - t0
     if plan.mode != "single":
         raise SystemExit(f"the document ({plan.document_tokens} tokens) must fit one pass: lower --tokens")
-    prompt = docjob.Prompter(runner.tokenizer).build(docjob.single_head(doc.text), docjob.task_tail(tasks[0], "single"))
-    tokens = prompt.prefix + prompt.suffix
 
-    def raw() -> tuple[float, float, int]:
+    def raw(i: int) -> tuple[float, float, int]:
+        doc = document(i)
+        p = docjob.Prompter(tok).build(docjob.single_head(doc.text), docjob.task_tail(tasks[0], "single"))
         t, c = time.perf_counter(), time.process_time()
         n = 0
-        for r in stream_generate(runner.model, runner.tokenizer, tokens, max_tokens=args.max_tokens,
+        for r in stream_generate(model, tok, p.prefix + p.suffix, max_tokens=args.max_tokens,
                                  prefill_step_size=runner.step):
             n = r.generation_tokens
         return time.perf_counter() - t, time.process_time() - c, n
 
-    def job(i: int) -> tuple[float, int]:
-        shutil.rmtree(paths.prompt_cache_dir(), ignore_errors=True)  # every run prefills (and saves) again
-        runner.close()
+    def job(i: int) -> tuple[float, float, int]:
+        doc = document(i)
         t, c = time.perf_counter(), time.process_time()
         j = docjob.create_job(doc, tasks, runner, max_tokens=args.max_tokens, thinking=None, context=None,
                               out=root / f"job{i}")
         res = docjob.run_job(j, plan, runner)
         return time.perf_counter() - t, time.process_time() - c, res["tokens"]["generated"]
 
-    raw()  # compile and warm both paths once
-    job(-1)
+    raw(-2)  # compile and warm both paths once
+    job(-2)
     raws, jobs = [], []
     for i in range(args.repeat):  # interleaved, so drift in the machine's speed hits both alike
-        raws.append(raw())
+        raws.append(raw(i))
         jobs.append(job(i))
+    runner.close()
     r, j = min(x[0] for x in raws), min(x[0] for x in jobs)
     rc, jc = min(x[1] for x in raws), min(x[1] for x in jobs)  # CPU time: steadier on a shared machine
     return {
-        "machine": os.uname().nodename, "prompt_tokens": len(tokens), "max_tokens": args.max_tokens,
+        "machine": os.uname().nodename, "max_tokens": args.max_tokens, "document_tokens": plan.document_tokens,
         "generated": {"raw": raws[0][2], "job": jobs[0][2]}, "raw_s": round(r, 4), "job_s": round(j, 4),
         "ratio": round(r / j, 4), "raw_cpu_s": round(rc, 4), "job_cpu_s": round(jc, 4),
         "cpu_ratio": round(rc / jc, 4), "plan_s": round(plan_s, 3), "plan_mode": plan.mode,

@@ -54,27 +54,3 @@ def test_backends_this_machine_cannot_run_are_refused():
             hf.check_backend("nccl")
     with pytest.raises(hf.BackendUnavailable, match="unknown backend"):
         hf.check_backend("carrier-pigeon")
-
-
-def test_the_request_reaches_a_remote_rank_0_over_ssh(tmp_path, monkeypatch):
-    from arthur_cluster.engines.base import EngineError
-    from arthur_cluster.engines.mlx import send_request
-
-    got = tmp_path / "received"
-    fake = tmp_path / "fake-ssh"  # stands in for ssh: records the host and command, keeps what it was sent
-    fake.write_text(f'#!/bin/sh\necho "$1 $2" > {got}.cmd\ncat > {got}\n')
-    fake.chmod(0o755)
-    monkeypatch.setenv(hf.SSH_ENV, str(fake))
-    request = tmp_path / "arthur-mlx-x" / "request.json"
-    request.parent.mkdir()
-    request.write_text('{"messages": []}')
-    send_request(hf.Host("studio-2.local", ["10.0.0.2"]), request)
-    assert got.read_text() == '{"messages": []}'
-    sent = (tmp_path / "received.cmd").read_text()
-    assert sent.startswith("studio-2.local ") and f"; mkdir -p {request.parent} " in sent
-    got.unlink()
-    send_request(hf.Host("localhost"), request)  # rank 0 here: nothing to send
-    assert not got.exists()
-    fake.write_text('#!/bin/sh\necho "ssh: Could not resolve hostname $1" >&2\nexit 255\n')
-    with pytest.raises(EngineError, match="cannot send the request to studio-2.local over ssh: ssh: Could not"):
-        send_request(hf.Host("studio-2.local"), request)
