@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Literal
@@ -1221,14 +1222,28 @@ def run(files: list[str], *, asks: list[str] | None = None, summarize: bool = Fa
                         context=context, thinking=thinking, warmup=False)
         if not plan.feasible:
             raise DocJobError("the plan cannot run: " + "; ".join(plan.explanation + plan.suggestions))
-        runner = open_runner(model, use_cache=use_cache)
-        estimate_time(plan, runner, doc)
-    else:
-        plan = plan_job(doc, tasks, runner, max_tokens=max_tokens, context=context, thinking=thinking)
+        with _closing(open_runner(model, use_cache=use_cache)) as runner:
+            estimate_time(plan, runner, doc)
+            return _run_planned(doc, tasks, plan, runner, out, max_tokens, thinking, context, reporter)
+    plan = plan_job(doc, tasks, runner, max_tokens=max_tokens, context=context, thinking=thinking)
+    return _run_planned(doc, tasks, plan, runner, out, max_tokens, thinking, context, reporter)
+
+
+def _run_planned(doc: Document, tasks: list[Task], plan: Plan, runner: Any, out: Path | None, max_tokens: int,
+                 thinking: bool | None, context: int | None, reporter: Reporter | None) -> dict:
     (reporter or Reporter()).plan(plan)
     job = create_job(doc, tasks, runner, max_tokens=max_tokens, thinking=thinking, context=context, out=out)
     write_json(job.dir / "plan.json", plan.model_dump(mode="json"))
     return run_job(job, plan, runner, reporter=reporter)
+
+
+@contextmanager
+def _closing(runner: Any) -> Iterator[Any]:
+    """A runner this module opened is closed when its job ends (its engine frees the weights)."""
+    try:
+        yield runner
+    finally:
+        runner.close()
 
 
 def iter_units(plan: Plan) -> Iterator[str]:
@@ -1258,9 +1273,17 @@ def resume(out: Path | None = None, *, model: str | None = None, reporter: Repor
     except (OSError, ValueError, RecursionError):
         raise DocJobError(f"{job.dir}: no readable plan.json; the job never started, start it again") from None
     job.document()  # a missing or damaged document.txt is refused before any model is loaded
-    if runner is None and model is None and meta.get("model_path") and Path(meta["model_path"]).is_dir():
-        runner = load_local(Path(meta["model_path"]), meta["model"], use_cache=use_cache)
-    runner = runner or open_runner(model or meta["model"], use_cache=use_cache)
+    if runner is not None:
+        return _resume_on(job, plan, meta, runner, reporter)
+    if model is None and meta.get("model_path") and Path(meta["model_path"]).is_dir():
+        opened = load_local(Path(meta["model_path"]), meta["model"], use_cache=use_cache)
+    else:
+        opened = open_runner(model or meta["model"], use_cache=use_cache)
+    with _closing(opened):
+        return _resume_on(job, plan, meta, opened, reporter)
+
+
+def _resume_on(job: Job, plan: Plan, meta: dict, runner: Any, reporter: Reporter | None) -> dict:
     if not _same_model(runner, meta):
         raise DocJobError(f"{job.dir} was started with {meta['model']}, not {runner.model_id}: its finished "
                           f"parts came from that model; resume it with --model "

@@ -380,6 +380,7 @@ def test_every_cached_answer_equals_a_from_scratch_prefill(f32_models, arch, tmp
     tap.rows = []
     a = second.answer("q1-disk", prompts[1], max_tokens=max_tokens, temperature=0.0, reporter=docjob.Reporter())
     got.append((1, a, tap.rows[:len(a.token_ids)]))
+    second.close()
     assert [a.cache for _, a, _ in got] == ["prefill", "memory", "memory", "memory", "memory", "disk"]
     for i, a, rows in got:
         ids, ref_rows = refs[i]

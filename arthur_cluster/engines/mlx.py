@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import queue
 import time
+import weakref
 from pathlib import Path
 from typing import Iterator
 
@@ -79,10 +80,15 @@ class MlxEngine:
         except ServerError as e:
             raise EngineError(str(e)) from None
         self.tokenizer = self.ranks.tokenizer
+        # an engine dropped without close() still has its thread free the weights (waiting for it: an MLX thread
+        # still freeing arrays while the interpreter exits aborts it); at exit the thread is left as it is
+        self._finalizer = weakref.finalize(self, self.ranks.close)
+        self._finalizer.atexit = False
 
     @property
     def model(self):
-        """The loaded model (in this process only): for measurements that must not touch the prefix cache."""
+        """The loaded model in this process; it lives on the engine's thread (MLX streams belong to the thread
+        that made the arrays), so run it through stream_ids, not here."""
         return self.ranks.model if self.ranks is not None else None
 
     # --- streaming -------------------------------------------------------------------------------------
@@ -220,6 +226,7 @@ class MlxEngine:
 
     def close(self) -> None:
         if self.ranks is not None:
+            self._finalizer.detach()
             self.ranks.close()
             self.ranks = None
         self.tokenizer = None

@@ -575,7 +575,8 @@ class InProcess:
             active = self.engine.active
         if active is not None:
             active.cancelled.set()
-        self._released.wait(wait)
+        if threading.current_thread() is not self._thread:  # a finalizer may run on any thread, this one too
+            self._released.wait(wait)
 
     @property
     def closed(self) -> bool:
