@@ -111,6 +111,18 @@ def ask(url: str, messages: list[dict], max_tokens: int, timeout: float) -> dict
             "weight_gb": [round(w / 1e9, 2) for w in info["weight_bytes"]], "ids": info["ids"]}
 
 
+def long_pass(args, url: str, tok, record: dict, save) -> None:
+    """One single pass over a long document sharing no prefix with anything asked before (--long-tokens)."""
+    if not args.long_tokens:
+        return
+    text = "Long document. " + document(tok, args.long_tokens) + "\n\nQuestion: " + QUESTIONS[0]
+    r = ask(url, [{"role": "user", "content": text}], args.long_max_tokens, args.load_timeout)
+    record["long"] = {k: v for k, v in r.items() if k != "ids"}
+    record["long"]["prefill_tps"] = round(r["prompt_tokens"] / r["server_ttft_s"], 1)
+    print("long single pass:", json.dumps(record["long"]), flush=True)
+    save()
+
+
 def main(argv: list[str] | None = None, *, synthetic: bool = False, default_out: str = "bench_resident.json") -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["rank"]:
@@ -130,6 +142,9 @@ def main(argv: list[str] | None = None, *, synthetic: bool = False, default_out:
     p.add_argument("--no-warmup", action="store_true", help="no warm-up questions (kernels compile in the first)")
     p.add_argument("--timings", action="store_true", help="each rank records where its request time goes "
                    "(bench/rank_timings.py); a summary per question goes into the output")
+    p.add_argument("--long-tokens", type=int, default=0, help="then one single pass over another document of "
+                   "about this many tokens on the same ranks (peak memory per rank; --long-max-tokens answer tokens)")
+    p.add_argument("--long-max-tokens", type=int, default=4)
     p.add_argument("--tiny", action="store_true", help="with synthetic weights: the miniature shape of the same "
                    "architecture (a smoke run of the GPU bench on any machine)")
     p.add_argument("--fix", default="", help="comma-separated fixes from rank_timings.FIXES, tried in the ranks")
@@ -138,7 +153,10 @@ def main(argv: list[str] | None = None, *, synthetic: bool = False, default_out:
     args = p.parse_args(argv)
     out = args.out or Path(os.environ.get("OUT", ".")) / default_out
     os.environ.setdefault("ARTHUR_CLUSTER_HOME", tempfile.mkdtemp(prefix="bench-resident-"))
-    timings = Path(tempfile.mkdtemp(prefix="bench-resident-timings-")) if args.timings else None
+    timings = None
+    if args.timings:
+        timings = Path(os.environ.get("ARTHUR_BENCH_TIMINGS") or tempfile.mkdtemp(prefix="bench-resident-timings-"))
+        timings.mkdir(parents=True, exist_ok=True)
     if timings:
         os.environ["ARTHUR_BENCH_TIMINGS"] = str(timings)
     if args.fix:
@@ -196,6 +214,7 @@ def main(argv: list[str] | None = None, *, synthetic: bool = False, default_out:
         qs = record["questions"]
         record["document_tokens"] = qs[0]["prompt_tokens"]
         if len(qs) < 3:
+            long_pass(args, res.url, tok, record, save)
             return 0
         record["ttft_ratio_second"] = round(qs[1]["ttft_s"] / qs[0]["ttft_s"], 4)
         record["ttft_ratio_third"] = round(qs[2]["ttft_s"] / qs[0]["ttft_s"], 4)
@@ -212,6 +231,7 @@ def main(argv: list[str] | None = None, *, synthetic: bool = False, default_out:
             record["ttft_ratio_second_vs_steady"] = round(qs[1]["ttft_s"] / r["ttft_s"], 4)
             print("steady-state first question:", json.dumps(record["steady_first"]), flush=True)
             save()
+        long_pass(args, res.url, tok, record, save)
         print(f"\nprompt {qs[0]['prompt_tokens']} tokens; TTFT first {qs[0]['ttft_s']} s, second {qs[1]['ttft_s']} s "
               f"(ratio {record['ttft_ratio_second']}), third {qs[2]['ttft_s']} s (ratio {record['ttft_ratio_third']}); "
               f"weight loads per rank {record['weight_loads_after']}; prefilled per rank "

@@ -80,6 +80,9 @@ def timed_run_request(log: Log):
             agreed = server._agreed(stop_requested(), group)
             t3 = time.time()
             chunks.append({"n": n, "at": done - n, "compute": t1 - t0, "point": t2 - t1, "emit_agree": t3 - t2})
+            if total >= 65536 and len(chunks) % 8 == 0:  # a long pass: how far, how fast, how much memory so far
+                log.put(ev="progress", t0=t0, dt=0.0, done=done, total=total, elapsed=time.time() - t_in,
+                        peak_bytes=int(mx.get_peak_memory()))
             if agreed:
                 finish = "cancelled"
                 break
