@@ -157,6 +157,27 @@ def test_the_engine_in_this_process_streams_text_stats_and_progress(tiny_models)
     assert other.stats.cached_tokens == 0 and other.stats.cache_source == "new"
 
 
+def test_a_prefix_asked_twice_is_written_to_disk_once_the_engine_is_idle_not_before_the_next_question(
+        tiny_models):
+    from arthur_cluster.parallel import prefix
+
+    path = tiny_models["nemotron_h-f32"]
+    with MlxEngine(path, prefill_step=8, options=["--save-after", "600"]) as eng:
+        prompt = eng.prompt(MSGS, enable_thinking=False)
+        point = len(prompt) - 6
+        store = prefix.node_store(path, "single")
+        saved = lambda: store.longest(prompt, 128, 2048, prefix.thinking_flags(None), point)  # noqa: E731
+        first = collect(eng.stream_ids(prompt, max_tokens=4, point=point))
+        again = collect(eng.stream_ids(prompt, max_tokens=4, point=point))  # resumes: its point is kept for disk
+        third = collect(eng.stream_ids(prompt, max_tokens=4, point=point))  # did not wait for a disk write
+        assert again.stats.cached_tokens == third.stats.cached_tokens == point and first.text == third.text
+        assert saved() == 0  # not yet: the engine has not been idle long enough
+    assert saved() == point  # written when the engine stopped
+    with MlxEngine(path, prefill_step=8) as eng:  # a new engine resumes from this node's disk
+        res = collect(eng.stream_ids(prompt, max_tokens=4, point=point))
+    assert res.stats.cache_source == "disk" and res.stats.cached_tokens == point and res.text == first.text
+
+
 def test_closing_the_stream_stops_the_request_and_the_engine_answers_the_next(tiny_models, tmp_path):
     # No end token the model can produce: the request stops only because closing the stream cancels it.
     folder = copy_model(tiny_models["nemotron_h-8bit"], tmp_path / "model")

@@ -273,9 +273,16 @@ class PrefixCache:
         return best
 
     def flush(self) -> None:
-        """After a request's answer (so it waits for neither): keep to the budget, and write the shard the request
-        resumed from."""
+        """Keep to the budget, and write the shard a request resumed from (the rank loop does the two apart: the
+        budget after each answer, the disk write once the rank is idle)."""
+        self.keep_to_budget()
+        self.save_pending()
+
+    def keep_to_budget(self) -> None:
         self._evict()
+
+    def save_pending(self) -> None:
+        """Write the shard the last resumed request started from (copied then); a later one replaces it unsaved."""
         if self.pending is None:
             return
         path, start, shard, flags = self.pending

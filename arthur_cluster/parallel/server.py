@@ -31,7 +31,7 @@ from .control import Control, follow_control
 from .protocol import (Done, EngineBusy, EngineDown, Failed, Handle, Prefill, Request, Sink, Status,
                        Token)
 
-OP_GENERATE, OP_STOP = 1, 2
+OP_GENERATE, OP_STOP, OP_SAVE = 1, 2, 3  # OP_SAVE: idle, every rank writes the prefix it keeps for its disk
 HEADER = 11  # int32 words: op, prompt length, max tokens, seed, logprobs, top logprobs, cache, restore point,
 #              enable_thinking (0 unset, 1 off, 2 on), then the float32 bits of temperature and top_p
 CONNECT_WAIT = 120.0  # seconds a rank keeps trying to reach rank 0's control port
@@ -131,6 +131,7 @@ def run_request(model, pc: PrefixCache | None, prompt: list[int], params: Params
     prefill chunk and every `check_every` tokens, so they stop at the same step. pc None: a throwaway cache."""
     import mlx.core as mx
 
+    t_in = time.perf_counter()
     if pc is None:
         from mlx_lm.models.cache import make_prompt_cache
 
@@ -138,6 +139,7 @@ def run_request(model, pc: PrefixCache | None, prompt: list[int], params: Params
     else:
         cache, start = pc.begin(prompt, params.flags, extra=params.point)
         source = pc.source
+    chunks: list[list[float]] = []  # (tokens, seconds) per prefill chunk: where a request's time goes
     total, done = len(prompt), start
     ids = mx.array(prompt, dtype=mx.int32)[None]
     key = mx.random.key(params.seed)  # this request's own stream: unrelated to any other request's draws
@@ -150,8 +152,11 @@ def run_request(model, pc: PrefixCache | None, prompt: list[int], params: Params
         cut = pc.next_cut(done, total) if pc is not None else None
         if cut is not None and cut < done + n:
             n = cut - done
+        t0 = time.perf_counter()
         model(ids[:, done:done + n], cache=cache)
         mx.eval([c.state for c in cache])
+        mx.clear_cache()  # each chunk's temporaries differ in size: kept, they pile up over a long prefill
+        chunks.append([n, round(time.perf_counter() - t0, 6)])
         done += n
         if pc is not None and pc.is_point(done, total):
             pc.save_point(done)
@@ -187,7 +192,7 @@ def run_request(model, pc: PrefixCache | None, prompt: list[int], params: Params
             "prefilled_tokens": done - start + bool(out),
             "ttft": t_first - tic, "prompt_tps": (total - start) / max(t_first - tic, 1e-9),
             "generation_tps": (len(out) - 1) / (end - t_first) if len(out) > 1 and end > t_first else 0.0,
-            "finish_reason": finish}
+            "finish_reason": finish, "steps": {"begin_s": round(tic - t_in, 6), "prefill_chunks": chunks}}
 
 
 # --- the group's side of a request -------------------------------------------------------------------------
@@ -299,8 +304,9 @@ class RankEngine:
             if self.state == "loading":
                 self.state = "ok"
 
-    def next(self) -> Handle | None:
-        """The next request not cancelled, or None once shutdown was asked."""
+    def next(self, timeout: float | None = None) -> Handle | None:
+        """The next request not cancelled; None once shutdown was asked, or after `timeout` seconds without one."""
+        deadline = None if timeout is None else time.monotonic() + timeout
         with self.cv:
             while True:
                 while self.waiting and self.waiting[0].cancelled.is_set():
@@ -311,7 +317,10 @@ class RankEngine:
                     self.active = self.waiting.popleft()
                     self.progress_at = time.monotonic()
                     return self.active
-                self.cv.wait()
+                if deadline is None:
+                    self.cv.wait()
+                elif not self.cv.wait(max(0.0, deadline - time.monotonic())) and time.monotonic() >= deadline:
+                    return None
 
     def touch(self) -> None:
         self.progress_at = time.monotonic()
@@ -422,10 +431,12 @@ def open_rank(args, group) -> Rank:
 
 
 def rank_loop(r: Rank, engine: RankEngine | None, *, lost: Callable[[], None] = lambda: None,
-              grace: float = 0.0) -> None:
+              grace: float = 0.0, save_after: float = 2.0) -> None:
     """Run requests until rank 0 is told to stop: rank 0 takes them from `engine` and broadcasts each, every
     rank runs it in lockstep. A failure on rank 0 fails the engine (after `grace` seconds in which the control
-    port may name a lost peer first) and calls lost(); on another rank it raises."""
+    port may name a lost peer first) and calls lost(); on another rank it raises. A prefix to save on disk is
+    written once rank 0 has waited `save_after` seconds with nothing to run (or at the stop), so a question that
+    follows an answer never waits for the disk."""
     import mlx.core as mx
 
     from .worker import gather_ints, weight_bytes
@@ -434,7 +445,7 @@ def rank_loop(r: Rank, engine: RankEngine | None, *, lost: Callable[[], None] = 
     while True:
         job = None
         if r.index == 0:
-            job = engine.next()
+            job = engine.next(timeout=save_after if r.pc.pending is not None else None)
             if engine.failed:  # nothing more runs on the group; shutdown just ends this process
                 if job is None:
                     break
@@ -442,13 +453,16 @@ def rank_loop(r: Rank, engine: RankEngine | None, *, lost: Callable[[], None] = 
                 continue
         try:
             if r.index == 0:
-                op, prompt, params = broadcast(r.group, OP_STOP if job is None else OP_GENERATE,
-                                               job.request.prompt if job else None,
+                op = OP_GENERATE if job is not None else OP_STOP if engine.stopping else OP_SAVE
+                op, prompt, params = broadcast(r.group, op, job.request.prompt if job else None,
                                                Params.of(job.request) if job else None)
             else:
                 op, prompt, params = broadcast(r.group, 0)
-            if op == OP_STOP:
-                break
+            if op in (OP_STOP, OP_SAVE):
+                r.pc.save_pending()
+                if op == OP_STOP:
+                    break
+                continue
             mx.reset_peak_memory()
             emit = engine.emitter(job) if r.index == 0 else (lambda ev: None)
             asked = job.cancelled.is_set if r.index == 0 else (lambda: False)
@@ -471,7 +485,7 @@ def rank_loop(r: Rank, engine: RankEngine | None, *, lost: Callable[[], None] = 
                          "peak_memory_bytes": [x[2] for x in per_rank], "weight_bytes": [x[3] for x in per_rank],
                          "rank_pids": [x[4] for x in per_rank]})
             engine.finish(info)
-        r.pc.flush()
+        r.pc.keep_to_budget()
 
 
 def serve(args) -> int:
@@ -503,7 +517,7 @@ def serve(args) -> int:
             engine.fail(f"only {len(control.peers)} of {size - 1} other ranks reached the control port")
         front.ready(r.tokenizer, args.context or r.context)
         engine.ready(ranks=size, mode=args.mode, weight_loads=[1] * size)
-    rank_loop(r, engine, lost=control.close if control else (lambda: None), grace=2.0)
+    rank_loop(r, engine, lost=control.close if control else (lambda: None), grace=2.0, save_after=args.save_after)
     stopping.set()
     if control:
         control.close()
@@ -542,7 +556,7 @@ class InProcess:
         self.engine.ready(ranks=1, mode="single", weight_loads=[1])
         self._loaded.set()
         try:
-            rank_loop(self.rank, self.engine)
+            rank_loop(self.rank, self.engine, save_after=self.args.save_after)
         finally:
             self._release()
 
@@ -600,6 +614,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--no-disk-cache", action="store_true", help="keep prefixes in memory only")
     p.add_argument("--cache-memory-gb", type=float, default=4.0,
                    help="prefix cache: GB of documents each rank keeps in memory (least recently used go first)")
+    p.add_argument("--save-after", type=float, default=2.0, help="prefix cache: seconds idle before a prefix "
+                   "asked twice is written to disk (a request that comes first runs first)")
     p.add_argument("--window", type=int, default=2048, help="prefix cache: ... within the prompt's last tokens")
     p.add_argument("--context", type=int, default=0, help="tokens of context (default: the model's config)")
     p.add_argument("--max-queue", type=int, default=8, help="requests that may wait; more are answered 429")
