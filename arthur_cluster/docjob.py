@@ -23,7 +23,7 @@ from pydantic import BaseModel, Field
 
 from . import catalog, documents, memory, paths, safeio
 from .documents import Document
-from .engines.base import EngineError, Message
+from .engines.base import EngineError, Message, Stats
 from .errors import ArthurError
 from .memory import MemoryPlan
 from .types import NodeMemory, Route
@@ -319,24 +319,11 @@ class MlxRunner:
     def answer(self, unit: str, prompt: Prompt, *, max_tokens: int, temperature: float,
                reporter: Reporter) -> Answer:
         t0 = time.perf_counter()
-        text, first_at, stats, n = [], None, None, 0
         cacheable = self.use_cache and prompt.cacheable and bool(prompt.prefix)
-        try:
-            for ev in self.eng.stream_ids(prompt.prefix + prompt.suffix, max_tokens=max_tokens,
-                                          temperature=temperature, cache=cacheable, point=len(prompt.prefix),
-                                          enable_thinking=prompt.thinking):
-                if ev.kind == "prefill":
-                    reporter.prefill(ev.done, ev.total)
-                elif ev.kind == "token":
-                    first_at = first_at or time.perf_counter()
-                    text.append(ev.text)
-                    n += 1
-                    reporter.token(n)
-                elif ev.kind == "done":
-                    stats = ev.stats
-        except EngineError as e:  # finished units are saved: the job can be resumed
-            raise DocJobError(f"mlx failed on {unit}: {e}; finished parts are kept "
-                              "(`arthur-cluster doc --resume`)") from None
+        events = self.eng.stream_ids(prompt.prefix + prompt.suffix, max_tokens=max_tokens, temperature=temperature,
+                                     cache=cacheable, point=len(prompt.prefix), enable_thinking=prompt.thinking)
+        text, first_at, stats, _ = _drain(events, unit, self.engine, reporter, prompt.tokens)
+        stats = stats or Stats()
         end = time.perf_counter()
         first_at = first_at or end
         how = {"memory": "memory", "disk": "disk", "new": "prefill"}.get(stats.cache_source, "none") \
@@ -346,13 +333,38 @@ class MlxRunner:
         if stats.finish_reason == "stop":
             ids = ids[:-1]  # the end token is not part of the answer
         return Answer(
-            unit=unit, text="".join(text), token_ids=ids, prompt_tokens=prompt.tokens, cached_tokens=stats.cached_tokens,
+            unit=unit, text=text, token_ids=ids, prompt_tokens=prompt.tokens, cached_tokens=stats.cached_tokens,
             generation_tokens=stats.generation_tokens, prefill_seconds=first_at - t0,
             decode_seconds=end - first_at, ttft=first_at - t0, peak_memory_bytes=stats.peak_memory_bytes,
             finish_reason=stats.finish_reason, cache=how)
 
     def close(self) -> None:
         self.eng.close()
+
+
+def _drain(events: Iterator[Any], unit: str, engine: str, reporter: Reporter,
+           prompt_tokens: int) -> tuple[str, float | None, Any, int]:
+    """One unit's events: (text, when its first token came, the final stats, token events seen), with progress
+    on the reporter. An engine's failure keeps the finished units: the job resumes once the engine answers."""
+    parts: list[str] = []
+    first_at, stats, n = None, None, 0
+    try:
+        for ev in events:
+            if ev.kind == "prefill":
+                reporter.prefill(ev.done, ev.total or prompt_tokens)
+            elif ev.kind == "token":
+                first_at = first_at or time.perf_counter()
+                parts.append(ev.text)
+                n += 1
+                reporter.token(n)
+            elif ev.kind == "done":
+                stats = ev.stats
+                if stats is not None and stats.generation_tokens:
+                    reporter.token(stats.generation_tokens)  # deltas may carry several tokens each
+    except EngineError as e:
+        raise DocJobError(f"{engine} failed on {unit}: {e}; finished parts are kept "
+                          "(`arthur-cluster doc --resume`)") from None
+    return "".join(parts), first_at, stats, n
 
 
 def _saved_on_disk(folder: Path | None, prompt: Prompt) -> bool:
@@ -396,30 +408,14 @@ class EngineRunner:
     def answer(self, unit: str, prompt: Prompt, *, max_tokens: int, temperature: float,
                reporter: Reporter) -> Answer:
         t0 = time.perf_counter()
-        parts: list[str] = []
-        first_at, stats, n = None, None, 0
-        try:
-            for ev in self.eng.stream(prompt.messages(), max_tokens=max_tokens, temperature=temperature,
-                                      enable_thinking=prompt.thinking):
-                if ev.kind == "prefill":
-                    reporter.prefill(ev.done, ev.total or prompt.tokens)
-                elif ev.kind == "token":
-                    first_at = first_at or time.perf_counter()
-                    parts.append(ev.text)
-                    n += 1
-                    reporter.token(n)
-                elif ev.kind == "done":
-                    stats = ev.stats
-                    if stats is not None and stats.generation_tokens:
-                        reporter.token(stats.generation_tokens)  # deltas may carry several tokens each
-        except EngineError as e:  # finished units are saved: the job can be resumed once the engine answers
-            raise DocJobError(f"{self.engine} failed on {unit}: {e}; finished parts are kept "
-                              "(`arthur-cluster doc --resume`)") from None
+        events = self.eng.stream(prompt.messages(), max_tokens=max_tokens, temperature=temperature,
+                                 enable_thinking=prompt.thinking)
+        text, first_at, stats, n = _drain(events, unit, self.engine, reporter, prompt.tokens)
         end = time.perf_counter()
         first_at = first_at or end
         cached = stats.cached_tokens if stats else 0
         return Answer(
-            unit=unit, text="".join(parts), prompt_tokens=(stats.prompt_tokens if stats else 0) or prompt.tokens,
+            unit=unit, text=text, prompt_tokens=(stats.prompt_tokens if stats else 0) or prompt.tokens,
             generation_tokens=(stats.generation_tokens if stats else 0) or n, prefill_seconds=first_at - t0,
             decode_seconds=end - first_at, ttft=first_at - t0,
             peak_memory_bytes=stats.peak_memory_bytes if stats else None,

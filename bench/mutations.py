@@ -374,7 +374,7 @@ MUTATIONS: list[Mutation] = [
               "tests/test_cli_friction.py::test_models_table_fits_80_columns_names_gguf_and_lists_each_model_once"],
              "the README test: the models step fails before exo is needed"),
     Mutation("an engine's last token dropped from a document answer", "arthur_cluster/docjob.py",
-             'unit=unit, text="".join(parts), prompt_tokens=', 'unit=unit, text="".join(parts[:-1]), prompt_tokens=',
+             '    return "".join(parts), first_at, stats, n', '    return "".join(parts[:-1]), first_at, stats, n',
              ["tests/test_resident.py::test_document_job_on_a_multi_node_deployment_prefills_the_document_once"],
              "the resident document test compares each answer with a from-scratch run"),
     # The exo client.
