@@ -158,13 +158,11 @@ def mlx_hosts(cluster: ClusterInfo, route: Route) -> list[dict]:
         raise AttemptFailed(str(exc)) from None
 
 
-def open_mlx(path: Path, model_id: str, route: Route, timeout: float = 3600.0) -> Engine:
+def open_mlx(path: Path, model_id: str, timeout: float = 3600.0) -> Engine:
     """The MLX engine of a one-node route in this process (several nodes run as resident ranks: start_resident).
     Raises EngineError (the engine's own message) when it cannot start."""
     from .engines.mlx import MlxEngine
 
-    if route.nodes != 1:
-        raise EngineError(f"{route.label}: several nodes run as resident ranks (start_resident), not in this process")
     return MlxEngine(path, model_id=model_id, timeout=timeout)
 
 
@@ -186,7 +184,7 @@ def engine_for(dep: Deployment) -> Engine:
     if dep.route.nodes > 1:
         raise DeploymentError(f"{paths.deployment_file()}: an MLX deployment across nodes without resident ranks "
                               "(an older record); run `up` again")
-    return open_mlx(dep.model_path, dep.served_id, dep.route)
+    return open_mlx(dep.model_path, dep.served_id)
 
 
 def start_resident(path: Path, model_id: str, route: Route, hosts: list[dict] | None = None, *,
@@ -511,9 +509,9 @@ def _up_mlx(choice: Choice, cat: Catalog, timeout: float, prompt: str, max_token
     if choice.route.nodes > 1 or serve:
         return _up_resident(choice, path, hosts, notes, timeout, prompt, max_tokens, hooks, bind)
     try:
-        engine = open_mlx(path, served, choice.route, timeout=timeout)
-    except EngineError as exc:
-        raise AttemptFailed(str(exc), scope="model" if choice.route.nodes == 1 else "route") from None
+        engine = open_mlx(path, served, timeout=timeout)
+    except EngineError as exc:  # one node: the model is what failed
+        raise AttemptFailed(str(exc), scope="model") from None
     try:
         hooks.say(f"asking {served}: {prompt!r}")
         smoke = smoke_test(engine, prompt, max_tokens)

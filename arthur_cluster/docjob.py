@@ -14,7 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from contextlib import contextmanager
+from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Literal
@@ -288,7 +288,7 @@ class MlxRunner:
         self.route, self.fallback_reason = route, fallback_reason
         self.use_cache, self.step = use_cache, step
         self.cache_hits = {"memory": 0, "disk": 0, "prefill": 0}
-        self._decode_tps: float | None = None
+        self.decode_tps: float | None = None  # measured by warmup()
 
     @property
     def context_length(self) -> int | None:
@@ -304,7 +304,7 @@ class MlxRunner:
 
     def warmup(self, tokens: list[int], n: int = WARMUP_TOKENS) -> float | None:
         """Prefill tokens/s from a short run on a throwaway cache (after a tiny untimed one that compiles); the
-        same run's generation rate is kept for decode_rate."""
+        same run's generation rate is kept in decode_tps."""
         n = min(n, len(tokens))
         if n < 8:
             return None
@@ -313,7 +313,7 @@ class MlxRunner:
             stats = self._run(tokens[:n], DECODE_WARMUP_TOKENS + 1)
         except EngineError as e:
             raise DocJobError(f"{self.model_id}: the warm-up failed: {e}") from None
-        self._decode_tps = stats.generation_tps or None
+        self.decode_tps = stats.generation_tps or None
         return stats.prompt_tps or None
 
     def answer(self, unit: str, prompt: Prompt, *, max_tokens: int, temperature: float,
@@ -375,9 +375,9 @@ def _saved_on_disk(folder: Path | None, prompt: Prompt) -> bool:
 
     if folder is None or not prompt.prefix:
         return False
-    args = parser().parse_args(["--model", str(folder), "--port", "0"])  # the engine's own defaults
+    p = parser()  # the engine's own defaults
     whole = prompt.prefix + prompt.suffix
-    saved = prefix.node_store(folder, "single").longest(whole, args.block, args.window,
+    saved = prefix.node_store(folder, "single").longest(whole, p.get_default("block"), p.get_default("window"),
                                                         prefix.thinking_flags(prompt.thinking), len(prompt.prefix))
     return saved >= len(prompt.prefix)
 
@@ -868,7 +868,8 @@ def _estimate_time(plan: Plan, runner: Any, first: Prompt, measure: bool = True)
         if tps:
             plan.warmup_tps, plan.rates_from = tps, "warm-up"
             plan.prefill_seconds = plan.prefill_tokens / tps
-    decode = decode_rate(runner, first.prefix) if measure else None
+    # measured by the warm-up of the engine in this process; runners without one here measure nothing
+    decode = getattr(runner, "decode_tps", None) if measure else None
     if decode:
         plan.decode_tps, plan.rates_from = decode, plan.rates_from or "warm-up"
     _apply_rates(plan, runner)
@@ -890,12 +891,6 @@ def _apply_rates(plan: Plan, runner: Any) -> None:
 
 
 DECODE_WARMUP_TOKENS = 16
-
-
-def decode_rate(runner: Any, prefix: list[int], n: int = DECODE_WARMUP_TOKENS) -> float | None:
-    """Generation tokens/s measured by the warm-up of the engine in this process (its few tokens after the
-    warm-up's prompt); None for runners that measured nothing here."""
-    return getattr(runner, "_decode_tps", None)
 
 
 def _warmup_prompt(prompter: Prompter, doc: Document, task: Task) -> Prompt:
@@ -1218,7 +1213,7 @@ def run(files: list[str], *, asks: list[str] | None = None, summarize: bool = Fa
                         context=context, thinking=thinking, warmup=False)
         if not plan.feasible:
             raise DocJobError("the plan cannot run: " + "; ".join(plan.explanation + plan.suggestions))
-        with _closing(open_runner(model, use_cache=use_cache)) as runner:
+        with closing(open_runner(model, use_cache=use_cache)) as runner:  # a runner opened here is closed here
             estimate_time(plan, runner, doc)
             return _run_planned(doc, tasks, plan, runner, out, max_tokens, thinking, context, reporter)
     plan = plan_job(doc, tasks, runner, max_tokens=max_tokens, context=context, thinking=thinking)
@@ -1232,14 +1227,6 @@ def _run_planned(doc: Document, tasks: list[Task], plan: Plan, runner: Any, out:
     write_json(job.dir / "plan.json", plan.model_dump(mode="json"))
     return run_job(job, plan, runner, reporter=reporter)
 
-
-@contextmanager
-def _closing(runner: Any) -> Iterator[Any]:
-    """A runner this module opened is closed when its job ends (its engine frees the weights)."""
-    try:
-        yield runner
-    finally:
-        runner.close()
 
 
 def iter_units(plan: Plan) -> Iterator[str]:
@@ -1275,7 +1262,7 @@ def resume(out: Path | None = None, *, model: str | None = None, reporter: Repor
         opened = load_local(Path(meta["model_path"]), meta["model"], use_cache=use_cache)
     else:
         opened = open_runner(model or meta["model"], use_cache=use_cache)
-    with _closing(opened):
+    with closing(opened):
         return _resume_on(job, plan, meta, opened, reporter)
 
 

@@ -104,11 +104,9 @@ class MlxEngine:
 
     def prompt(self, messages: list[Message], enable_thinking: bool | None = None) -> list[int]:
         """The token ids of a chat, with the model's template (as rank 0's HTTP side builds them)."""
-        kw = {} if enable_thinking is None else {"enable_thinking": enable_thinking}
-        ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, **kw)
-        if hasattr(ids, "keys"):
-            ids = ids["input_ids"]
-        return [int(t) for t in ids]
+        from ..parallel.worker import encode_request
+
+        return encode_request(self.tokenizer, {"messages": messages, "enable_thinking": enable_thinking})
 
     def stream_ids(self, prompt: list[int], *, max_tokens: int = 256, temperature: float = 0.0, seed: int = 0,
                    cache: bool = True, point: int = 0, enable_thinking: bool | None = None) -> Iterator[Event]:
